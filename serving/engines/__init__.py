@@ -1,0 +1,23 @@
+"""Inference engines behind the `Engine` protocol (vLLM, SGLang, and a fake for unit tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.config import EngineKind
+from serving.engines.base import Engine
+
+
+def make_engine(kind: EngineKind, model_name: str, model_path: str, engine_args: dict[str, Any]) -> Engine:
+    """Construct (not start) the engine of `kind`. Engine modules are imported lazily."""
+    if kind is EngineKind.VLLM:
+        from serving.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_name, model_path, engine_args)
+    if kind is EngineKind.FAKE:
+        from serving.engines.fake import FakeEngine
+
+        return FakeEngine(model_name, **engine_args)
+    raise ValueError(
+        f"engine: {kind.value!r} is not available yet in this build; use engine: vllm"
+    )

@@ -1,0 +1,82 @@
+"""The HTTP ingress deployment: the OpenAI API (serving.api) over Ray Serve handles."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle
+
+from serving.api import ServedModel, build_api
+from serving.config import ServingSpec, parse_spec
+from serving.engines.base import Chunk, EngineError, GenerateRequest
+from serving.metrics import IngressMetrics
+from serving.tokenizer import PromptTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class HandleBackend:
+    """Streams a model's requests to its engine deployment through a Ray Serve handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle.options(stream=True)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        gen = self._handle.generate.remote(request)
+        done = False
+        try:
+            async for chunk in gen:
+                yield chunk
+            done = True
+        except RayError as e:
+            # A replica that died mid-stream is a clean 503, never a hang or a 500.
+            logger.warning("engine call for %s failed: %s", request.request_id, e)
+            yield Chunk(error=EngineError(f"engine replica unavailable: {type(e).__name__}", 503,
+                                          "engine_unavailable"))
+            done = True
+        finally:
+            if not done:
+                # NOTE: the consumer stopped early (client disconnect): cancelling the Serve call
+                # cancels the replica's generator, which aborts the request at the engine.
+                gen.cancel()
+
+
+class OpenAIIngress:
+    """Ray Serve ingress. Built per replica: tokenizers load here, once.
+
+    Args:
+        spec: the deployment spec as a dict (what `ServingSpec.model_dump` gives).
+        engines: model name → handle of the engine deployment serving it.
+    """
+
+    async def __init__(self, spec: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+        self._spec: ServingSpec = parse_spec(spec)
+        self._metrics = IngressMetrics()
+        models: dict[str, ServedModel] = {}
+        for name, handle in engines.items():
+            model = self._spec.model(name)
+            path = self._spec.resolve_source(model)
+            tokenizer, info = await asyncio.gather(
+                asyncio.to_thread(PromptTokenizer, path), handle.model_info.remote()
+            )
+            models[name] = ServedModel(
+                name=name,
+                max_model_len=info.max_model_len,
+                tokenizer=tokenizer,
+                backend=HandleBackend(handle),
+            )
+        self._models = models
+        logger.info("ingress ready for %s", sorted(models))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_api(self._models, self._metrics)
+
+
+# Late-bound FastAPI app: built after __init__, so the routes close over this replica's state
+# rather than a module-level app object.
+IngressDeployment = serve.ingress()(OpenAIIngress)

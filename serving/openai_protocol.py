@@ -1,0 +1,168 @@
+"""OpenAI API request bodies (pydantic, validated at the edge) and response builders.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do, except ones whose silent
+dropping would change the answer (those are rejected with a 400 naming the field).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.engines.base import SamplingOptions
+
+_MAX_STOP = 4
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    """`stream_options` of a streaming request."""
+
+    include_usage: bool = Field(False, description="Send a last chunk with token usage.")
+
+
+class TextPart(_Body):
+    """A text content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    """One chat message."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text (content parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class _SamplingBody(_Body):
+    """Sampling fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, description="Served model name (see /v1/models).")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Most tokens to generate; defaults to the rest of the context."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or None disables it.")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep going past EOS.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logprobs: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > _MAX_STOP:
+            raise ValueError(f"at most {_MAX_STOP} stop sequences")
+        if isinstance(v, list) and any(s == "" for s in v) or v == "":
+            raise ValueError("stop sequences must be non-empty")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _SamplingBody:
+        if self.logprobs not in (None, False):
+            raise ValueError("logprobs: not supported by this server yet; omit it")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        """The client's cap on generated tokens, if any."""
+        return self.max_tokens
+
+    def sampling(self, max_tokens: int) -> SamplingOptions:
+        """Engine-neutral sampling options."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=None if self.top_k in (None, -1, 0) else self.top_k,
+            min_tokens=min(self.min_tokens, max_tokens),
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+
+class ChatCompletionRequest(_SamplingBody):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _chat_unsupported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server yet; omit it")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingBody):
+    """POST /v1/completions (one prompt: a string or a list of token ids)."""
+
+    prompt: str | list[Annotated[int, Field(ge=0)]] = Field(
+        description="A string, or token ids (a batch of prompts is not supported)."
+    )
+    echo: bool = Field(False, description="Must be false.")
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_unsupported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo: not supported; set it to false")
+        if self.suffix:
+            raise ValueError("suffix: not supported; omit it")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:
+    """The OpenAI error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI usage block with cached prompt tokens."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def now() -> int:
+    """Unix seconds for `created`."""
+    return int(time.time())

@@ -1,0 +1,39 @@
+"""Tokenization at the ingress: chat template applied once, token ids handed to the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.openai_protocol import ChatMessage
+
+
+class PromptTokenizer:
+    """The model's own tokenizer and chat template (Hugging Face format, loaded from `path`).
+
+    Methods are synchronous and CPU-bound: call them through `asyncio.to_thread`.
+    """
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok: Any = AutoTokenizer.from_pretrained(path)
+        if not getattr(self._tok, "chat_template", None):
+            raise ValueError(f"tokenizer at {path} has no chat template; chat completions need one")
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Render `messages` with the chat template (generation prompt added) and tokenize."""
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        text = self._tok.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+        # The template already carries the special tokens (BOS, headers).
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize a raw completion prompt (with BOS, as the model expects)."""
+        return self._tok.encode(text, add_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows."""
+        return len(self._tok)
