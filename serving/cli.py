@@ -79,7 +79,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from serving.app import build_app_from_spec
 
     spec = load_spec(args.config)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("host", args.host), ("port", args.port), ("dashboard_port", args.dashboard_port))
+        if v is not None
+    }
     if overrides:
         spec = spec.model_copy(update={"server": spec.server.model_copy(update=overrides)})
     needed = _local_models_needed(spec)
@@ -187,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
     up.add_argument("--host", help="override server.host")
     up.add_argument("--port", type=int, help="override server.port")
+    up.add_argument("--dashboard-port", type=int, help="override server.dashboard_port")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="pools, replicas and their health")

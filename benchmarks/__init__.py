@@ -1,0 +1,1 @@
+"""Benchmarks of a Tandem deployment (run as modules, e.g. `python -m benchmarks.overhead`)."""

