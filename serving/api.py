@@ -207,8 +207,14 @@ class OpenAIApi:
         m.requests.labels(served.name, endpoint, str(status)).inc()
 
     async def _collect(
-        self, kind: str, rid: str, served: ServedModel, first: Chunk,
-        stream: AsyncIterator[Chunk], start: float, endpoint: str,
+        self,
+        kind: str,
+        rid: str,
+        served: ServedModel,
+        first: Chunk,
+        stream: AsyncIterator[Chunk],
+        start: float,
+        endpoint: str,
     ) -> Response:
         parts = [first.text]
         last = first
@@ -247,8 +253,14 @@ class OpenAIApi:
         )
 
     async def _stream_sse(
-        self, kind: str, rid: str, body: _SamplingBody, served: ServedModel, first: Chunk,
-        stream: AsyncIterator[Chunk], closer: _StreamCloser,
+        self,
+        kind: str,
+        rid: str,
+        body: _SamplingBody,
+        served: ServedModel,
+        first: Chunk,
+        stream: AsyncIterator[Chunk],
+        closer: _StreamCloser,
     ) -> AsyncIterator[bytes]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = now()
@@ -260,13 +272,15 @@ class OpenAIApi:
                 delta: dict[str, Any] = {"content": chunk.text}
                 if first_frame:
                     delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason,
-                          "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}
             else:
-                choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason,
-                          "logprobs": None}
-            out = {"id": rid, "object": obj, "created": created, "model": served.name,
-                   "choices": [choice]}
+                choice = {
+                    "index": 0,
+                    "text": chunk.text,
+                    "finish_reason": chunk.finish_reason,
+                    "logprobs": None,
+                }
+            out = {"id": rid, "object": obj, "created": created, "model": served.name, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
             return out
@@ -288,10 +302,16 @@ class OpenAIApi:
                     last = chunk
                     yield _sse(frame(chunk, False))
             if include_usage and status == 200:
-                yield _sse({"id": rid, "object": obj, "created": created, "model": served.name,
-                            "choices": [],
-                            "usage": usage(last.prompt_tokens, last.completion_tokens,
-                                           last.cached_tokens)})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": served.name,
+                        "choices": [],
+                        "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+                    }
+                )
             yield _DONE
             closer.finished(last, status)
         finally:
@@ -305,8 +325,15 @@ class _StreamCloser:
     an iterator that never started runs no `finally`; so the response calls `close()` too.
     """
 
-    def __init__(self, api: OpenAIApi, served: ServedModel, stream: AsyncIterator[Chunk],
-                 last: Chunk, start: float, endpoint: str) -> None:
+    def __init__(
+        self,
+        api: OpenAIApi,
+        served: ServedModel,
+        stream: AsyncIterator[Chunk],
+        last: Chunk,
+        start: float,
+        endpoint: str,
+    ) -> None:
         self._api, self._served, self._stream = api, served, stream
         self._last, self._start, self._endpoint = last, start, endpoint
         self._status: int | None = None
@@ -412,8 +439,13 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
         return {
             "object": "list",
             "data": [
-                {"id": m.name, "object": "model", "created": m.created, "owned_by": "tandem",
-                 "max_model_len": m.max_model_len}
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "created": m.created,
+                    "owned_by": "tandem",
+                    "max_model_len": m.max_model_len,
+                }
                 for m in api.models.values()
             ],
         }
@@ -435,8 +467,12 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
             prompt_ids = list(body.prompt)
             vocab = getattr(served.tokenizer, "vocab_size", None)
             if vocab is not None and max(prompt_ids) >= vocab:
-                raise ApiError(400, f"prompt: token id {max(prompt_ids)} is out of range "
-                               f"(vocabulary of {vocab})", "invalid_request_error", "prompt")
+                raise ApiError(
+                    400,
+                    f"prompt: token id {max(prompt_ids)} is out of range (vocabulary of {vocab})",
+                    "invalid_request_error",
+                    "prompt",
+                )
         if not prompt_ids:
             raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
         return await api.handle("completion", body, prompt_ids, served, "prompt")

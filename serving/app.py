@@ -9,7 +9,6 @@ One engine deployment per model pool, named `<model>-<pool>`, plus the `ingress`
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ray import serve
@@ -18,8 +17,6 @@ from ray.serve import Application
 from serving.config import ModelSpec, PoolSpec, Role, ServingSpec, SpecError, load_spec, parse_spec
 from serving.deployments import EngineServer
 from serving.ingress import IngressDeployment
-
-logger = logging.getLogger(__name__)
 
 #: Engine-arg names owned by `parallelism` (one source for each setting).
 _PARALLEL_ARGS = {

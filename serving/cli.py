@@ -1,9 +1,9 @@
 """`tandem` command line: build the local models, run the stack, show its status, check a spec.
 
-    tandem model build [--dir DIR] [--force]
-    tandem up [--config FILE] [--host H] [--port P]
-    tandem status [--config FILE] [--dashboard URL]
-    tandem config check FILE
+tandem model build [--dir DIR] [--force]
+tandem up [--config FILE] [--host H] [--port P]
+tandem status [--config FILE] [--dashboard URL]
+tandem config check FILE
 """
 
 from __future__ import annotations
@@ -108,8 +108,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stop.is_set():
             return 0
         url = f"http://{spec.server.host}:{spec.server.port}"
-        print(f"Tandem is serving the OpenAI API at {url}/v1 (models: "
-              f"{', '.join(m.name for m in spec.models)})", flush=True)
+        print(
+            f"Tandem is serving the OpenAI API at {url}/v1 (models: "
+            f"{', '.join(m.name for m in spec.models)})",
+            flush=True,
+        )
         if spec.server.ray_address is None:
             print(f"Ray dashboard: http://127.0.0.1:{spec.server.dashboard_port}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
@@ -162,8 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         details = fetch_status(dashboard)
     except (urllib.error.URLError, OSError) as e:
-        print(f"cannot reach the Ray dashboard at {dashboard}: {e}. Is `tandem up` running?",
-              file=sys.stderr)
+        print(f"cannot reach the Ray dashboard at {dashboard}: {e}. Is `tandem up` running?", file=sys.stderr)
         return 1
     print(format_status(details))
     return 0

@@ -89,7 +89,9 @@ class Replicas(_Spec):
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max}); set min <= max")
         if self.initial is not None and not self.min <= self.initial <= self.max:
-            raise ValueError(f"initial ({self.initial}) must lie between min ({self.min}) and max ({self.max})")
+            raise ValueError(
+                f"initial ({self.initial}) must lie between min ({self.min}) and max ({self.max})"
+            )
         return self
 
     @property
@@ -196,9 +198,6 @@ class ServerSpec(_Spec):
         None, description="Existing Ray cluster to join; None starts a local one (`tandem up`)."
     )
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port (local Ray).")
-    request_timeout_s: float = Field(
-        600.0, gt=0, description="Longest a single request may run before it is aborted."
-    )
 
 
 class ServingSpec(_Spec):
@@ -207,8 +206,7 @@ class ServingSpec(_Spec):
     server: ServerSpec = Field(default_factory=ServerSpec, description="API server and local Ray.")
     model_dir: str = Field(
         default_factory=lambda: default_model_dir(),
-        description="Directory of locally built models ($TANDEM_MODEL_DIR, else "
-        f"{DEFAULT_MODEL_DIR}).",
+        description=f"Directory of locally built models ($TANDEM_MODEL_DIR, else {DEFAULT_MODEL_DIR}).",
     )
     models: list[ModelSpec] = Field(min_length=1, description="Served models.")
     tiers: list[TierSpec] = Field(default_factory=list, description="Task tiers -> model.")
@@ -221,9 +219,7 @@ class ServingSpec(_Spec):
             raise ValueError(f"models: duplicate model names {sorted(dup)}")
         for i, tier in enumerate(self.tiers):
             if tier.model not in names:
-                raise ValueError(
-                    f"tiers[{i}].model: unknown model {tier.model!r}; choose one of {names}"
-                )
+                raise ValueError(f"tiers[{i}].model: unknown model {tier.model!r}; choose one of {names}")
         tier_names = [t.name for t in self.tiers]
         if len(set(tier_names)) != len(tier_names):
             raise ValueError("tiers: duplicate tier names")
@@ -284,4 +280,3 @@ def load_spec(path: str | os.PathLike[str]) -> ServingSpec:
 def default_config_path() -> Path:
     """The embedded default spec (both tiny models on CPU)."""
     return Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
-

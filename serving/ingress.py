@@ -36,8 +36,11 @@ class HandleBackend:
         except RayError as e:
             # A replica that died mid-stream is a clean 503, never a hang or a 500.
             logger.warning("engine call for %s failed: %s", request.request_id, e)
-            yield Chunk(error=EngineError(f"engine replica unavailable: {type(e).__name__}", 503,
-                                          "engine_unavailable"))
+            yield Chunk(
+                error=EngineError(
+                    f"engine replica unavailable: {type(e).__name__}", 503, "engine_unavailable"
+                )
+            )
             done = True
         finally:
             if not done:

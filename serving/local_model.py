@@ -286,9 +286,7 @@ def _build_atomically(spec: TinyModelSpec, cache_dir: Path, target: Path, force:
 def _build_model(spec: TinyModelSpec, out_dir: Path) -> None:
     """Writes the tokenizer, weights, configs and build marker into ``out_dir``."""
     if spec.hidden_size % spec.num_heads or spec.head_dim != 64:
-        raise ValueError(
-            f"{spec.name}: head_dim must be 64, not {spec.hidden_size / spec.num_heads}"
-        )
+        raise ValueError(f"{spec.name}: head_dim must be 64, not {spec.hidden_size / spec.num_heads}")
     tokenizer = _build_tokenizer(spec)
     tokenizer.save_pretrained(out_dir)
     special_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
@@ -306,8 +304,7 @@ def _corpus(seed: int, num_lines: int) -> Iterator[str]:
 
     def sentence() -> str:
         words = [
-            rng.choice(_WORDS) if rng.random() < 0.8 else pseudo_word()
-            for _ in range(rng.randint(4, 16))
+            rng.choice(_WORDS) if rng.random() < 0.8 else pseudo_word() for _ in range(rng.randint(4, 16))
         ]
         words[0] = words[0].capitalize()
         return " ".join(words) + rng.choice(".?!.")

@@ -23,9 +23,7 @@ class PromptTokenizer:
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         """Render `messages` with the chat template (generation prompt added) and tokenize."""
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        text = self._tok.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
-        )
+        text = self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         # The template already carries the special tokens (BOS, headers).
         return self._tok.encode(text, add_special_tokens=False)
 

@@ -18,6 +18,4 @@ def make_engine(kind: EngineKind, model_name: str, model_path: str, engine_args:
         from serving.engines.fake import FakeEngine
 
         return FakeEngine(model_name, **engine_args)
-    raise ValueError(
-        f"engine: {kind.value!r} is not available yet in this build; use engine: vllm"
-    )
+    raise ValueError(f"engine: {kind.value!r} is not available yet in this build; use engine: vllm")

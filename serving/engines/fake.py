@@ -69,8 +69,12 @@ class FakeEngine:
         try:
             for i in range(opts.max_tokens):
                 if aborted.is_set():
-                    yield Chunk(finish_reason="abort", prompt_tokens=len(ids),
-                                completion_tokens=i, cached_tokens=cached)
+                    yield Chunk(
+                        finish_reason="abort",
+                        prompt_tokens=len(ids),
+                        completion_tokens=i,
+                        cached_tokens=cached,
+                    )
                     return
                 if self._delay:
                     await asyncio.sleep(self._delay)

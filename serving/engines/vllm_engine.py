@@ -91,17 +91,16 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=self._path, served_model_name=[self._name], **self._engine_args
-        )
+        args = AsyncEngineArgs(model=self._path, served_model_name=[self._name], **self._engine_args)
         vllm_config = args.create_engine_config()
         # NOTE: disable_log_stats=True turns vLLM's periodic log line off; our own stat logger
         # still receives every scheduler snapshot.
         self._llm = AsyncLLM.from_vllm_config(
             vllm_config, stat_loggers=[self._stats.factory], disable_log_stats=True
         )
-        logger.info("vLLM engine for %s ready (max_model_len=%d)", self._name,
-                    vllm_config.model_config.max_model_len)
+        logger.info(
+            "vLLM engine for %s ready (max_model_len=%d)", self._name, vllm_config.model_config.max_model_len
+        )
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(

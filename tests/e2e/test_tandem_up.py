@@ -20,7 +20,10 @@ def test_up_serves_then_stops_cleanly() -> None:
     port, dash = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "up", "--port", str(port), "--dashboard-port", str(dash)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
         start_new_session=True,
     )
     lines: list[str] = []
@@ -49,7 +52,9 @@ def test_up_serves_then_stops_cleanly() -> None:
 
         status = subprocess.run(
             [sys.executable, "-m", "serving.cli", "status", "--dashboard", f"http://127.0.0.1:{dash}"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert status.returncode == 0 and "tiny-reasoning-colocated" in status.stdout
 
@@ -64,8 +69,11 @@ def test_up_serves_then_stops_cleanly() -> None:
 
         temp = ray_temp_dir(port)
         time.sleep(2)
-        left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-                if any(temp in a for a in (p.info["cmdline"] or []))]
+        left = [
+            p.info["pid"]
+            for p in psutil.process_iter(["pid", "cmdline"])
+            if any(temp in a for a in (p.info["cmdline"] or []))
+        ]
         assert not left, f"processes left behind: {left}"
     finally:
         if proc.poll() is None:

@@ -40,17 +40,24 @@ def test_no_5xx_from_generated_requests(stack) -> None:
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.lower() == "post" else [])
         for mode in modes:
 
-            @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=op.as_strategy(generation_mode=mode))
-            def run(case) -> None:
+            def run(case, op=op, mode=mode) -> None:
                 _cap_generation(case.body)
                 response = case.call(base_url=stack.url, timeout=60)
                 key = (op.path, response.status_code // 100)
                 statuses[key] = statuses.get(key, 0) + 1
                 if response.status_code >= 500:
-                    failures.append(f"{op.method.upper()} {op.path} {mode.value}: {response.status_code} "
-                                    f"{response.text[:300]} for body {case.body!r:.300}")
+                    failures.append(
+                        f"{op.method.upper()} {op.path} {mode.value}: {response.status_code} "
+                        f"{response.text[:300]} for body {case.body!r:.300}"
+                    )
 
             run()
     assert not failures, "\n".join(failures[:10])

@@ -48,10 +48,14 @@ def test_streams_a_chat_completion(client: openai.OpenAI, model: str) -> None:
 
 
 def test_greedy_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
-    kw = dict(model="tiny-intent", messages=[{"role": "user", "content": "same"}], max_tokens=16, temperature=0)
+    kw = dict(
+        model="tiny-intent", messages=[{"role": "user", "content": "same"}], max_tokens=16, temperature=0
+    )
     whole = client.chat.completions.create(**kw)
     streamed = "".join(
-        c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **kw)
+        if c.choices
     )
     assert whole.choices[0].message.content == streamed
     assert whole.usage.completion_tokens == 16 or whole.choices[0].finish_reason == "stop"
@@ -60,15 +64,21 @@ def test_greedy_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
 def test_reasoning_template_opens_think_block(stack) -> None:
     # The prompt as the engine sees it ends with the assistant header and `<think>`:
     # a completion that starts from the same text yields the same greedy tokens.
-    r = httpx.post(f"{stack.url}/v1/chat/completions", json={
-        "model": "tiny-reasoning", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
-    })
+    r = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={
+            "model": "tiny-reasoning",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1,
+        },
+    )
     assert r.status_code == 200
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(stack.spec.resolve_source(stack.spec.model("tiny-reasoning")))
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.rstrip().endswith("<think>")
     assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(text, add_special_tokens=False))
 
@@ -90,7 +100,9 @@ def test_shared_prefix_reports_cached_tokens(client: openai.OpenAI) -> None:
 
 
 def test_text_completion(client: openai.OpenAI) -> None:
-    r = client.completions.create(model="tiny-reasoning", prompt="Once upon a time", max_tokens=5, temperature=0)
+    r = client.completions.create(
+        model="tiny-reasoning", prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert r.choices[0].text
     assert r.usage.completion_tokens == 5 or r.choices[0].finish_reason == "stop"
 
@@ -112,8 +124,11 @@ def test_errors_are_openai_shaped(client: openai.OpenAI, stack) -> None:
 def test_disconnect_aborts_engine_request_within_1s(stack) -> None:
     handle = stack.engine_handle("tiny-reasoning")
     body = {
-        "model": "tiny-reasoning", "messages": [{"role": "user", "content": "go on forever"}],
-        "max_tokens": 3000, "ignore_eos": True, "stream": True,
+        "model": "tiny-reasoning",
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
     }
     with httpx.Client(base_url=stack.url, timeout=30) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -132,7 +147,9 @@ def test_disconnect_aborts_engine_request_within_1s(stack) -> None:
 
 
 def test_metrics_endpoint(stack, client: openai.OpenAI) -> None:
-    client.chat.completions.create(model="tiny-intent", messages=[{"role": "user", "content": "m"}], max_tokens=2)
+    client.chat.completions.create(
+        model="tiny-intent", messages=[{"role": "user", "content": "m"}], max_tokens=2
+    )
     text = httpx.get(f"{stack.url}/metrics").text
     assert 'tandem_requests_total{endpoint="chat",model="tiny-intent",status="200"}' in text
     assert "tandem_time_to_first_token_seconds_bucket" in text
@@ -141,7 +158,9 @@ def test_metrics_endpoint(stack, client: openai.OpenAI) -> None:
 def test_tandem_status_shows_pools_and_replicas(stack) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "serving.cli", "status", "--dashboard", stack.dashboard],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     for dep in ("ingress", "tiny-intent-colocated", "tiny-reasoning-colocated"):

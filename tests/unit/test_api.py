@@ -136,7 +136,8 @@ async def test_malformed_json_and_form_bodies(client: httpx.AsyncClient) -> None
     assert "not valid JSON" in r.json()["error"]["message"]
     # curl -d sends a form content type; the body is still read as JSON.
     r = await client.post(
-        "/v1/chat/completions", content=json.dumps(chat()).encode(),
+        "/v1/chat/completions",
+        content=json.dumps(chat()).encode(),
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert r.status_code == 200, r.text
@@ -170,7 +171,7 @@ async def test_client_disconnect_aborts_the_engine_request(metrics: IngressMetri
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
             await asyncio.sleep(0.01)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
             async with c.stream("POST", "/v1/chat/completions", json=chat(stream=True, max_tokens=200)) as r:

@@ -21,7 +21,10 @@ def test_autoscaling_when_bounds_differ() -> None:
     opts = deployment_options(PoolSpec(replicas={"min": 1, "initial": 2, "max": 4}, max_ongoing_requests=32))
     assert "num_replicas" not in opts
     assert opts["autoscaling_config"] == {
-        "min_replicas": 1, "initial_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 16,
+        "min_replicas": 1,
+        "initial_replicas": 2,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16,
     }
 
 

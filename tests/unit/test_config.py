@@ -63,8 +63,11 @@ def test_model_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         (minimal(pools=[{"role": "colocated", "replica": 2}]), "models.0.pools.0.replica", "unknown field"),
         (minimal(pools=[{"role": "both"}]), "models.0.pools.0.role", "colocated"),
         (minimal(pools=[{"replicas": {"min": 3, "max": 2}}]), "models.0.pools.0.replicas", "min <= max"),
-        (minimal(pools=[{"replicas": {"min": 1, "initial": 5, "max": 2}}]), "models.0.pools.0.replicas",
-         "between"),
+        (
+            minimal(pools=[{"replicas": {"min": 1, "initial": 5, "max": 2}}]),
+            "models.0.pools.0.replicas",
+            "between",
+        ),
         (minimal(pools=[{"parallelism": {"tp": 0}}]), "models.0.pools.0.parallelism.tp", "greater than"),
         (minimal(pools=[{"parallelism": {"ep": True}}]), "models.0.pools.0.parallelism", "dp * tp > 1"),
         (minimal(pools=[{"max_ongoing_requests": 0}]), "models.0.pools.0.max_ongoing_requests", ""),
