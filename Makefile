@@ -39,7 +39,7 @@ models: $(STAMP)
 run: models
 	$(BIN)/tandem up --config $(CONFIG)
 
-test: models
+test: models lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 unit: $(STAMP)

@@ -388,6 +388,17 @@ class _JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
+def _check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
+    vocab = getattr(served.tokenizer, "vocab_size", None)
+    if ids and vocab is not None and max(ids) >= vocab:
+        raise ApiError(
+            400,
+            f"{param}: token id {max(ids)} is out of range (model `{served.name}` has {vocab} tokens)",
+            "invalid_request_error",
+            param,
+        )
+
+
 def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = None) -> FastAPI:
     """The FastAPI app serving `models`."""
     api = OpenAIApi(models, metrics or IngressMetrics())
@@ -454,6 +465,7 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         """Chat completion (streaming with `stream: true`)."""
         served = api.model(body.model)
+        _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
         prompt_ids = await asyncio.to_thread(served.tokenizer.encode_chat, body.messages)
         return await api.handle("chat", body, prompt_ids, served, "messages")
 
@@ -461,18 +473,12 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
     async def completions(body: CompletionRequest) -> Response:
         """Text completion of one prompt (string or token ids)."""
         served = api.model(body.model)
+        _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
         if isinstance(body.prompt, str):
             prompt_ids = await asyncio.to_thread(served.tokenizer.encode, body.prompt)
         else:
             prompt_ids = list(body.prompt)
-            vocab = getattr(served.tokenizer, "vocab_size", None)
-            if vocab is not None and max(prompt_ids) >= vocab:
-                raise ApiError(
-                    400,
-                    f"prompt: token id {max(prompt_ids)} is out of range (vocabulary of {vocab})",
-                    "invalid_request_error",
-                    "prompt",
-                )
+            _check_token_ids(served, prompt_ids, "prompt")
         if not prompt_ids:
             raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
         return await api.handle("completion", body, prompt_ids, served, "prompt")

@@ -14,6 +14,7 @@ from typing import Any
 from serving.config import EngineKind
 from serving.engines import make_engine
 from serving.engines.base import Chunk, EngineStats, GenerateRequest, ModelInfo
+from serving.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class EngineServer:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Stream chunks for `request`; a cancelled stream aborts the engine request."""
-        gen = self._engine.generate(request)
+        gen = coalesce(self._engine.generate(request))
         try:
             async for chunk in gen:
                 yield chunk

@@ -15,6 +15,7 @@ from serving.api import ServedModel, build_api
 from serving.config import ServingSpec, parse_spec
 from serving.engines.base import Chunk, EngineError, GenerateRequest
 from serving.metrics import IngressMetrics
+from serving.streaming import coalesce
 from serving.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,11 @@ class HandleBackend:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle.options(stream=True)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        # Merge chunks that pile up while the ingress is busy (see serving.streaming).
+        return coalesce(self._stream(request))
+
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         gen = self._handle.generate.remote(request)
         done = False
         try:

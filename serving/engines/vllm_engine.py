@@ -129,6 +129,7 @@ class VLLMEngine:
         )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -152,8 +153,10 @@ class VLLMEngine:
                     completion_tokens=completion_tokens,
                     cached_tokens=out.num_cached_tokens or 0,
                 )
-        except ValueError as e:  # vLLM validates prompts / params with ValueError
+        except (VLLMClientError, ValueError) as e:  # the request's fault: 4xx, never 5xx
             yield Chunk(error=EngineError(str(e), 400, "invalid_request_error"))
+        except GracefulHTTPError as e:  # e.g. vLLM's own queue overflow (503)
+            yield Chunk(error=EngineError(e.message, int(e.http_status), "engine_overloaded"))
         except EngineDeadError as e:
             yield Chunk(error=EngineError(f"engine is dead: {e}", 503, "engine_unavailable"))
         except Exception as e:  # noqa: BLE001 - an error in a stream is a value (see base)

@@ -115,6 +115,7 @@ async def test_cached_tokens_reported_for_shared_prefix(client: httpx.AsyncClien
         (chat(n=3), 400, "n"),
         (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
         (chat(model="nope"), 404, "model"),
+        (chat(stop_token_ids=[10**9]), 400, "stop_token_ids"),
         (chat(max_tokens=10_000), 400, "max_tokens"),
         (chat(max_completion_tokens=10_000), 400, "max_completion_tokens"),
         (chat(messages=[{"role": "user", "content": "w " * 300}]), 400, "messages"),

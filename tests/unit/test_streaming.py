@@ -1,0 +1,86 @@
+"""Adaptive coalescing: nothing lost, nothing reordered, merged only when the consumer lags."""
+
+from __future__ import annotations
+
+import asyncio
+
+from serving.engines.base import Chunk, EngineError
+from serving.streaming import coalesce
+
+
+async def produce(n: int, delay: float = 0.0, error_at: int | None = None):
+    for i in range(n):
+        if delay:
+            await asyncio.sleep(delay)
+        if i == error_at:
+            yield Chunk(error=EngineError("boom", 503))
+            return
+        yield Chunk(
+            text=f"<{i}>",
+            token_ids=[i],
+            completion_tokens=i + 1,
+            prompt_tokens=7,
+            finish_reason="length" if i == n - 1 else None,
+        )
+
+
+async def test_fast_consumer_gets_one_chunk_per_token() -> None:
+    out = [c async for c in coalesce(produce(5, delay=0.005))]
+    assert [c.token_ids for c in out] == [[0], [1], [2], [3], [4]]
+
+
+async def test_slow_consumer_gets_merged_chunks_with_everything() -> None:
+    out = []
+    async for c in coalesce(produce(50)):
+        out.append(c)
+        await asyncio.sleep(0.002)
+    assert len(out) < 50
+    assert [t for c in out for t in c.token_ids] == list(range(50))
+    assert "".join(c.text for c in out) == "".join(f"<{i}>" for i in range(50))
+    assert out[-1].completion_tokens == 50 and out[-1].finish_reason == "length"
+    assert out[-1].prompt_tokens == 7
+
+
+async def test_error_chunk_is_not_merged_and_text_before_it_is_kept() -> None:
+    out = []
+    async for c in coalesce(produce(10, error_at=6)):
+        out.append(c)
+        await asyncio.sleep(0.001)
+    assert out[-1].error is not None and out[-1].text == ""
+    assert [t for c in out[:-1] for t in c.token_ids] == list(range(6))
+
+
+async def test_closing_early_closes_the_source() -> None:
+    closed = asyncio.Event()
+
+    async def endless():
+        try:
+            i = 0
+            while True:
+                await asyncio.sleep(0.001)
+                i += 1
+                yield Chunk(text="x", token_ids=[i])
+        finally:
+            closed.set()
+
+    gen = coalesce(endless())
+    async for _ in gen:
+        break
+    await gen.aclose()
+    assert closed.is_set()
+
+
+async def test_source_exception_propagates() -> None:
+    async def bad():
+        yield Chunk(text="a", token_ids=[1])
+        raise RuntimeError("lost replica")
+
+    got = []
+    try:
+        async for c in coalesce(bad()):
+            got.append(c)
+    except RuntimeError as e:
+        assert "lost replica" in str(e)
+    else:
+        raise AssertionError("exception swallowed")
+    assert got[0].text == "a"
