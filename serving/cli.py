@@ -116,8 +116,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if spec.server.ray_address is None:
             print(f"Ray dashboard: http://127.0.0.1:{spec.server.dashboard_port}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
+        # A timed wait keeps the main thread responsive to signals.
         while not stop.wait(0.5):
-            pass
+            continue
     finally:
         try:
             serve.shutdown()

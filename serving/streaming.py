@@ -10,6 +10,7 @@ several when it does not. Nothing is delayed to wait for more tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from serving.engines.base import Chunk
@@ -75,10 +76,8 @@ async def coalesce(source: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     finally:
         if not task.done():
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
