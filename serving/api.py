@@ -167,11 +167,12 @@ class OpenAIApi:
         prompt_ids: list[int],
         served: ServedModel,
         prompt_param: str,
+        headers: Any = None,
     ) -> Response:
         max_tokens = self._max_tokens(served, body, len(prompt_ids), prompt_param)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        req = GenerateRequest(rid, prompt_ids, body.sampling(max_tokens))
+        req = GenerateRequest(rid, prompt_ids, body.sampling(max_tokens), disagg=_disagg_header(headers))
         start = time.perf_counter()
         m = self.metrics
         m.in_flight.labels(served.name).inc()
@@ -189,14 +190,18 @@ class OpenAIApi:
             raise ApiError(err.status, err.message, err.type)
         m.ttft.labels(served.name).observe(time.perf_counter() - start)
         endpoint = "chat" if kind == "chat" else "completions"
+        route = {ROUTE_HEADER: first.route.header()} if first.route is not None else {}
         if body.stream:
             closer = _StreamCloser(self, served, stream, first, start, endpoint)
             gen = self._stream_sse(kind, rid, body, served, first, stream, closer)
-            return _ClosingStreamingResponse(gen, closer)
-        try:
-            return await self._collect(kind, rid, served, first, stream, start, endpoint)
-        finally:
-            m.in_flight.labels(served.name).dec()
+            resp: Response = _ClosingStreamingResponse(gen, closer)
+        else:
+            try:
+                resp = await self._collect(kind, rid, served, first, stream, start, endpoint)
+            finally:
+                m.in_flight.labels(served.name).dec()
+        resp.headers.update(route)
+        return resp
 
     def _account(self, served: ServedModel, last: Chunk, start: float, endpoint: str, status: int) -> None:
         m = self.metrics
@@ -388,6 +393,31 @@ class _JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
+#: Request header: prefill/decode disaggregation for this request (on | off | auto).
+DISAGG_HEADER = "x-tandem-disagg"
+#: Response header: how the request was served (mode, prefill replica, decode replica).
+ROUTE_HEADER = "x-tandem-route"
+_DISAGG_VALUES = ("on", "off", "auto")
+
+
+def _disagg_header(headers: Any) -> str:
+    """The request's `x-tandem-disagg` value (auto when absent); 400 naming the header otherwise."""
+    if headers is None:
+        return "auto"
+    value = headers.get(DISAGG_HEADER)
+    if value is None:
+        return "auto"
+    value = value.strip().lower()
+    if value not in _DISAGG_VALUES:
+        raise ApiError(
+            400,
+            f"header {DISAGG_HEADER}: {value!r} is not one of {', '.join(_DISAGG_VALUES)}",
+            "invalid_request_error",
+            DISAGG_HEADER,
+        )
+    return value
+
+
 def _check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
     vocab = getattr(served.tokenizer, "vocab_size", None)
     if ids and vocab is not None and max(ids) >= vocab:
@@ -462,17 +492,19 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
         }
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion (streaming with `stream: true`)."""
         served = api.model(body.model)
+        _disagg_header(request.headers)
         _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
         prompt_ids = await asyncio.to_thread(served.tokenizer.encode_chat, body.messages)
-        return await api.handle("chat", body, prompt_ids, served, "messages")
+        return await api.handle("chat", body, prompt_ids, served, "messages", request.headers)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion of one prompt (string or token ids)."""
         served = api.model(body.model)
+        _disagg_header(request.headers)
         _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
         if isinstance(body.prompt, str):
             prompt_ids = await asyncio.to_thread(served.tokenizer.encode, body.prompt)
@@ -481,6 +513,6 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
             _check_token_ids(served, prompt_ids, "prompt")
         if not prompt_ids:
             raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
-        return await api.handle("completion", body, prompt_ids, served, "prompt")
+        return await api.handle("completion", body, prompt_ids, served, "prompt", request.headers)
 
     return app

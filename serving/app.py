@@ -5,6 +5,7 @@ and a KubeRay RayService `serveConfigV2`; its `args` are either `{"config": "<pa
 `{"spec": {...}}` (the spec inline). The CLI (`tandem up`) calls `build_app_from_spec`.
 
 One engine deployment per model pool, named `<model>-<pool>`, plus the `ingress` deployment.
+Placement (TP/PP/DP/EP → bundles) comes from `serving.placement`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.config import ModelSpec, PoolSpec, Role, ServingSpec, SpecError, load_spec, parse_spec
-from serving.deployments import EngineServer
+from serving.config import (
+    EngineKind,
+    ModelSpec,
+    PoolSpec,
+    Role,
+    ServingSpec,
+    SpecError,
+    load_spec,
+    parse_spec,
+)
+from serving.deployments import DecodeServer, EngineServer, PrefillServer
 from serving.ingress import IngressDeployment
+from serving.placement import place_pool, placement_options
 
 #: Engine-arg names owned by `parallelism` (one source for each setting).
 _PARALLEL_ARGS = {
@@ -35,53 +46,85 @@ def deployment_name(model: ModelSpec, pool: PoolSpec) -> str:
     return f"{model.name}-{pool.pool_name}"
 
 
-def engine_args_for(pool: PoolSpec) -> dict[str, Any]:
-    """The engine args of `pool`, with the parallelism settings filled in from `parallelism`."""
+def kv_transfer_config(model: ModelSpec, pool: PoolSpec) -> dict[str, Any]:
+    """vLLM `kv_transfer_config` of a P/D pool: NixlConnector, pulled by the decode engine.
+
+    `kv_both` on both roles (ray.serve.llm does the same): the request's `kv_transfer_params` say
+    who sends and who receives. A transfer that fails is recomputed on the decode engine rather
+    than failing the request; KV that no decode engine claims is freed after `kv_lease_s`. The
+    pool's own `engine_args.kv_transfer_config` overrides any of these keys.
+    """
+    d = model.disaggregation
+    cfg: dict[str, Any] = {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_both",
+        "kv_buffer_device": "cuda" if pool.uses_gpu else "cpu",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"kv_lease_duration": d.kv_lease_s},
+    }
+    user = dict(pool.engine_args.get("kv_transfer_config") or {})
+    extra = {**cfg["kv_connector_extra_config"], **(user.pop("kv_connector_extra_config", None) or {})}
+    cfg.update(user)
+    cfg["kv_connector_extra_config"] = extra
+    return cfg
+
+
+def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str, Any]:
+    """The engine args of `pool`: parallelism filled in from `parallelism`, and for P/D pools the KV
+    transfer settings from the model's `disaggregation`."""
     args = dict(pool.engine_args)
     clash = sorted(k for k in _PARALLEL_ARGS if k in args)
     if clash:
         fields = ", ".join(f"parallelism.{_PARALLEL_ARGS[k]}" for k in clash)
         raise SpecError(f"engine_args: {clash} are set through {fields}; remove them from engine_args")
     par = pool.parallelism
+    if pool.engine is EngineKind.SGLANG:
+        # SGLang's ServerArgs names (DP attention is SGLang's MoE data parallelism).
+        if par.tp > 1:
+            args["tp_size"] = par.tp
+        if par.pp > 1:
+            args["pp_size"] = par.pp
+        if par.dp > 1:
+            args["dp_size"] = par.dp
+            args.setdefault("enable_dp_attention", True)
+        if par.ep:
+            args["ep_size"] = par.dp * par.tp
+        if model is not None and pool.role is not Role.COLOCATED:
+            args.setdefault("disaggregation_transfer_backend", model.disaggregation.transfer_backend.value)
+        return args
     if par.tp > 1:
         args["tensor_parallel_size"] = par.tp
     if par.pp > 1:
         args["pipeline_parallel_size"] = par.pp
     if par.dp > 1:
+        # Each Serve replica is one DP rank (external load balancing); the rank and the group's
+        # address are filled in by the replica at start (see serving.deployments).
         args["data_parallel_size"] = par.dp
+        args["data_parallel_size_local"] = 1
+        args["data_parallel_external_lb"] = True
     if par.ep:
         args["enable_expert_parallel"] = True
     if par.accelerators_per_replica > 1:
         args.setdefault("distributed_executor_backend", "ray")
+    if model is not None and pool.role is not Role.COLOCATED and pool.engine is EngineKind.VLLM:
+        args["kv_transfer_config"] = kv_transfer_config(model, pool)
     return args
 
 
-def deployment_options(pool: PoolSpec) -> dict[str, Any]:
-    """Ray Serve options of the engine deployment of `pool`."""
+def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str, Any]:
+    """Ray Serve options of the engine deployment of `pool` (placement from serving.placement)."""
     reps = pool.replicas
-    actor: dict[str, Any] = {"num_cpus": pool.cpus_per_replica}
-    if pool.env:
-        actor["runtime_env"] = {"env_vars": dict(pool.env)}
+    placement = place_pool(model or _anonymous(pool), pool)
     opts: dict[str, Any] = {
         "max_ongoing_requests": pool.max_ongoing_requests,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
     }
-    if pool.uses_gpu:
-        actor["accelerator_type"] = pool.accelerator
-        n = pool.parallelism.accelerators_per_replica
-        if n == 1:
-            actor["num_gpus"] = 1
-        else:
-            # The replica actor holds the first bundle; vLLM's Ray executor places its workers
-            # in the rest. TP stays inside a node; PP may span nodes.
-            opts["placement_group_bundles"] = [{"CPU": pool.cpus_per_replica}] + [
-                {"GPU": 1} for _ in range(n)
-            ]
-            opts["placement_group_strategy"] = "STRICT_PACK" if pool.parallelism.pp == 1 else "PACK"
-    opts["ray_actor_options"] = actor
+    opts.update(placement_options(placement))
+    if pool.env:
+        opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(pool.env)}
     if reps.min == reps.max:
-        opts["num_replicas"] = reps.max
+        opts["num_replicas"] = placement.max_replicas
     else:
         opts["autoscaling_config"] = {
             "min_replicas": reps.min,
@@ -92,32 +135,46 @@ def deployment_options(pool: PoolSpec) -> dict[str, Any]:
     return opts
 
 
-def _serving_pool(model: ModelSpec) -> PoolSpec:
-    roles = {p.role for p in model.pools}
-    if Role.PREFILL in roles or Role.DECODE in roles:
-        raise SpecError(
-            f"models[{model.name}].pools: prefill/decode disaggregation is not available in this "
-            "build yet; use a single pool with role: colocated"
-        )
-    if len(model.pools) > 1:
-        raise SpecError(
-            f"models[{model.name}].pools: more than one colocated pool per model is not supported "
-            "yet; merge them into one pool with more replicas"
-        )
-    return model.pools[0]
+def _anonymous(pool: PoolSpec) -> ModelSpec:
+    return ModelSpec(name="model", source="none", pools=[pool.model_copy(update={"role": Role.COLOCATED})])
 
 
 def build_app_from_spec(spec: ServingSpec) -> Application:
-    """The Serve application for `spec`: engine deployments and the ingress bound together."""
+    """The Serve application for `spec`: engine deployments and the ingress bound together.
+
+    A colocated model gets one `EngineServer` deployment. A P/D model gets a `PrefillServer`
+    deployment and a `DecodeServer` deployment holding a handle to it: the ingress calls decode,
+    and the decode replica orchestrates the prefill (see serving.deployments).
+    """
     engines = {}
     for model in spec.models:
-        pool = _serving_pool(model)
-        dep = serve.deployment(EngineServer).options(
-            name=deployment_name(model, pool), **deployment_options(pool)
-        )
-        engines[model.name] = dep.bind(
-            model.name, spec.resolve_source(model), pool.engine, engine_args_for(pool), pool.pool_name
-        )
+        source = spec.resolve_source(model)
+
+        def deploy(cls: type, pool: PoolSpec, model: ModelSpec = model) -> Any:
+            return serve.deployment(cls).options(
+                name=deployment_name(model, pool), **deployment_options(pool, model)
+            )
+
+        if model.disaggregated:
+            pre, dec = model.pool(Role.PREFILL), model.pool(Role.DECODE)
+            prefill = deploy(PrefillServer, pre).bind(
+                model.name, source, pre.engine, engine_args_for(pre, model), pre.pool_name, pre.role
+            )
+            engines[model.name] = deploy(DecodeServer, dec).bind(
+                model.name,
+                source,
+                dec.engine,
+                engine_args_for(dec, model),
+                dec.pool_name,
+                dec.role,
+                prefill=prefill,
+                disaggregation=model.disaggregation.model_dump(mode="json"),
+            )
+        else:
+            pool = model.serving_pool
+            engines[model.name] = deploy(EngineServer, pool).bind(
+                model.name, source, pool.engine, engine_args_for(pool, model), pool.pool_name, pool.role
+            )
     server = spec.server
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress",

@@ -179,6 +179,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from serving.placement import format_plan, plan
+
+    print(format_plan(plan(load_spec(args.config))))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="Disaggregated LLM serving on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +208,10 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--config", default=str(default_config_path()), help="spec (for the dashboard port)")
     status.add_argument("--dashboard", help="Ray dashboard URL (default from the spec)")
     status.set_defaults(func=cmd_status)
+
+    plan = sub.add_parser("plan", help="per pool: placement-group bundles, GPUs per replica and in total")
+    plan.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
+    plan.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="deployment specs").add_subparsers(dest="action", required=True)
     check = config.add_parser("check", help="validate a spec")

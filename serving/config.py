@@ -62,7 +62,12 @@ class Parallelism(_Spec):
 
     tp: int = Field(1, ge=1, description="Tensor-parallel size (GPUs inside one node).")
     pp: int = Field(1, ge=1, description="Pipeline-parallel size (stages, may span nodes).")
-    dp: int = Field(1, ge=1, description="Data-parallel ranks inside one replica (MoE serving).")
+    dp: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel ranks of one vLLM data-parallel group; each rank is one Ray Serve "
+        "replica with tp x pp GPUs, and the ranks spread across nodes (MoE serving).",
+    )
     ep: bool = Field(False, description="Expert parallelism across the dp x tp ranks (MoE only).")
 
     @model_validator(mode="after")
@@ -73,8 +78,8 @@ class Parallelism(_Spec):
 
     @property
     def accelerators_per_replica(self) -> int:
-        """Accelerators (GPUs) that one replica occupies."""
-        return self.tp * self.pp * self.dp
+        """Accelerators (GPUs) that one replica (one DP rank) occupies."""
+        return self.tp * self.pp
 
 
 class Replicas(_Spec):
@@ -137,6 +142,15 @@ class PoolSpec(_Spec):
         """Whether replicas of this pool need GPUs."""
         return self.accelerator.lower() != "cpu"
 
+    @model_validator(mode="after")
+    def _dp_groups_fixed(self) -> PoolSpec:
+        if self.parallelism.dp > 1 and self.replicas.min != self.replicas.max:
+            raise ValueError(
+                "replicas: a data-parallel pool (parallelism.dp > 1) has a fixed number of DP groups; "
+                "set replicas.min == replicas.max"
+            )
+        return self
+
     @field_validator("engine_args")
     @classmethod
     def _no_model_in_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +158,64 @@ class PoolSpec(_Spec):
             if key in v:
                 raise ValueError(f"engine_args.{key}: set the model's `source` / `name` instead")
         return v
+
+
+class DisaggMode(StrEnum):
+    """Prefill/decode disaggregation choice (the `x-tandem-disagg` request header overrides it)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class TransferBackend(StrEnum):
+    """KV transfer backend between prefill and decode engines."""
+
+    NIXL = "nixl"
+    MOONCAKE = "mooncake"
+
+
+class Disaggregation(_Spec):
+    """How a model with prefill and decode pools serves a request.
+
+    The decode replica chosen for a request orchestrates it: it asks a prefill replica to run the
+    prompt, pulls the KV engine to engine, and streams the answer. When the prompt's non-cached
+    suffix on that decode replica is short, prefilling it there is cheaper than a transfer.
+    """
+
+    mode: DisaggMode = Field(
+        DisaggMode.AUTO,
+        description="Default for requests without an x-tandem-disagg header: auto (decide by the "
+        "non-cached suffix), on (always a remote prefill), off (always colocated on decode).",
+    )
+    min_prefill_tokens: int = Field(
+        256,
+        ge=0,
+        description="auto: a non-cached prompt suffix shorter than this many tokens is prefilled on "
+        "the decode replica itself.",
+    )
+    prefill_timeout_s: float = Field(
+        30.0, gt=0, description="Time allowed for one remote prefill attempt, queueing included."
+    )
+    prefill_attempts: int = Field(
+        2, ge=1, description="Remote prefill attempts before falling back to colocated prefill."
+    )
+    kv_transfer_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time from the hand-off until the decode engine's first token (the KV pull); "
+        "past it the request is prefilled on the decode replica instead.",
+    )
+    kv_lease_s: int = Field(
+        30,
+        ge=1,
+        description="How long a prefill engine keeps KV that no decode engine claims (vLLM NIXL "
+        "kv_lease_duration); then its blocks are freed.",
+    )
+    transfer_backend: TransferBackend = Field(
+        TransferBackend.NIXL,
+        description="KV transfer backend: nixl (vLLM NixlConnector, SGLang nixl) or mooncake (SGLang).",
+    )
 
 
 class ModelSpec(_Spec):
@@ -155,7 +227,15 @@ class ModelSpec(_Spec):
         "hub id available to the cluster.",
         min_length=1,
     )
-    pools: list[PoolSpec] = Field(min_length=1, description="Engine pools serving this model.")
+    pools: list[PoolSpec] = Field(
+        min_length=1,
+        max_length=2,
+        description="Engine pools serving this model: one colocated pool, or one prefill and one "
+        "decode pool.",
+    )
+    disaggregation: Disaggregation = Field(
+        default_factory=Disaggregation, description="Prefill/decode settings (P/D pools only)."
+    )
 
     @model_validator(mode="after")
     def _pools_consistent(self) -> ModelSpec:
@@ -163,12 +243,33 @@ class ModelSpec(_Spec):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"pools: duplicate pool names {sorted(dup)}; give each pool a unique name")
-        roles = {p.role for p in self.pools}
-        if (Role.PREFILL in roles) != (Role.DECODE in roles):
+        roles = sorted(p.role.value for p in self.pools)
+        if roles not in (["colocated"], ["decode", "prefill"]):
             raise ValueError(
-                "pools: a prefill pool needs a decode pool and vice versa (or use role: colocated)"
+                f"pools: roles {roles} are not a valid layout; use one pool with role: colocated, or "
+                "one pool with role: prefill and one with role: decode"
             )
+        engines = {p.engine for p in self.pools}
+        if len(engines) > 1:
+            raise ValueError(f"pools: prefill and decode must run the same engine, got {sorted(engines)}")
         return self
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether this model has separate prefill and decode pools."""
+        return any(p.role is Role.PREFILL for p in self.pools)
+
+    def pool(self, role: Role) -> PoolSpec:
+        """The pool with `role` (KeyError if absent)."""
+        for p in self.pools:
+            if p.role is role:
+                return p
+        raise KeyError(role.value)
+
+    @property
+    def serving_pool(self) -> PoolSpec:
+        """The pool the ingress sends requests to: decode (which orchestrates prefill) or colocated."""
+        return self.pool(Role.DECODE) if self.disaggregated else self.pool(Role.COLOCATED)
 
     def local_model_name(self) -> str | None:
         """Name of the local tiny model if `source` is 'local:<name>'."""

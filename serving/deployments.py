@@ -1,26 +1,106 @@
-"""The engine replica: one `Engine` inside one Ray Serve replica.
+"""Engine replicas: one `Engine` inside one Ray Serve replica, in one of three roles.
 
-The class is plain Python; `serving.app` wraps it with `serve.deployment(...)` and the pool's
-options, so tests can also drive it directly.
+- `EngineServer` (colocated): prefill and decode on the same engine.
+- `PrefillServer`: runs prompts only (`prefill` → `KVHandle`); its KV waits for a decode engine.
+- `DecodeServer`: the ingress calls it. Per request it decides (router.pd) whether to prefill here
+  or on a prefill replica, orchestrates the remote prefill, and streams the answer while its engine
+  pulls the KV straight from the prefill engine (NIXL). KV never passes through Ray, the router or
+  the ingress: only the small `KVHandle` does.
+
+Why decode-side orchestration (as ray.serve.llm does since Ray 2.5x) rather than a proxy: the decode
+replica is where the request ends up anyway, so the hand-off costs one Ray call (decode → prefill)
+and no extra hop for the token stream; the decider needs the decode replica's cache state, which is
+local there; and fallback (prefill here) needs no second routing decision.
+
+The classes are plain Python; `serving.app` wraps them with `serve.deployment(...)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serving.config import EngineKind
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+
+from router.pd import MODE_COLOCATED, MODE_DISAGG, PrefixTracker, decide
+from serving.config import Disaggregation, EngineKind, Role
 from serving.engines import make_engine
-from serving.engines.base import Chunk, EngineStats, GenerateRequest, ModelInfo
+from serving.engines.base import Chunk, EngineStats, GenerateRequest, KVHandle, ModelInfo, Route
 from serving.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
+#: Remembered blocks per decode replica when the engine does not report its KV block count.
+_DEFAULT_TRACKED_BLOCKS = 4096
+
+
+def replica_name() -> str:
+    """`<deployment>#<replica id>` of the calling Serve replica ("local" outside Serve)."""
+    try:
+        ctx = serve.get_replica_context()
+    except RayServeException:
+        return "local"
+    return f"{ctx.deployment}#{ctx.replica_id.unique_id}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _node_ip() -> str:
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (tests): loopback
+        return "127.0.0.1"
+
+
+def _kv_transfer_env(engine: EngineKind, role: Role) -> None:
+    """Give this replica's NIXL agent its own side-channel address.
+
+    Every engine on a node needs a distinct `VLLM_NIXL_SIDE_CHANNEL_PORT`; replicas of one pool
+    share their env, so the port is picked here (unless the pool's env pins it). The host is
+    the node's IP so that decode engines on other nodes can reach it.
+    """
+    if engine is not EngineKind.VLLM or role is Role.COLOCATED:
+        return
+    os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
+    if "VLLM_NIXL_SIDE_CHANNEL_PORT" not in os.environ:
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
+
+
+async def _data_parallel_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """Fill in this replica's vLLM DP rank and the group's address from its Serve gang."""
+    if int(engine_args.get("data_parallel_size", 1)) <= 1:
+        return engine_args
+    from serving.dp import rendezvous
+
+    ctx = serve.get_replica_context()
+    gang = ctx.gang_context
+    if gang is None:
+        raise RuntimeError("a data-parallel pool must run as a Serve gang (gang_scheduling_config)")
+    address, port = await rendezvous(gang.gang_id, gang.rank, _node_ip, _free_port)
+    return {
+        **engine_args,
+        "data_parallel_rank": gang.rank,
+        "data_parallel_address": address,
+        "data_parallel_rpc_port": port,
+    }
+
 
 class EngineServer:
-    """Serves one model from one engine; streamed calls come from the ingress's handle.
+    """Serves one model from one engine (colocated role; base of the P/D roles).
 
     Args:
         model_name: served model name.
@@ -28,6 +108,7 @@ class EngineServer:
         engine: engine kind.
         engine_args: passed through to the engine.
         pool: pool name (for logs and status).
+        role: the pool's role.
     """
 
     async def __init__(
@@ -37,15 +118,32 @@ class EngineServer:
         engine: EngineKind,
         engine_args: dict[str, Any],
         pool: str,
+        role: Role = Role.COLOCATED,
     ) -> None:
         self._pool = pool
-        self._engine = make_engine(engine, model_name, model_path, engine_args)
+        self._role = Role(role)
+        self._replica = replica_name()
+        _kv_transfer_env(EngineKind(engine), self._role)
+        args = await _data_parallel_args(engine_args)
+        self._engine = make_engine(EngineKind(engine), model_name, model_path, args, role=self._role)
         await self._engine.start()
-        logger.info("replica of %s/%s ready", model_name, pool)
+        logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
+
+    def _route(self) -> Route:
+        return Route(mode=MODE_COLOCATED, decode=self._replica)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        """Stream chunks for `request`; a cancelled stream aborts the engine request."""
-        gen = coalesce(self._engine.generate(request))
+        """Stream chunks for `request`; the first carries the route. Cancelling aborts the engine request."""
+        first = True
+        async for chunk in self._guarded(request.request_id, self._engine.generate(request)):
+            if first:
+                chunk.route = self._route()
+                first = False
+            yield chunk
+
+    async def _guarded(self, request_id: str, source: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """`source` coalesced; a cancelled stream aborts `request_id` at the engine."""
+        gen = coalesce(source)
         try:
             async for chunk in gen:
                 yield chunk
@@ -53,7 +151,7 @@ class EngineServer:
             # NOTE: the client went away (Ray Serve cancels the streaming call). vLLM aborts on
             # cancellation itself, but an explicit abort also covers engines that do not, and
             # abort is idempotent.
-            await asyncio.shield(self._engine.abort(request.request_id))
+            await asyncio.shield(self._engine.abort(request_id))
             raise
         finally:
             await gen.aclose()
@@ -70,9 +168,160 @@ class EngineServer:
         """Engine load snapshot."""
         return self._engine.stats()
 
+    async def reset_prefix_cache(self) -> None:
+        """Drop the engine's cached prefixes (operations, and tests that need a cold cache)."""
+        await self._engine.reset_prefix_cache()
+
+    def replica(self) -> str:
+        """This replica's name (`<deployment>#<id>`)."""
+        return self._replica
+
     async def check_health(self) -> None:
         """Ray Serve's health probe: raises (replica restarted) when the engine is dead."""
         await self._engine.check_health()
 
     async def __del__(self) -> None:
         await self._engine.shutdown()
+
+
+class PrefillServer(EngineServer):
+    """A prefill replica: runs prompts and keeps their KV for decode engines to pull."""
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        """Prefill `request`'s prompt; the handle names this replica. Cancelling aborts it."""
+        try:
+            kv = await self._engine.prefill(request)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._engine.abort(request.request_id))
+            raise
+        kv.replica = self._replica
+        return kv
+
+
+class DecodeServer(EngineServer):
+    """A decode replica that orchestrates prefill (see the module docstring).
+
+    Args:
+        prefill: handle of the model's prefill deployment.
+        disaggregation: the model's `Disaggregation` settings (as a dict).
+    """
+
+    async def __init__(
+        self,
+        model_name: str,
+        model_path: str,
+        engine: EngineKind,
+        engine_args: dict[str, Any],
+        pool: str,
+        role: Role = Role.DECODE,
+        *,
+        prefill: Any,
+        disaggregation: dict[str, Any],
+    ) -> None:
+        await super().__init__(model_name, model_path, engine, engine_args, pool, role)
+        self._prefill = prefill
+        self._d = Disaggregation.model_validate(disaggregation)
+        info = self._engine.model_info()
+        self._prefix = PrefixTracker(info.block_size, info.num_kv_blocks or _DEFAULT_TRACKED_BLOCKS)
+
+    async def reset_prefix_cache(self) -> None:
+        await super().reset_prefix_cache()
+        self._prefix.clear()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Decide, prefill (remotely or here), then stream. The first chunk carries the route."""
+        ids = request.prompt_token_ids
+        wanted = request.disagg if request.disagg != "auto" else self._d.mode.value
+        decision = decide(wanted, len(ids), self._prefix.cached_tokens(ids), self._d.min_prefill_tokens)
+        route = Route(mode=decision.mode, decode=self._replica, reason=decision.reason)
+        output: list[int] = []
+        source: AsyncIterator[Chunk] | None = None
+        if decision.mode == MODE_DISAGG:
+            kv, why = await self._remote_prefill(request)
+            if kv is not None and kv.error is not None:  # the request's own fault: no retry
+                yield Chunk(error=kv.error)
+                return
+            if kv is None:
+                route = Route(mode=MODE_COLOCATED, decode=self._replica, reason=f"fallback:{why}")
+            else:
+                route.prefill = kv.replica
+                source = await self._pull(request, kv, route)
+        if source is None:
+            source = self._guarded(request.request_id, self._engine.generate(request))
+        first = True
+        try:
+            async for chunk in source:
+                if first:
+                    chunk.route = route
+                    first = False
+                output.extend(chunk.token_ids)
+                yield chunk
+        finally:
+            await source.aclose()  # type: ignore[attr-defined]
+            self._prefix.record(ids + output)
+
+    async def _remote_prefill(self, request: GenerateRequest) -> tuple[KVHandle | None, str]:
+        """A `KVHandle` from a prefill replica, or (None, why) after the configured attempts.
+
+        Each attempt has its own timeout; a dead replica (RayError), a timeout or an engine error
+        moves on to the next attempt (Serve's router avoids replicas it saw die). A 4xx from the
+        prefill engine is returned as is: the same request would fail here too.
+        """
+        why = "prefill_failed"
+        for attempt in range(self._d.prefill_attempts):
+            req = dataclasses.replace(request, request_id=f"{request.request_id}-p{attempt}")
+            try:
+                kv: KVHandle = await asyncio.wait_for(
+                    self._prefill.prefill.remote(req), timeout=self._d.prefill_timeout_s
+                )
+            except TimeoutError:
+                why = "prefill_timeout"
+                logger.warning("prefill of %s timed out (attempt %d)", request.request_id, attempt + 1)
+                continue
+            except RayError as e:
+                why = "prefill_replica_died"
+                logger.warning("prefill of %s failed (attempt %d): %s", request.request_id, attempt + 1, e)
+                continue
+            if kv.error is not None:
+                if 400 <= kv.error.status < 500:
+                    return kv, "prefill_rejected"
+                why = "prefill_error"
+                logger.warning("prefill of %s: %s", request.request_id, kv.error.message)
+                continue
+            return kv, ""
+        return None, why
+
+    async def _pull(self, request: GenerateRequest, kv: KVHandle, route: Route) -> AsyncIterator[Chunk]:
+        """Start decoding with `kv`; the stream to serve, falling back to a local prefill when the
+        KV does not arrive within `kv_transfer_timeout_s` or the transfer fails before any token."""
+        rid = f"{request.request_id}-d"
+        dec = dataclasses.replace(request, request_id=rid)
+        stream = self._guarded(rid, self._engine.decode(dec, kv))
+        try:
+            first = await asyncio.wait_for(anext(stream), timeout=self._d.kv_transfer_timeout_s)
+        except (TimeoutError, StopAsyncIteration):
+            first = None
+            reason = "kv_transfer_timeout"
+        else:
+            reason = "kv_transfer_error"
+        if first is not None and first.error is None:
+            return _prepend(first, stream)
+        # NOTE: nothing was sent to the client yet, so a local prefill is invisible to it. The
+        # decode request is aborted (its blocks freed); the prefill engine frees the blocks it
+        # holds for this request when their lease (kv_lease_s) runs out.
+        await stream.aclose()
+        with contextlib.suppress(Exception):
+            await self._engine.abort(rid)
+        logger.warning("KV pull for %s failed (%s); prefilling on the decode replica", rid, reason)
+        route.mode, route.prefill, route.reason = MODE_COLOCATED, "", f"fallback:{reason}"
+        return self._guarded(request.request_id, self._engine.generate(request))
+
+
+async def _prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+

@@ -30,6 +30,7 @@ def merge(chunks: list[Chunk]) -> Chunk:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         cached_tokens=last.cached_tokens,
+        route=next((c.route for c in chunks if c.route is not None), None),
     )
 
 

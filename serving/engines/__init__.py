@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.config import EngineKind
+from serving.config import EngineKind, Role
 from serving.engines.base import Engine
 
 
-def make_engine(kind: EngineKind, model_name: str, model_path: str, engine_args: dict[str, Any]) -> Engine:
-    """Construct (not start) the engine of `kind`. Engine modules are imported lazily."""
+def make_engine(
+    kind: EngineKind,
+    model_name: str,
+    model_path: str,
+    engine_args: dict[str, Any],
+    role: Role = Role.COLOCATED,
+) -> Engine:
+    """Construct (not start) the engine of `kind` for a pool with `role`. Imported lazily."""
     if kind is EngineKind.VLLM:
         from serving.engines.vllm_engine import VLLMEngine
 
@@ -18,4 +24,8 @@ def make_engine(kind: EngineKind, model_name: str, model_path: str, engine_args:
         from serving.engines.fake import FakeEngine
 
         return FakeEngine(model_name, **engine_args)
-    raise ValueError(f"engine: {kind.value!r} is not available yet in this build; use engine: vllm")
+    if kind is EngineKind.SGLANG:
+        from serving.engines.sglang_engine import SGLangEngine
+
+        return SGLangEngine(model_name, model_path, engine_args, role=role.value)
+    raise ValueError(f"engine: unknown engine {kind!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
@@ -31,11 +31,16 @@ class SamplingOptions:
 
 @dataclass(slots=True)
 class GenerateRequest:
-    """One generation: token ids in, a stream of chunks out."""
+    """One generation: token ids in, a stream of chunks out.
+
+    `disagg` is the client's prefill/decode choice (`x-tandem-disagg`: on | off | auto); only
+    a decode deployment reads it.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingOptions
+    disagg: str = "auto"
 
 
 @dataclass(slots=True)
@@ -45,6 +50,41 @@ class EngineError:
     message: str
     status: int = 500
     type: str = "engine_error"
+
+
+@dataclass(slots=True)
+class KVHandle:
+    """A prefilled prompt, ready for a decode engine to pull its KV (the KV itself never travels here).
+
+    `params` is engine-specific: vLLM's `kv_transfer_params` (remote engine id, block ids, side
+    channel host/port), or SGLang's bootstrap host / port / room.
+    """
+
+    params: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    replica: str = ""
+    error: EngineError | None = None
+
+
+@dataclass(slots=True)
+class Route:
+    """How a request was served: `mode` is colocated or disagg; replicas are Serve replica ids."""
+
+    mode: str
+    decode: str
+    prefill: str = ""
+    reason: str = ""
+
+    def header(self) -> str:
+        """The `x-tandem-route` response header value."""
+        parts = [f"mode={self.mode}"]
+        if self.prefill:
+            parts.append(f"prefill={self.prefill}")
+        parts.append(f"decode={self.decode}")
+        if self.reason:
+            parts.append(f"reason={self.reason}")
+        return "; ".join(parts)
 
 
 @dataclass(slots=True)
@@ -58,17 +98,28 @@ class Chunk:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: EngineError | None = None
+    route: Route | None = None
 
 
 @dataclass(slots=True)
 class EngineStats:
-    """A snapshot of an engine's load."""
+    """A snapshot of an engine's load, plus cumulative prompt-token and KV-transfer counters."""
 
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    #: prompt tokens by source (vLLM's `prompt_tokens_by_source`): computed here, found in the
+    #: local prefix cache, received from a remote engine.
+    prompt_tokens_computed: int = 0
+    prompt_tokens_local_cache: int = 0
+    prompt_tokens_external: int = 0
+    kv_transfers: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_s: float = 0.0
+    kv_transfer_failures: int = 0
+    kv_expired: int = 0
 
 
 @dataclass(slots=True)
@@ -78,6 +129,8 @@ class ModelInfo:
     name: str
     max_model_len: int
     path: str
+    block_size: int = 16
+    num_kv_blocks: int = 0
 
 
 @runtime_checkable
@@ -90,6 +143,16 @@ class Engine(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Stream the output of `request`. Cancelling the iteration aborts the request."""
 
+    def prefill(self, request: GenerateRequest) -> Any:
+        """Coroutine -> `KVHandle`: run the prompt only, keep its KV for a decode engine to pull.
+
+        Returns once a decode engine can start pulling (vLLM: after the prefill step; SGLang:
+        once the bootstrap room is registered). Failures come back as `KVHandle.error`.
+        """
+
+    def decode(self, request: GenerateRequest, kv: KVHandle) -> AsyncIterator[Chunk]:
+        """Stream `request`'s output, pulling the prompt's KV from the prefill engine named by `kv`."""
+
     async def abort(self, request_id: str) -> None:
         """Stop `request_id` and free its KV blocks (no-op if unknown or finished)."""
 
@@ -98,6 +161,9 @@ class Engine(Protocol):
 
     def model_info(self) -> ModelInfo:
         """Model facts (context length, ...) once started."""
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix block (blocks in use stay)."""
 
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from serving.engines.base import Chunk, EngineError, EngineStats, GenerateRequest, ModelInfo
+from serving.engines.base import Chunk, EngineError, EngineStats, GenerateRequest, KVHandle, ModelInfo
 
 
 class FakeEngine:
@@ -22,6 +22,9 @@ class FakeEngine:
         vocab_size: ids wrap at this size.
         block_size: prefix-cache block size; a prompt sharing full blocks with an earlier one
             reports them as cached, like vLLM's prefix cache.
+        prefill_delay_s: time `prefill` takes (lets tests time out a prefill).
+        kv_delay_s: time `decode` waits for the "KV" before its first token (a slow transfer).
+        prefill_error: HTTP status `prefill` fails with (None: it succeeds).
     """
 
     def __init__(
@@ -31,6 +34,9 @@ class FakeEngine:
         token_delay_s: float = 0.0,
         vocab_size: int = 4096,
         block_size: int = 128,
+        prefill_delay_s: float = 0.0,
+        kv_delay_s: float = 0.0,
+        prefill_error: int | None = None,
     ) -> None:
         self._name = model_name
         self._max_model_len = max_model_len
@@ -39,13 +45,37 @@ class FakeEngine:
         self._block = block_size
         self._running: dict[str, asyncio.Event] = {}
         self._cached_blocks: set[tuple[int, ...]] = set()
+        self._prefill_delay = prefill_delay_s
+        self._kv_delay = kv_delay_s
+        self._prefill_error = prefill_error
+        self.prefilled: list[str] = []
+        self.decoded: list[str] = []
+        self.aborted: list[str] = []
         self.started = False
 
     async def start(self) -> None:
         self.started = True
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(name=self._name, max_model_len=self._max_model_len, path="fake")
+        return ModelInfo(
+            name=self._name, max_model_len=self._max_model_len, path="fake", block_size=self._block
+        )
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        self.prefilled.append(request.request_id)
+        if self._prefill_delay:
+            await asyncio.sleep(self._prefill_delay)
+        if self._prefill_error is not None:
+            return KVHandle(error=EngineError("fake prefill failure", self._prefill_error))
+        ids = request.prompt_token_ids
+        return KVHandle(params={"fake_request": request.request_id}, prompt_tokens=len(ids))
+
+    async def decode(self, request: GenerateRequest, kv: KVHandle) -> AsyncIterator[Chunk]:
+        self.decoded.append(request.request_id)
+        if self._kv_delay:
+            await asyncio.sleep(self._kv_delay)
+        async for chunk in self.generate(request):
+            yield chunk
 
     def _cached_prefix(self, ids: list[int]) -> int:
         cached = 0
@@ -92,12 +122,16 @@ class FakeEngine:
             self._running.pop(request.request_id, None)
 
     async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
         ev = self._running.get(request_id)
         if ev is not None:
             ev.set()
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self._running))
+
+    async def reset_prefix_cache(self) -> None:
+        self._cached_blocks.clear()
 
     async def check_health(self) -> None:
         return None

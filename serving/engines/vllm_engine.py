@@ -16,6 +16,7 @@ from serving.engines.base import (
     EngineError,
     EngineStats,
     GenerateRequest,
+    KVHandle,
     ModelInfo,
     SamplingOptions,
 )
@@ -39,11 +40,26 @@ def _check_engine_args(engine_args: dict[str, Any]) -> None:
 class _StatsSink:
     """Keeps the last scheduler stats reported by vLLM's stat-logger hook."""
 
-    __slots__ = ("running", "waiting", "kv_usage", "queries", "hits")
+    __slots__ = (
+        "running", "waiting", "kv_usage", "queries", "hits", "computed", "local", "external",
+        "xfers", "xfer_bytes", "xfer_s", "xfer_failed", "expired",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.running = self.waiting = self.queries = self.hits = 0
-        self.kv_usage = 0.0
+        self.computed = self.local = self.external = 0
+        self.xfers = self.xfer_bytes = self.xfer_failed = self.expired = 0
+        self.kv_usage = self.xfer_s = 0.0
+
+    def record_transfers(self, data: dict[str, Any]) -> None:
+        """Accumulate NIXL connector stats (`NixlKVConnectorStats.data`)."""
+        self.xfers += len(data.get("transfer_duration", ()))
+        self.xfer_s += float(sum(data.get("transfer_duration", ())))
+        self.xfer_bytes += int(sum(data.get("bytes_transferred", ())))
+        self.xfer_failed += len(data.get("num_failed_transfers", ())) + len(
+            data.get("num_failed_handshakes", ())
+        )
+        self.expired += len(data.get("num_kv_expired_reqs", ()))
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -55,8 +71,15 @@ class _StatsSink:
                 pass
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if iteration_stats is not None:
+                    pts = iteration_stats.prompt_token_stats
+                    sink.computed += pts.computed
+                    sink.local += pts.local_cache_hit
+                    sink.external += pts.external_kv_transfer
                 if scheduler_stats is None:
                     return
+                if scheduler_stats.kv_connector_stats:
+                    sink.record_transfers(scheduler_stats.kv_connector_stats)
                 sink.running = scheduler_stats.num_running_reqs
                 sink.waiting = scheduler_stats.num_waiting_reqs
                 sink.kv_usage = scheduler_stats.kv_cache_usage
@@ -103,17 +126,22 @@ class VLLMEngine:
         )
 
     def model_info(self) -> ModelInfo:
+        cache = self._llm.vllm_config.cache_config
         return ModelInfo(
             name=self._name,
             max_model_len=self._llm.model_config.max_model_len,
             path=self._path,
+            block_size=cache.block_size,
+            num_kv_blocks=cache.num_gpu_blocks or 0,
         )
 
     @staticmethod
-    def _sampling_params(opts: SamplingOptions) -> Any:
+    def _sampling_params(opts: SamplingOptions, kv_transfer_params: dict[str, Any] | None = None) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None
         return SamplingParams(
+            extra_args=extra,
             max_tokens=opts.max_tokens,
             temperature=opts.temperature,
             top_p=opts.top_p,
@@ -128,7 +156,44 @@ class VLLMEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        return self._stream(request, None)
+
+    def decode(self, request: GenerateRequest, kv: KVHandle) -> AsyncIterator[Chunk]:
+        """Stream `request`, pulling the prompt's KV over NIXL from the prefill engine in `kv`."""
+        return self._stream(request, kv.params)
+
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        """Run the prompt with max_tokens=1 and keep its KV for a decode engine to pull.
+
+        The returned params (remote engine id, block ids, side-channel host/port) are what the
+        decode engine's NixlConnector needs; the KV blocks stay here until pulled or the lease ends.
+        """
+        one = dataclasses.replace(
+            request.sampling, max_tokens=1, min_tokens=0, stop=[], stop_token_ids=[], ignore_eos=True
+        )
+        req = dataclasses.replace(request, sampling=one)
+        params: dict[str, Any] | None = None
+        last: Chunk | None = None
+        async for chunk, out in self._outputs(req, {"do_remote_decode": True, "do_remote_prefill": False}):
+            if chunk.error is not None:
+                return KVHandle(error=chunk.error)
+            last = chunk
+            if out is not None and out.kv_transfer_params:
+                params = out.kv_transfer_params
+        if params is None or last is None:
+            return KVHandle(error=EngineError("prefill returned no kv_transfer_params", 500))
+        return KVHandle(params=params, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens)
+
+    async def _stream(
+        self, request: GenerateRequest, kv_transfer_params: dict[str, Any] | None
+    ) -> AsyncIterator[Chunk]:
+        async for chunk, _ in self._outputs(request, kv_transfer_params):
+            yield chunk
+
+    async def _outputs(
+        self, request: GenerateRequest, kv_transfer_params: dict[str, Any] | None
+    ) -> AsyncIterator[tuple[Chunk, Any]]:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -136,7 +201,7 @@ class VLLMEngine:
         prompt_tokens = len(request.prompt_token_ids)
         completion_tokens = 0
         try:
-            params = self._sampling_params(request.sampling)
+            params = self._sampling_params(request.sampling, kv_transfer_params)
             stream = self._llm.generate(
                 TokensPrompt(prompt_token_ids=request.prompt_token_ids),
                 params,
@@ -145,7 +210,7 @@ class VLLMEngine:
             async for out in stream:
                 comp = out.outputs[0]
                 completion_tokens += len(comp.token_ids)
-                yield Chunk(
+                chunk = Chunk(
                     text=comp.text,
                     token_ids=list(comp.token_ids),
                     finish_reason=comp.finish_reason if out.finished else None,
@@ -153,16 +218,20 @@ class VLLMEngine:
                     completion_tokens=completion_tokens,
                     cached_tokens=out.num_cached_tokens or 0,
                 )
+                if comp.finish_reason == "error":
+                    # vLLM ends a request whose KV load failed (policy `fail`) with this reason.
+                    chunk = Chunk(error=EngineError("KV transfer failed at the engine", 502, "kv_transfer"))
+                yield chunk, out
         except (VLLMClientError, ValueError) as e:  # the request's fault: 4xx, never 5xx
-            yield Chunk(error=EngineError(str(e), 400, "invalid_request_error"))
+            yield Chunk(error=EngineError(str(e), 400, "invalid_request_error")), None
         except GracefulHTTPError as e:  # e.g. vLLM's own queue overflow (503)
-            yield Chunk(error=EngineError(e.message, int(e.http_status), "engine_overloaded"))
+            yield Chunk(error=EngineError(e.message, int(e.http_status), "engine_overloaded")), None
         except EngineDeadError as e:
-            yield Chunk(error=EngineError(f"engine is dead: {e}", 503, "engine_unavailable"))
+            yield Chunk(error=EngineError(f"engine is dead: {e}", 503, "engine_unavailable")), None
         except Exception as e:  # noqa: BLE001 - an error in a stream is a value (see base)
             cause = e.__cause__ if e.__cause__ is not None else e
             logger.exception("request %s failed", request.request_id)
-            yield Chunk(error=EngineError(f"{type(cause).__name__}: {cause}", 500))
+            yield Chunk(error=EngineError(f"{type(cause).__name__}: {cause}", 500)), None
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -176,7 +245,18 @@ class VLLMEngine:
             kv_usage=s.kv_usage,
             prefix_cache_queries=s.queries,
             prefix_cache_hits=s.hits,
+            prompt_tokens_computed=s.computed,
+            prompt_tokens_local_cache=s.local,
+            prompt_tokens_external=s.external,
+            kv_transfers=s.xfers,
+            kv_transfer_bytes=s.xfer_bytes,
+            kv_transfer_s=s.xfer_s,
+            kv_transfer_failures=s.xfer_failed,
+            kv_expired=s.expired,
         )
+
+    async def reset_prefix_cache(self) -> None:
+        await self._llm.reset_prefix_cache()
 
     async def check_health(self) -> None:
         await self._llm.check_health()

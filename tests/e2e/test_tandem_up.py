@@ -56,7 +56,7 @@ def test_up_serves_then_stops_cleanly() -> None:
             text=True,
             timeout=60,
         )
-        assert status.returncode == 0 and "tiny-reasoning-colocated" in status.stdout
+        assert status.returncode == 0 and "tiny-reasoning-decode" in status.stdout
 
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=120)

@@ -17,10 +17,16 @@ class Stack:
     url: str
     dashboard: str
 
-    def engine_handle(self, model: str):
+    def engine_handle(self, model: str, role: str | None = None):
+        """Handle of `model`'s serving deployment (decode or colocated), or of its `role` pool."""
         from ray import serve
 
-        return serve.get_deployment_handle(f"{model}-colocated", app_name="tandem")
+        from serving.app import deployment_name
+        from serving.config import Role
+
+        m = self.spec.model(model)
+        pool = m.serving_pool if role is None else m.pool(Role(role))
+        return serve.get_deployment_handle(deployment_name(m, pool), app_name="tandem")
 
 
 @pytest.fixture(scope="session")

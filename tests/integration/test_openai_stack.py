@@ -163,6 +163,6 @@ def test_tandem_status_shows_pools_and_replicas(stack) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    for dep in ("ingress", "tiny-intent-colocated", "tiny-reasoning-colocated"):
+    for dep in ("ingress", "tiny-intent-colocated", "tiny-reasoning-prefill", "tiny-reasoning-decode"):
         line = next(line for line in out.stdout.splitlines() if dep in line)
         assert "HEALTHY" in line and "replicas 1/1" in line

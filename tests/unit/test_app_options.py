@@ -28,28 +28,6 @@ def test_autoscaling_when_bounds_differ() -> None:
     }
 
 
-def test_single_gpu_pool() -> None:
-    opts = deployment_options(PoolSpec(accelerator="L4"))
-    assert opts["ray_actor_options"]["num_gpus"] == 1
-    assert opts["ray_actor_options"]["accelerator_type"] == "L4"
-
-
-def test_tensor_parallel_pool_gets_strict_pack_bundles() -> None:
-    pool = PoolSpec(accelerator="H100", parallelism={"tp": 4}, cpus_per_replica=8)
-    opts = deployment_options(pool)
-    assert opts["placement_group_bundles"] == [{"CPU": 8}] + [{"GPU": 1}] * 4
-    assert opts["placement_group_strategy"] == "STRICT_PACK"
-    args = engine_args_for(pool)
-    assert args["tensor_parallel_size"] == 4
-    assert args["distributed_executor_backend"] == "ray"
-
-
-def test_pipeline_parallel_may_span_nodes() -> None:
-    pool = PoolSpec(accelerator="H100", parallelism={"tp": 2, "pp": 2})
-    assert deployment_options(pool)["placement_group_strategy"] == "PACK"
-    assert engine_args_for(pool)["pipeline_parallel_size"] == 2
-
-
 def test_parallelism_has_one_source() -> None:
     with pytest.raises(SpecError, match="parallelism.tp"):
         engine_args_for(PoolSpec(engine_args={"tensor_parallel_size": 2}))

@@ -71,7 +71,7 @@ def test_model_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         (minimal(pools=[{"parallelism": {"tp": 0}}]), "models.0.pools.0.parallelism.tp", "greater than"),
         (minimal(pools=[{"parallelism": {"ep": True}}]), "models.0.pools.0.parallelism", "dp * tp > 1"),
         (minimal(pools=[{"max_ongoing_requests": 0}]), "models.0.pools.0.max_ongoing_requests", ""),
-        (minimal(pools=[{"role": "prefill"}]), "models.0", "decode pool"),
+        (minimal(pools=[{"role": "prefill"}]), "models.0", "one with role: decode"),
         (minimal(pools=[{}, {}]), "models.0", "unique name"),
         (minimal(pools=[{"engine_args": {"model": "x"}}]), "models.0.pools.0.engine_args", "source"),
         (minimal(pools=[{"engine": "tgi"}]), "models.0.pools.0.engine", "vllm"),

@@ -1,0 +1,101 @@
+"""The P/D decider: prefill remotely, or on the decode replica itself?
+
+Pure policy (no Ray, no engine). A remote prefill pays a hand-off and a KV transfer; it is worth it
+when the part of the prompt the decode replica would have to compute is long. The decode replica
+knows best what it already holds, so it asks `decide` with its own estimate of cached tokens.
+
+`PrefixTracker` is that estimate for one replica: an LRU of chained block hashes of what the replica
+has prefilled (the engine's own prefix cache, approximately). The cache-aware router's block index
+(fed by engine KV events) gives the precise figure fleet-wide; the decider takes either.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+#: Values of the `x-tandem-disagg` header (and of `disaggregation.mode`).
+DISAGG_ON, DISAGG_OFF, DISAGG_AUTO = "on", "off", "auto"
+#: Serving modes reported in `x-tandem-route`.
+MODE_DISAGG, MODE_COLOCATED = "disagg", "colocated"
+
+
+@dataclass(frozen=True, slots=True)
+class PDDecision:
+    """`mode` is disagg or colocated; `reason` says why (it reaches the route header)."""
+
+    mode: str
+    reason: str
+
+
+def decide(requested: str, prompt_tokens: int, cached_tokens: int, min_prefill_tokens: int) -> PDDecision:
+    """Choose how to prefill one request on the decode replica it was routed to.
+
+    Args:
+        requested: on | off | auto (the request's header, else the model's default).
+        prompt_tokens: prompt length.
+        cached_tokens: prompt tokens already in the decode replica's prefix cache.
+        min_prefill_tokens: auto mode disaggregates when the non-cached suffix is at least this long.
+    """
+    if requested == DISAGG_ON:
+        return PDDecision(MODE_DISAGG, "forced")
+    if requested == DISAGG_OFF:
+        return PDDecision(MODE_COLOCATED, "forced")
+    if requested != DISAGG_AUTO:
+        raise ValueError(f"disagg: {requested!r} is not one of on, off, auto")
+    suffix = max(0, prompt_tokens - cached_tokens)
+    if suffix < min_prefill_tokens:
+        return PDDecision(MODE_COLOCATED, f"short_suffix:{suffix}<{min_prefill_tokens}")
+    return PDDecision(MODE_DISAGG, f"suffix:{suffix}>={min_prefill_tokens}")
+
+
+class PrefixTracker:
+    """Approximate prefix cache of one engine: chained hashes of full token blocks, LRU-bounded.
+
+    Args:
+        block_size: the engine's KV block size in tokens.
+        capacity_blocks: blocks remembered (the engine's KV block count is the natural bound).
+    """
+
+    __slots__ = ("_block", "_cap", "_blocks")
+
+    def __init__(self, block_size: int, capacity_blocks: int) -> None:
+        if block_size < 1 or capacity_blocks < 1:
+            raise ValueError("block_size and capacity_blocks must be >= 1")
+        self._block = block_size
+        self._cap = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def _hashes(self, token_ids: list[int]) -> list[int]:
+        out = []
+        parent = 0
+        b = self._block
+        for start in range(0, len(token_ids) - b + 1, b):
+            parent = hash((parent, tuple(token_ids[start : start + b])))
+            out.append(parent)
+        return out
+
+    def cached_tokens(self, token_ids: list[int]) -> int:
+        """Tokens of the longest cached prefix of `token_ids` (whole blocks); refreshes their LRU slot."""
+        n = 0
+        for h in self._hashes(token_ids):
+            if h not in self._blocks:
+                break
+            self._blocks.move_to_end(h)
+            n += 1
+        return n * self._block
+
+    def record(self, token_ids: list[int]) -> None:
+        """Remember the full blocks of `token_ids` (a prompt plus its output) as cached."""
+        for h in self._hashes(token_ids):
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self._cap:
+            self._blocks.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything (the engine's prefix cache was reset)."""
+        self._blocks.clear()
+
+    def __len__(self) -> int:
+        return len(self._blocks)

@@ -1,0 +1,180 @@
+"""P/D: the decider, the decode replica's prefix tracker, and decode-side orchestration over fakes.
+
+The orchestration tests drive `DecodeServer` directly (no Ray cluster): a `FakeEngine` stands in for
+the decode engine and a stub handle for the prefill deployment, so each failure path is exact.
+The real path (vLLM + NIXL) is in tests/integration/test_pd.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from ray.exceptions import RayError
+
+from router.pd import PrefixTracker, decide
+from serving.config import EngineKind, Role
+from serving.deployments import DecodeServer
+from serving.engines.base import EngineError, GenerateRequest, KVHandle, SamplingOptions
+from serving.engines.fake import FakeEngine
+
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .EngineServer.__del__. was never awaited")
+
+
+@pytest.mark.parametrize(
+    ("requested", "prompt", "cached", "mode", "reason"),
+    [
+        ("on", 10, 0, "disagg", "forced"),
+        ("off", 5000, 0, "colocated", "forced"),
+        ("auto", 1000, 0, "disagg", "suffix:1000>=256"),
+        ("auto", 1000, 768, "colocated", "short_suffix:232<256"),
+        ("auto", 100, 0, "colocated", "short_suffix:100<256"),
+        ("auto", 256, 0, "disagg", "suffix:256>=256"),
+        ("auto", 300, 400, "colocated", "short_suffix:0<256"),
+    ],
+)
+def test_decide(requested: str, prompt: int, cached: int, mode: str, reason: str) -> None:
+    d = decide(requested, prompt, cached, 256)
+    assert (d.mode, d.reason) == (mode, reason)
+
+
+def test_decide_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="disagg"):
+        decide("sometimes", 1, 0, 1)
+
+
+def test_prefix_tracker_counts_whole_shared_blocks_and_is_bounded() -> None:
+    t = PrefixTracker(block_size=4, capacity_blocks=3)
+    t.record(list(range(10)))  # two full blocks
+    assert len(t) == 2
+    assert t.cached_tokens(list(range(12))) == 8
+    assert t.cached_tokens([0, 1, 2, 3, 99, 5, 6, 7]) == 4  # chained: block 2 differs
+    assert t.cached_tokens([9, 1, 2, 3]) == 0
+    t.record([50 + i for i in range(8)])  # two more blocks: the least recently used one goes
+    assert len(t) == 3
+    # block 0 was looked up last, so block 1 was evicted: only the first block still matches
+    assert t.cached_tokens(list(range(8))) == 4
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self.calls = 0
+
+    def remote(self, req: GenerateRequest) -> Any:
+        self.calls += 1
+        return self._fn(req, self.calls)
+
+
+class _PrefillHandle:
+    """Stands in for the prefill deployment's handle: `prefill.remote(req)` is awaitable."""
+
+    def __init__(self, fn: Any) -> None:
+        self.prefill = _Method(fn)
+
+
+class _Died(RayError):
+    pass
+
+
+async def _server(prefill: Any, engine_kw: dict | None = None, **disagg: Any) -> DecodeServer:
+    d = {"min_prefill_tokens": 8, "prefill_timeout_s": 0.3, "kv_transfer_timeout_s": 0.3, **disagg}
+    server = DecodeServer.__new__(DecodeServer)
+    await server.__init__(
+        "m", "fake", EngineKind.FAKE, {"block_size": 4, **(engine_kw or {})}, "decode", Role.DECODE,
+        prefill=_PrefillHandle(prefill), disaggregation=d,
+    )  # fmt: skip
+    return server
+
+
+def _req(n: int = 32, disagg: str = "auto", rid: str = "r1") -> GenerateRequest:
+    return GenerateRequest(rid, list(range(1, n + 1)), SamplingOptions(max_tokens=5), disagg=disagg)
+
+
+async def _run(server: DecodeServer, req: GenerateRequest) -> tuple[list, list[int]]:
+    chunks = [c async for c in server.generate(req)]
+    return chunks, [t for c in chunks for t in c.token_ids]
+
+
+async def _ok(req: GenerateRequest, calls: int) -> KVHandle:
+    return KVHandle(params={"p": req.request_id}, prompt_tokens=len(req.prompt_token_ids), replica="pre#1")
+
+
+async def test_long_prompt_is_disaggregated_and_route_names_both_replicas() -> None:
+    server = await _server(_ok)
+    chunks, tokens = await _run(server, _req(32))
+    assert chunks[0].route.mode == "disagg" and chunks[0].route.prefill == "pre#1"
+    assert chunks[0].route.header().startswith("mode=disagg; prefill=pre#1; decode=local")
+    assert all(c.route is None for c in chunks[1:])
+    assert tokens == [33, 34, 35, 36, 37] and chunks[-1].finish_reason == "length"
+    assert server._engine.decoded == ["r1-d"]  # decoded with the KV handle, not re-prefilled
+
+
+async def test_cached_prefix_makes_the_next_turn_colocated() -> None:
+    server = await _server(_ok)
+    await _run(server, _req(32, rid="t1"))
+    chunks, _ = await _run(server, _req(36, rid="t2"))  # 32 cached + 4 new < 8
+    assert chunks[0].route.mode == "colocated" and chunks[0].route.reason.startswith("short_suffix")
+    assert server._prefill.prefill.calls == 1
+
+
+async def test_header_overrides_the_decider() -> None:
+    server = await _server(_ok)
+    chunks, _ = await _run(server, _req(4, disagg="on"))
+    assert chunks[0].route.mode == "disagg"
+    chunks, _ = await _run(server, _req(64, disagg="off", rid="r2"))
+    assert chunks[0].route.mode == "colocated" and server._prefill.prefill.calls == 1
+
+
+async def test_dead_prefill_replica_is_retried_then_served() -> None:
+    async def flaky(req: GenerateRequest, calls: int) -> KVHandle:
+        if calls == 1:
+            raise _Died("actor died")
+        return await _ok(req, calls)
+
+    server = await _server(flaky)
+    chunks, tokens = await _run(server, _req())
+    assert server._prefill.prefill.calls == 2
+    assert chunks[0].route.mode == "disagg" and len(tokens) == 5
+
+
+async def test_prefill_timeouts_fall_back_to_colocated_in_bounded_time() -> None:
+    async def hang(req: GenerateRequest, calls: int) -> KVHandle:
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    server = await _server(hang, prefill_attempts=2)
+    t0 = time.perf_counter()
+    chunks, tokens = await _run(server, _req())
+    assert time.perf_counter() - t0 < 2.0
+    assert chunks[0].route.mode == "colocated" and chunks[0].route.reason == "fallback:prefill_timeout"
+    assert tokens == [33, 34, 35, 36, 37]
+
+
+async def test_prefill_4xx_is_the_clients_error_not_retried() -> None:
+    async def bad(req: GenerateRequest, calls: int) -> KVHandle:
+        return KVHandle(error=EngineError("prompt too long", 400, "invalid_request_error"))
+
+    server = await _server(bad)
+    chunks, _ = await _run(server, _req())
+    assert len(chunks) == 1 and chunks[0].error.status == 400
+    assert server._prefill.prefill.calls == 1
+
+
+async def test_slow_kv_transfer_aborts_the_pull_and_prefills_locally() -> None:
+    server = await _server(_ok, {"kv_delay_s": 5.0})
+    t0 = time.perf_counter()
+    chunks, tokens = await _run(server, _req())
+    assert time.perf_counter() - t0 < 2.0
+    assert chunks[0].route.mode == "colocated"
+    assert chunks[0].route.reason == "fallback:kv_transfer_timeout" and chunks[0].route.prefill == ""
+    assert "r1-d" in server._engine.aborted  # the pull's blocks are released
+    assert tokens == [33, 34, 35, 36, 37]
+    assert server._engine.stats().running == 0
+
+
+async def test_fake_engine_is_the_engine_used() -> None:
+    server = await _server(_ok)
+    assert isinstance(server._engine, FakeEngine)
