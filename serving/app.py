@@ -78,6 +78,8 @@ def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str,
         fields = ", ".join(f"parallelism.{_PARALLEL_ARGS[k]}" for k in clash)
         raise SpecError(f"engine_args: {clash} are set through {fields}; remove them from engine_args")
     par = pool.parallelism
+    if pool.engine is EngineKind.FAKE:
+        return args  # the fake engine takes its own test knobs only
     if pool.engine is EngineKind.SGLANG:
         # SGLang's ServerArgs names (DP attention is SGLang's MoE data parallelism).
         if par.tp > 1:

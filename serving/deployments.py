@@ -176,6 +176,26 @@ class EngineServer:
         """This replica's name (`<deployment>#<id>`)."""
         return self._replica
 
+    def placement(self) -> dict[str, Any]:
+        """Where this replica runs: node, placement group, and its rank in a DP gang (if any)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        pg = ctx.get_placement_group_id()
+        gang = None
+        try:
+            gang = serve.get_replica_context().gang_context
+        except RayServeException:
+            pass
+        return {
+            "replica": self._replica,
+            "node_id": ctx.get_node_id(),
+            "placement_group_id": pg,
+            "gang_id": gang.gang_id if gang else None,
+            "gang_rank": gang.rank if gang else None,
+            "gang_size": gang.world_size if gang else None,
+        }
+
     async def check_health(self) -> None:
         """Ray Serve's health probe: raises (replica restarted) when the engine is dead."""
         await self._engine.check_health()
