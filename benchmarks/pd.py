@@ -119,7 +119,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             level: dict[str, Any] = {"prompt_tokens": n}
             for mode, label in (("off", "colocated"), ("on", "disagg")):
                 before = decode.stats.remote().result()
-                runs = [one_request(url, args.model, prompt(n), mode, args.max_tokens) for _ in range(args.requests)]
+                runs = [
+                    one_request(url, args.model, prompt(n), mode, args.max_tokens)
+                    for _ in range(args.requests)
+                ]
                 time.sleep(1.5)  # let the last stats interval reach the stat logger
                 after = decode.stats.remote().result()
                 ttft = [r["ttft_s"] for r in runs]
@@ -132,14 +135,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "tpot_ms_p50": 1e3 * _pct(tpot, 0.5),
                     "tpot_ms_mean": 1e3 * statistics.fmean(tpot),
                     "routes": sorted({r["route"].split(";")[0] for r in runs}),
-                    "decode_prompt_tokens_computed": after.prompt_tokens_computed - before.prompt_tokens_computed,
-                    "decode_prompt_tokens_external": after.prompt_tokens_external - before.prompt_tokens_external,
+                    "decode_prompt_tokens_computed": after.prompt_tokens_computed
+                    - before.prompt_tokens_computed,
+                    "decode_prompt_tokens_external": after.prompt_tokens_external
+                    - before.prompt_tokens_external,
                 }
                 if mode == "on":
                     xfers = after.kv_transfers - before.kv_transfers
                     entry["kv_transfers"] = xfers
-                    entry["kv_bytes_per_request"] = (after.kv_transfer_bytes - before.kv_transfer_bytes) / len(runs)
-                    entry["kv_transfer_ms_per_request"] = 1e3 * (after.kv_transfer_s - before.kv_transfer_s) / len(runs)
+                    entry["kv_bytes_per_request"] = (
+                        after.kv_transfer_bytes - before.kv_transfer_bytes
+                    ) / len(runs)
+                    entry["kv_transfer_ms_per_request"] = (
+                        1e3 * (after.kv_transfer_s - before.kv_transfer_s) / len(runs)
+                    )
                 level[label] = entry
             results["levels"].append(level)
     finally:
@@ -149,7 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = [f"P/D vs colocated — {results['model']}, {results['max_tokens']} output tokens, sequential requests"]
+    lines = [
+        f"P/D vs colocated — {results['model']}, {results['max_tokens']} output tokens, sequential requests"
+    ]
     lines.append(
         f"{'prompt':>7} {'mode':>10} {'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9} "
         f"{'KV/req':>10} {'xfer/req':>9} {'decode computed':>16}"

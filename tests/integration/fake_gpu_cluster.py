@@ -45,7 +45,12 @@ def main(out: str) -> None:
     gpu = {"accelerator_type:H100": GPUS_PER_NODE, "accelerator_type:L4": GPUS_PER_NODE}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={**node, "resources": gpu, "temp_dir": os.path.join(tmp, "ray"), "include_dashboard": False},
+        head_node_args={
+            **node,
+            "resources": gpu,
+            "temp_dir": os.path.join(tmp, "ray"),
+            "include_dashboard": False,
+        },
     )
     cluster.add_node(**node, resources=gpu)
     ray.init(address=cluster.address)
