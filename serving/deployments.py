@@ -30,16 +30,18 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
-from router.pd import MODE_COLOCATED, MODE_DISAGG, PrefixTracker, decide
+from router.pd import MODE_COLOCATED, MODE_DISAGG, PDDecision, PrefixTracker, decide
 from serving.config import Disaggregation, EngineKind, Role
 from serving.engines import make_engine
-from serving.engines.base import Chunk, EngineStats, GenerateRequest, KVHandle, ModelInfo, Route
+from serving.engines.base import Chunk, EngineError, EngineStats, GenerateRequest, KVHandle, ModelInfo, Route
 from serving.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
 #: Remembered blocks per decode replica when the engine does not report its KV block count.
 _DEFAULT_TRACKED_BLOCKS = 4096
+#: Smallest block the decode replica's prefix tracker hashes (engines with 1-token pages).
+_MIN_TRACKED_BLOCK = 16
 
 
 def replica_name() -> str:
@@ -66,18 +68,26 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-def _kv_transfer_env(engine: EngineKind, role: Role) -> None:
-    """Give this replica's NIXL agent its own side-channel address.
+def _kv_transfer_setup(engine: EngineKind, role: Role, engine_args: dict[str, Any]) -> dict[str, Any]:
+    """Give this replica's KV-transfer endpoint its own address; returns the engine args to use.
 
-    Every engine on a node needs a distinct `VLLM_NIXL_SIDE_CHANNEL_PORT`; replicas of one pool
-    share their env, so the port is picked here (unless the pool's env pins it). The host is
-    the node's IP so that decode engines on other nodes can reach it.
+    Every engine on a node needs its own port, and replicas of one pool share their env and
+    args, so the port is picked here (unless the pool pins it). The host is the node's IP so
+    that decode engines on other nodes can reach it.
+
+    - vLLM: `VLLM_NIXL_SIDE_CHANNEL_PORT` / `VLLM_NIXL_SIDE_CHANNEL_HOST` (both roles).
+    - SGLang: the prefill engine's `disaggregation_bootstrap_port`, and `SGLANG_HOST_IP`.
     """
-    if engine is not EngineKind.VLLM or role is Role.COLOCATED:
-        return
-    os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
-    if "VLLM_NIXL_SIDE_CHANNEL_PORT" not in os.environ:
-        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
+    if role is Role.COLOCATED:
+        return engine_args
+    if engine is EngineKind.VLLM:
+        os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
+        os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port()))
+    elif engine is EngineKind.SGLANG:
+        os.environ.setdefault("SGLANG_HOST_IP", _node_ip())
+        if role is Role.PREFILL and "disaggregation_bootstrap_port" not in engine_args:
+            return {**engine_args, "disaggregation_bootstrap_port": _free_port()}
+    return engine_args
 
 
 async def _data_parallel_args(engine_args: dict[str, Any]) -> dict[str, Any]:
@@ -123,8 +133,8 @@ class EngineServer:
         self._pool = pool
         self._role = Role(role)
         self._replica = replica_name()
-        _kv_transfer_env(EngineKind(engine), self._role)
-        args = await _data_parallel_args(engine_args)
+        args = _kv_transfer_setup(EngineKind(engine), self._role, engine_args)
+        args = await _data_parallel_args(args)
         self._engine = make_engine(EngineKind(engine), model_name, model_path, args, role=self._role)
         await self._engine.start()
         logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
@@ -241,8 +251,14 @@ class DecodeServer(EngineServer):
         await super().__init__(model_name, model_path, engine, engine_args, pool, role)
         self._prefill = prefill
         self._d = Disaggregation.model_validate(disaggregation)
+        # NOTE: an SGLang decode engine only serves requests whose KV comes from a prefill engine
+        # (it rejects requests without a bootstrap room), so it can never prefill locally.
+        self._local_prefill = EngineKind(engine) is not EngineKind.SGLANG
         info = self._engine.model_info()
-        self._prefix = PrefixTracker(info.block_size, info.num_kv_blocks or _DEFAULT_TRACKED_BLOCKS)
+        # Track at least 16-token blocks: SGLang's page size is 1 token.
+        block = max(info.block_size, _MIN_TRACKED_BLOCK)
+        blocks = info.num_kv_blocks * info.block_size // block if info.num_kv_blocks else 0
+        self._prefix = PrefixTracker(block, blocks or _DEFAULT_TRACKED_BLOCKS)
 
     async def reset_prefix_cache(self) -> None:
         await super().reset_prefix_cache()
@@ -252,7 +268,10 @@ class DecodeServer(EngineServer):
         """Decide, prefill (remotely or here), then stream. The first chunk carries the route."""
         ids = request.prompt_token_ids
         wanted = request.disagg if request.disagg != "auto" else self._d.mode.value
-        decision = decide(wanted, len(ids), self._prefix.cached_tokens(ids), self._d.min_prefill_tokens)
+        if self._local_prefill:
+            decision = decide(wanted, len(ids), self._prefix.cached_tokens(ids), self._d.min_prefill_tokens)
+        else:
+            decision = PDDecision(MODE_DISAGG, "engine_needs_remote_prefill")
         route = Route(mode=decision.mode, decode=self._replica, reason=decision.reason)
         output: list[int] = []
         source: AsyncIterator[Chunk] | None = None
@@ -260,6 +279,10 @@ class DecodeServer(EngineServer):
             kv, why = await self._remote_prefill(request)
             if kv is not None and kv.error is not None:  # the request's own fault: no retry
                 yield Chunk(error=kv.error)
+                return
+            if kv is None and not self._local_prefill:
+                yield Chunk(error=EngineError(f"no prefill replica could serve the request ({why})", 503,
+                                              "prefill_unavailable"))  # fmt: skip
                 return
             if kv is None:
                 route = Route(mode=MODE_COLOCATED, decode=self._replica, reason=f"fallback:{why}")
@@ -332,9 +355,17 @@ class DecodeServer(EngineServer):
         await stream.aclose()
         with contextlib.suppress(Exception):
             await self._engine.abort(rid)
+        if not self._local_prefill:
+            logger.warning("KV pull for %s failed (%s)", rid, reason)
+            err = first.error if first is not None and first.error is not None else None
+            return _single(Chunk(error=err or EngineError("KV transfer timed out", 504, "kv_transfer")))
         logger.warning("KV pull for %s failed (%s); prefilling on the decode replica", rid, reason)
         route.mode, route.prefill, route.reason = MODE_COLOCATED, "", f"fallback:{reason}"
         return self._guarded(request.request_id, self._engine.generate(request))
+
+
+async def _single(chunk: Chunk) -> AsyncIterator[Chunk]:
+    yield chunk
 
 
 async def _prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
@@ -344,4 +375,3 @@ async def _prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Ch
             yield chunk
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
-

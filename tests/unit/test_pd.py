@@ -178,3 +178,54 @@ async def test_slow_kv_transfer_aborts_the_pull_and_prefills_locally() -> None:
 async def test_fake_engine_is_the_engine_used() -> None:
     server = await _server(_ok)
     assert isinstance(server._engine, FakeEngine)
+
+
+async def test_sglang_decode_always_pulls_from_a_prefill_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.engines.sglang_engine import SGLangEngine
+    from tests.unit.fake_sglang import FakeBootstrapRegistry, fake_engine_cls, install_as_sglang
+
+    cls = fake_engine_cls(FakeBootstrapRegistry())
+    install_as_sglang(monkeypatch, cls)
+    pre = SGLangEngine("m", "/m", {}, role="prefill", host_ip=lambda: "127.0.0.1")
+    await pre.start()
+
+    async def via_prefill_engine(req: GenerateRequest, calls: int) -> KVHandle:
+        kv = await pre.prefill(req)
+        kv.replica = "pre#sgl"
+        return kv
+
+    server = DecodeServer.__new__(DecodeServer)
+    await server.__init__(
+        "m", "/m", EngineKind.SGLANG, {}, "decode", Role.DECODE,
+        prefill=_PrefillHandle(via_prefill_engine), disaggregation={"min_prefill_tokens": 1000},
+    )  # fmt: skip
+    try:
+        # A short prompt, even with x-tandem-disagg: off, still needs the prefill engine.
+        chunks, tokens = await _run(server, _req(8, disagg="off"))
+        assert chunks[0].route.mode == "disagg" and chunks[0].route.reason == "engine_needs_remote_prefill"
+        assert chunks[0].route.prefill == "pre#sgl" and len(tokens) == 5
+    finally:
+        await server._engine.shutdown()
+        await pre.shutdown()
+
+
+async def test_sglang_decode_without_prefill_is_a_clean_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.fake_sglang import FakeBootstrapRegistry, fake_engine_cls, install_as_sglang
+
+    install_as_sglang(monkeypatch, fake_engine_cls(FakeBootstrapRegistry()))
+
+    async def dead(req: GenerateRequest, calls: int) -> KVHandle:
+        raise _Died("prefill replica died")
+
+    server = DecodeServer.__new__(DecodeServer)
+    await server.__init__(
+        "m", "/m", EngineKind.SGLANG, {}, "decode", Role.DECODE,
+        prefill=_PrefillHandle(dead), disaggregation={"prefill_attempts": 2},
+    )  # fmt: skip
+    try:
+        chunks, _ = await _run(server, _req(8))
+        assert len(chunks) == 1 and chunks[0].error.status == 503
+        assert "prefill_replica_died" in chunks[0].error.message
+        assert server._prefill.prefill.calls == 2
+    finally:
+        await server._engine.shutdown()
