@@ -119,6 +119,30 @@ def test_bad_disagg_header_is_a_400_naming_it(stack) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-tandem-disagg"
 
 
+def test_unclaimed_kv_on_the_prefill_engine_is_freed_after_its_lease(stack) -> None:
+    from serving.engines.base import GenerateRequest, SamplingOptions
+
+    pre = stack.engine_handle(MODEL, "prefill")
+    lease = stack.spec.model(MODEL).disaggregation.kv_lease_s
+    idle = _settle(stack, "prefill")
+    req = GenerateRequest("lease-probe", _prompt(2000, seed=9), SamplingOptions(max_tokens=1))
+    kv = pre.prefill.remote(req).result()  # nobody will pull this KV
+    assert kv.error is None and kv.params["remote_block_ids"]
+    held = _settle(stack, "prefill")
+    assert held.kv_usage > idle.kv_usage  # the blocks wait for a decode engine
+
+    deadline = time.monotonic() + lease + 30
+    while True:
+        # A tiny request makes the engine step (and report stats); it frees its own blocks.
+        tick = GenerateRequest(f"tick-{time.monotonic()}", [11, 12, 13], SamplingOptions(max_tokens=1))
+        list(pre.options(stream=True).generate.remote(tick))
+        now = _settle(stack, "prefill")
+        if now.kv_usage <= idle.kv_usage:
+            break
+        assert time.monotonic() < deadline, f"KV still held after the {lease}s lease: {now}"
+        time.sleep(1)
+
+
 def test_killed_prefill_replica_mid_request_still_completes(stack) -> None:
     import ray
 
