@@ -200,3 +200,51 @@ async def test_metrics_endpoint_counts_requests(client: httpx.AsyncClient) -> No
     text = (await client.get("/metrics")).text
     assert 'tandem_requests_total{endpoint="chat",model="tiny",status="200"} 1.0' in text
     assert 'tandem_completion_tokens_total{model="tiny"} 4.0' in text
+
+
+class _RoutedBackend:
+    """Wraps a backend: records the disagg choice it was given and stamps a route on the first chunk."""
+
+    def __init__(self, inner: EngineBackend) -> None:
+        self.inner = inner
+        self.seen: list[str] = []
+
+    async def stream(self, request):
+        from serving.engines.base import Route
+
+        self.seen.append(request.disagg)
+        first = True
+        async for chunk in self.inner.stream(request):
+            if first:
+                chunk.route = Route(mode="disagg", decode="dec#1", prefill="pre#2", reason="forced")
+                first = False
+            yield chunk
+
+
+@pytest.fixture
+async def routed(engine: FakeEngine, metrics: IngressMetrics):
+    await engine.start()
+    backend = _RoutedBackend(EngineBackend(engine))
+    app = build_api({"tiny": ServedModel("tiny", 256, WordTokenizer(), backend)}, metrics)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c, backend
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_route_header_and_disagg_choice_reach_through(routed, stream: bool) -> None:
+    client, backend = routed
+    r = await client.post("/v1/chat/completions", json=chat(stream=stream), headers={"x-tandem-disagg": "ON"})
+    assert r.status_code == 200
+    assert r.headers["x-tandem-route"] == "mode=disagg; prefill=pre#2; decode=dec#1; reason=forced"
+    assert backend.seen == ["on"]
+    await client.post("/v1/completions", json={"model": "tiny", "prompt": "a b", "max_tokens": 2})
+    assert backend.seen == ["on", "auto"]
+
+
+async def test_bad_disagg_header_is_rejected_before_the_engine(routed) -> None:
+    client, backend = routed
+    r = await client.post("/v1/chat/completions", json=chat(), headers={"x-tandem-disagg": "sometimes"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "x-tandem-disagg" and "on, off, auto" in err["message"]
+    assert backend.seen == []
