@@ -81,9 +81,10 @@ def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str,
     if pool.engine is EngineKind.FAKE:
         return args  # the fake engine takes its own test knobs only
     if pool.engine is EngineKind.SGLANG:
-        # SGLang's ServerArgs names (DP attention is SGLang's MoE data parallelism).
-        if par.tp > 1:
-            args["tp_size"] = par.tp
+        # SGLang's ServerArgs names. Its data parallelism is DP attention inside one engine: the
+        # engine spans tp x dp GPUs (tp_size) of which each DP rank has tp (see serving.placement).
+        if par.tp * par.dp > 1:
+            args["tp_size"] = par.tp * par.dp
         if par.pp > 1:
             args["pp_size"] = par.pp
         if par.dp > 1:

@@ -66,7 +66,8 @@ class Parallelism(_Spec):
         1,
         ge=1,
         description="Data-parallel ranks of one vLLM data-parallel group; each rank is one Ray Serve "
-        "replica with tp x pp GPUs, and the ranks spread across nodes (MoE serving).",
+        "replica with tp x pp GPUs, and the ranks spread across nodes (MoE serving). SGLang runs the "
+        "ranks inside one engine (DP attention over tp x dp GPUs).",
     )
     ep: bool = Field(False, description="Expert parallelism across the dp x tp ranks (MoE only).")
 

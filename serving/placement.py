@@ -14,6 +14,8 @@ The rules (one place; `tandem plan` prints them, `serving.app` applies them):
   must). The replica's gang rank is its vLLM `data_parallel_rank` (external load balancing: Serve
   routes requests to every rank). With `ep`, vLLM's `enable_expert_parallel` shards experts over the
   dp x tp ranks (DeepSeek-style MoE).
+- **SGLang** keeps its DP ranks inside one engine (DP attention: `tp_size` = tp x dp GPUs, `dp_size`
+  = dp), so an SGLang replica takes tp x pp x dp GPUs under the TP/PP rules above, and no gang.
 
 GPU bundles also carry `accelerator_type:<type>: 0.001` so they land on the pool's GPU type, as
 ray.serve.llm does.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.config import ModelSpec, PoolSpec, ServingSpec
+from serving.config import EngineKind, ModelSpec, PoolSpec, ServingSpec
 
 #: Tiny share of Ray's accelerator_type resource: pins a bundle to a GPU type without using it up.
 ACCELERATOR_SHARE = 0.001
@@ -67,10 +69,13 @@ def place_pool(model: ModelSpec, pool: PoolSpec) -> PoolPlacement:
     """The placement of `pool` (see the module docstring for the rules)."""
     par = pool.parallelism
     actor: dict[str, Any] = {"num_cpus": pool.cpus_per_replica}
-    replicas = pool.replicas.max * par.dp
+    # SGLang runs its data-parallel (DP-attention) ranks inside one engine: one replica holds them.
+    dp = 1 if pool.engine is EngineKind.SGLANG else par.dp
+    n = par.accelerators_per_replica * (par.dp // dp)
+    replicas = pool.replicas.max * dp
     gang = None
-    if par.dp > 1:
-        gang = "SPREAD" if par.accelerators_per_replica == 1 else "PACK"
+    if dp > 1:
+        gang = "SPREAD" if n == 1 else "PACK"
     if not pool.uses_gpu:
         return PoolPlacement(
             model=model.name,
@@ -81,21 +86,20 @@ def place_pool(model: ModelSpec, pool: PoolSpec) -> PoolPlacement:
             strategy=None,
             gpus_per_replica=0,
             max_replicas=replicas,
-            dp=par.dp,
+            dp=dp,
             gang_strategy=gang,
             ray_actor_options=actor,
         )
-    n = par.accelerators_per_replica
     bundles = [_gpu_bundle(pool.accelerator, {"CPU": pool.cpus_per_replica})] + [
         _gpu_bundle(pool.accelerator) for _ in range(n - 1)
     ]
     strategy: str | None
-    if n == 1 and par.dp == 1:
+    if n == 1 and dp == 1:
         # A single GPU needs no placement group: the actor asks for it directly.
         actor["num_gpus"] = 1
         actor["accelerator_type"] = pool.accelerator
         strategy = None
-    elif par.dp > 1:
+    elif dp > 1:
         strategy = None  # the Serve gang places the ranks (see placement_options)
     else:
         strategy = "STRICT_PACK" if par.pp == 1 else "PACK"
@@ -108,7 +112,7 @@ def place_pool(model: ModelSpec, pool: PoolSpec) -> PoolPlacement:
         strategy=strategy,
         gpus_per_replica=n,
         max_replicas=replicas,
-        dp=par.dp,
+        dp=dp,
         gang_strategy=gang,
         ray_actor_options=actor,
     )

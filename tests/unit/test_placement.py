@@ -106,8 +106,12 @@ def test_sglang_pools_get_sglang_names() -> None:
                 {"role": "decode", "engine": "sglang"}],
                disaggregation={"transfer_backend": "mooncake"})  # fmt: skip
     args = engine_args_for(m.pools[0], m)
-    assert args == {"tp_size": 2, "dp_size": 4, "enable_dp_attention": True, "ep_size": 8,
+    assert args == {"tp_size": 8, "dp_size": 4, "enable_dp_attention": True, "ep_size": 8,
                     "disaggregation_transfer_backend": "mooncake"}  # fmt: skip
+    # SGLang's DP ranks live in one engine: one replica with all 8 GPUs, strict-packed, no gang.
+    p = place_pool(m, m.pools[0])
+    assert (p.gpus_per_replica, p.max_replicas, p.dp, p.strategy) == (8, 1, 1, "STRICT_PACK")
+    assert "gang_scheduling_config" not in deployment_options(m.pools[0], m)
 
 
 def test_plan_command_prints_bundles_and_totals(capsys: pytest.CaptureFixture[str]) -> None:
