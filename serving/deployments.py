@@ -90,23 +90,35 @@ def _kv_transfer_setup(engine: EngineKind, role: Role, engine_args: dict[str, An
     return engine_args
 
 
-async def _data_parallel_args(engine_args: dict[str, Any]) -> dict[str, Any]:
-    """Fill in this replica's vLLM DP rank and the group's address from its Serve gang."""
-    if int(engine_args.get("data_parallel_size", 1)) <= 1:
-        return engine_args
+def _gang() -> Any:
+    """This replica's Serve gang context (None outside a gang or outside Serve)."""
+    try:
+        return serve.get_replica_context().gang_context
+    except RayServeException:
+        return None
+
+
+async def _data_parallel_args(
+    engine_args: dict[str, Any], gang: Any
+) -> tuple[dict[str, Any], tuple[str, int] | None, Any]:
+    """For a replica in a Serve gang: the engine args with its vLLM DP rank and the group's address
+    filled in, that address, and the rendezvous actor (keep it alive). Outside a gang: unchanged."""
+    if gang is None:
+        if int(engine_args.get("data_parallel_size", 1)) > 1:
+            raise RuntimeError("a data-parallel pool must run as a Serve gang (gang_scheduling_config)")
+        return engine_args, None, None
     from serving.dp import rendezvous
 
-    ctx = serve.get_replica_context()
-    gang = ctx.gang_context
-    if gang is None:
-        raise RuntimeError("a data-parallel pool must run as a Serve gang (gang_scheduling_config)")
-    address, port = await rendezvous(gang.gang_id, gang.rank, _node_ip, _free_port)
-    return {
+    (address, port), actor = await rendezvous(gang.gang_id, gang.rank, _node_ip, _free_port)
+    if int(engine_args.get("data_parallel_size", 1)) <= 1:  # e.g. the fake engine
+        return engine_args, (address, port), actor
+    args = {
         **engine_args,
         "data_parallel_rank": gang.rank,
         "data_parallel_address": address,
         "data_parallel_rpc_port": port,
     }
+    return args, (address, port), actor
 
 
 class EngineServer:
@@ -134,7 +146,7 @@ class EngineServer:
         self._role = Role(role)
         self._replica = replica_name()
         args = _kv_transfer_setup(EngineKind(engine), self._role, engine_args)
-        args = await _data_parallel_args(args)
+        args, self._dp_address, self._dp_rendezvous = await _data_parallel_args(args, _gang())
         self._engine = make_engine(EngineKind(engine), model_name, model_path, args, role=self._role)
         await self._engine.start()
         logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
@@ -192,12 +204,9 @@ class EngineServer:
 
         ctx = ray.get_runtime_context()
         pg = ctx.get_placement_group_id()
-        gang = None
-        try:
-            gang = serve.get_replica_context().gang_context
-        except RayServeException:
-            pass
+        gang = _gang()
         return {
+            "dp_address": list(self._dp_address) if self._dp_address else None,
             "replica": self._replica,
             "node_id": ctx.get_node_id(),
             "placement_group_id": pg,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -34,12 +35,14 @@ class _Rendezvous:
 
 async def rendezvous(
     gang_id: str, rank: int, node_ip: Callable[[], str], free_port: Callable[[], int]
-) -> tuple[str, int]:
-    """The (address, rpc port) of the DP group of `gang_id`; rank 0 chooses and publishes it."""
+) -> tuple[tuple[str, int], Any]:
+    """The (address, rpc port) of the DP group of `gang_id` (rank 0 chooses and publishes it), and
+    the rendezvous actor's handle. Keep the handle for the replica's lifetime: the actor lives as
+    long as its creator holds a reference, and ranks that start later still need to read it."""
     actor = _Rendezvous.options(name=f"tandem-dp-{gang_id}", get_if_exists=True).remote()
     if rank == 0:
         address = (node_ip(), free_port())
         await actor.publish.remote(*address)
-        return address
+        return address, actor
     host, port = await asyncio.wait_for(actor.wait.remote(), timeout=RENDEZVOUS_TIMEOUT_S)
-    return host, port
+    return (host, port), actor

@@ -73,6 +73,8 @@ def test_moe_dp8_ranks_are_a_gang_spread_across_nodes(placed: dict) -> None:
     assert len(reps) == 8
     assert sorted(r["gang_rank"] for r in reps) == list(range(8))
     assert {r["gang_size"] for r in reps} == {8} and len({r["gang_id"] for r in reps}) == 1
+    # Every rank learned the same DP group address from rank 0 (vLLM data_parallel_address/rpc port).
+    assert len({tuple(r["dp_address"]) for r in reps}) == 1
     (pg,) = _pgs(placed, "moe-dp8-ep")  # one gang placement group holds every rank's bundle
     assert pg["strategy"] == "SPREAD" and len(pg["bundles"]) == 8
     assert len(set(pg["bundle_nodes"])) == 2
