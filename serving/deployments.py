@@ -284,6 +284,7 @@ class DecodeServer(EngineServer):
         route = Route(mode=decision.mode, decode=self._replica, reason=decision.reason)
         output: list[int] = []
         source: AsyncIterator[Chunk] | None = None
+        kv: KVHandle | None = None
         if decision.mode == MODE_DISAGG:
             kv, why = await self._remote_prefill(request)
             if kv is not None and kv.error is not None:  # the request's own fault: no retry
@@ -300,12 +301,16 @@ class DecodeServer(EngineServer):
                 source = await self._pull(request, kv, route)
         if source is None:
             source = self._guarded(request.request_id, self._engine.generate(request))
+        # The prompt tokens the client is not charged compute for: on a remote prefill, the
+        # prefill engine's cache hits (the decode engine counts transferred tokens as external).
+        remote_cached = kv.cached_tokens if route.mode == MODE_DISAGG and kv is not None else 0
         first = True
         try:
             async for chunk in source:
                 if first:
                     chunk.route = route
                     first = False
+                chunk.cached_tokens = max(chunk.cached_tokens, remote_cached)
                 output.extend(chunk.token_ids)
                 yield chunk
         finally:

@@ -176,6 +176,7 @@ def test_killed_prefill_replica_mid_request_still_completes(stack) -> None:
     resp = result["resp"]
     assert resp.json()["usage"]["completion_tokens"] == 16
     route = _route(resp)
+    print(f"after the kill: route={route} elapsed={result['elapsed']:.1f}s")
     # Either a retry on a new prefill replica succeeded, or the decode replica prefilled itself.
     assert route["mode"] == "disagg" or route["reason"].startswith("fallback:"), route
     assert result["elapsed"] < budget

@@ -99,7 +99,8 @@ async def _run(server: DecodeServer, req: GenerateRequest) -> tuple[list, list[i
 
 
 async def _ok(req: GenerateRequest, calls: int) -> KVHandle:
-    return KVHandle(params={"p": req.request_id}, prompt_tokens=len(req.prompt_token_ids), replica="pre#1")
+    n = len(req.prompt_token_ids)
+    return KVHandle(params={"p": req.request_id}, prompt_tokens=n, cached_tokens=16, replica="pre#1")
 
 
 async def test_long_prompt_is_disaggregated_and_route_names_both_replicas() -> None:
@@ -109,6 +110,7 @@ async def test_long_prompt_is_disaggregated_and_route_names_both_replicas() -> N
     assert chunks[0].route.header().startswith("mode=disagg; prefill=pre#1; decode=local")
     assert all(c.route is None for c in chunks[1:])
     assert tokens == [33, 34, 35, 36, 37] and chunks[-1].finish_reason == "length"
+    assert chunks[-1].cached_tokens == 16  # the prefill engine's cache hits reach the usage
     assert server._engine.decoded == ["r1-d"]  # decoded with the KV handle, not re-prefilled
 
 
