@@ -1,0 +1,294 @@
+"""Routing policies over plain data: filters → weighted scorers (each in [0, 1]) → picker.
+
+Nothing here imports Ray or an engine. A `RoutingRequest` carries what the ingress knows (block
+keys of the tokenized prompt, tenant, session); a `ReplicaView` what a replica last reported
+(queue, running, KV usage) and when. Policies return *ranked groups* of replica ids, the shape
+Ray Serve's `RequestRouter.choose_replicas` returns: Serve tries the first group, then the next.
+
+The cache-aware policy:
+
+1. **filters** keep replicas of the wanted role that are healthy (and of the tier, when set);
+2. **scorers**: `prefix` (leading blocks held / prompt blocks), `load` (1 − load / fleet max),
+   `kv` (1 − KV usage), `session` (1 on the replica the session last used);
+3. the **imbalance gate** is decided per candidate: a candidate whose load exceeds
+   `ratio × mean + slack` loses its prefix and session scores (cache affinity must not pile
+   more work on it), while every other candidate keeps them. One hot replica never switches
+   cache routing off for the fleet;
+4. the **picker** ranks by weighted score (ties: lower load, then a seeded RNG).
+
+Stats older than `stale_after_s` degrade gracefully: that replica's load becomes the router's own
+count of requests it has in flight there, and its KV score a neutral 0.5.
+
+Baselines, selectable by config: round robin, power of two choices, consistent hash on the session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from router.index import BlockIndex
+
+
+@dataclass(slots=True)
+class RoutingRequest:
+    """What a policy may know about a request."""
+
+    request_id: str
+    block_keys: list[int] = field(default_factory=list)
+    tenant: str = ""
+    session_id: str | None = None
+    task_id: str | None = None
+    tier: str | None = None
+    role: str = "decode"
+
+
+@dataclass(slots=True)
+class ReplicaView:
+    """A replica as the router sees it (`updated_at`: when its stats were reported)."""
+
+    replica_id: str
+    role: str = "decode"
+    healthy: bool = True
+    tier: str | None = None
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """Scorer weights (a weight of 0 turns a scorer off)."""
+
+    prefix: float
+    load: float
+    kv: float
+    session: float
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Per-candidate imbalance gate: load > ratio × mean load + slack disables cache affinity there."""
+
+    ratio: float
+    slack: float
+
+
+@dataclass(slots=True)
+class Decision:
+    """A routing decision: ranked groups of replica ids, and why the first was chosen."""
+
+    ranked: list[list[str]]
+    matched_blocks: int = 0
+    total_blocks: int = 0
+    score: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> str | None:
+        return self.ranked[0][0] if self.ranked and self.ranked[0] else None
+
+
+class Policy:
+    """Base: `route` ranks candidates; `on_sent` / `on_done` keep the policy's own book."""
+
+    def route(self, req: RoutingRequest, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        raise NotImplementedError
+
+    def on_sent(self, req: RoutingRequest, replica: str) -> None:
+        """The request went to `replica`."""
+
+    def on_done(self, req: RoutingRequest, replica: str) -> None:
+        """The request finished on `replica`."""
+
+    def drop_replica(self, replica: str) -> None:
+        """`replica` left the pool."""
+
+
+def eligible(req: RoutingRequest, replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
+    """The filters: role, health, tier."""
+    return [
+        r
+        for r in replicas
+        if r.role == req.role and r.healthy and (req.tier is None or r.tier in (None, req.tier))
+    ]
+
+
+class CacheAwarePolicy(Policy):
+    """Prefix overlap from the block index, balanced against load (see the module docstring).
+
+    Args:
+        index: the block index (shared with the KV-event consumer).
+        weights: scorer weights.
+        gate: the per-candidate imbalance gate.
+        stale_after_s: stats older than this are not trusted.
+        sessions: sessions remembered for affinity (LRU).
+        rng: tie-breaking randomness (seed it in tests).
+    """
+
+    def __init__(
+        self,
+        index: BlockIndex,
+        weights: Weights,
+        gate: Gate,
+        stale_after_s: float,
+        sessions: int,
+        rng: random.Random,
+    ) -> None:
+        self.index = index
+        self._w = weights
+        self._gate = gate
+        self._stale = stale_after_s
+        self._rng = rng
+        self._session_cap = sessions
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._inflight: dict[str, int] = {}
+
+    def _load(self, r: ReplicaView, now: float) -> tuple[float, float | None]:
+        """(load, kv_usage or None when stale)."""
+        if now - r.updated_at > self._stale:
+            return float(self._inflight.get(r.replica_id, 0)), None
+        return float(r.running + r.waiting), r.kv_usage
+
+    def route(self, req: RoutingRequest, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = eligible(req, replicas)
+        total = len(req.block_keys)
+        if not cands:
+            return Decision(ranked=[], total_blocks=total)
+        ids = [r.replica_id for r in cands]
+        matched = self.index.match(req.block_keys, ids) if total and self._w.prefix else {}
+        loads: dict[str, float] = {}
+        kvs: dict[str, float | None] = {}
+        for r in cands:
+            loads[r.replica_id], kvs[r.replica_id] = self._load(r, now)
+        mean = sum(loads.values()) / len(loads)
+        peak = max(loads.values())
+        limit = self._gate.ratio * mean + self._gate.slack
+        sticky = self._sessions.get(req.session_id) if req.session_id else None
+        w = self._w
+        scores: dict[str, float] = {}
+        for rid in ids:
+            hot = loads[rid] > limit
+            prefix = 0.0 if hot or not total else matched.get(rid, 0) / total
+            session = 1.0 if (not hot and sticky == rid) else 0.0
+            load = 1.0 - loads[rid] / peak if peak > 0 else 1.0
+            kv = kvs[rid]
+            kv_score = 0.5 if kv is None else 1.0 - min(1.0, max(0.0, kv))
+            scores[rid] = w.prefix * prefix + w.load * load + w.kv * kv_score + w.session * session
+        tiebreak = {rid: self._rng.random() for rid in ids}
+        order = sorted(ids, key=lambda rid: (-scores[rid], loads[rid], tiebreak[rid]))
+        best = order[0]
+        return Decision(
+            ranked=_groups(order),
+            matched_blocks=matched.get(best, 0) if not loads[best] > limit else 0,
+            total_blocks=total,
+            score=scores[best],
+            scores=scores,
+        )
+
+    def on_sent(self, req: RoutingRequest, replica: str) -> None:
+        # Approximate index: the engine will hold these blocks once it has prefilled them.
+        if req.block_keys:
+            self.index.add(replica, req.block_keys)
+        if req.session_id:
+            self._sessions[req.session_id] = replica
+            self._sessions.move_to_end(req.session_id)
+            while len(self._sessions) > self._session_cap:
+                self._sessions.popitem(last=False)
+        self._inflight[replica] = self._inflight.get(replica, 0) + 1
+
+    def on_done(self, req: RoutingRequest, replica: str) -> None:
+        n = self._inflight.get(replica, 0)
+        if n > 0:
+            self._inflight[replica] = n - 1
+
+    def drop_replica(self, replica: str) -> None:
+        self.index.drop_replica(replica)
+        self._inflight.pop(replica, None)
+        for s in [s for s, r in self._sessions.items() if r == replica]:
+            del self._sessions[s]
+
+
+def _groups(order: list[str]) -> list[list[str]]:
+    """Ranked groups as Serve's router takes them: the best, the runner-up, then everyone else."""
+    if len(order) <= 2:
+        return [[r] for r in order]
+    return [[order[0]], [order[1]], order[2:]]
+
+
+class RoundRobinPolicy(Policy):
+    """Baseline: each request to the next eligible replica."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def route(self, req: RoutingRequest, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = sorted(r.replica_id for r in eligible(req, replicas))
+        if not cands:
+            return Decision(ranked=[])
+        i = self._next % len(cands)
+        self._next += 1
+        return Decision(ranked=_groups(cands[i:] + cands[:i]), total_blocks=len(req.block_keys))
+
+
+class PowerOfTwoPolicy(Policy):
+    """Baseline: the less loaded of two random eligible replicas (Ray Serve's default)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def route(self, req: RoutingRequest, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = eligible(req, replicas)
+        if not cands:
+            return Decision(ranked=[])
+        pair = self._rng.sample(cands, min(2, len(cands)))
+        pair.sort(key=lambda r: r.running + r.waiting)
+        return Decision(ranked=[[r.replica_id] for r in pair], total_blocks=len(req.block_keys))
+
+
+class ConsistentHashPolicy(Policy):
+    """Baseline: rendezvous hashing on the session id (else the first block, else the request id)."""
+
+    def route(self, req: RoutingRequest, replicas: Sequence[ReplicaView], now: float) -> Decision:
+        cands = [r.replica_id for r in eligible(req, replicas)]
+        if not cands:
+            return Decision(ranked=[])
+        key = req.session_id or (str(req.block_keys[0]) if req.block_keys else req.request_id)
+
+        def weight(rid: str) -> bytes:
+            return hashlib.blake2b(f"{key}\x00{rid}".encode(), digest_size=8).digest()
+
+        return Decision(
+            ranked=_groups(sorted(cands, key=weight, reverse=True)), total_blocks=len(req.block_keys)
+        )
+
+
+#: Policy names accepted by the deployment spec.
+POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash")
+
+
+def make_policy(
+    name: str,
+    *,
+    index_budget: int,
+    weights: Weights,
+    gate: Gate,
+    stale_after_s: float,
+    sessions: int,
+    rng: random.Random,
+    index_factory: Callable[[int], BlockIndex] = BlockIndex,
+) -> Policy:
+    """The policy called `name` (ValueError naming the choices otherwise)."""
+    if name == "cache_aware":
+        return CacheAwarePolicy(index_factory(index_budget), weights, gate, stale_after_s, sessions, rng)
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    if name == "power_of_two":
+        return PowerOfTwoPolicy(rng)
+    if name == "consistent_hash":
+        return ConsistentHashPolicy()
+    raise ValueError(f"policy: {name!r} is not one of {', '.join(POLICIES)}")
