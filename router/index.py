@@ -32,7 +32,8 @@ class BlockIndex:
         if block_budget < 1:
             raise ValueError("block_budget must be >= 1")
         self._budget = block_budget
-        self._holders: dict[int, set[str]] = {}
+        # A block held by one replica maps to that replica's id (most blocks); by several, to a set.
+        self._holders: dict[int, str | set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
 
     def add(self, replica: str, keys: Iterable[int]) -> None:
@@ -48,7 +49,10 @@ class BlockIndex:
             lru[k] = None
             h = holders.get(k)
             if h is None:
-                holders[k] = {replica}
+                holders[k] = replica
+            elif isinstance(h, str):
+                if h != replica:
+                    holders[k] = {h, replica}
             else:
                 h.add(replica)
         while len(lru) > self._budget:
@@ -89,10 +93,17 @@ class BlockIndex:
 
     def _unhold(self, key: int, replica: str) -> None:
         h = self._holders.get(key)
-        if h is not None:
-            h.discard(replica)
-            if not h:
+        if h is None:
+            return
+        if isinstance(h, str):
+            if h == replica:
                 del self._holders[key]
+            return
+        h.discard(replica)
+        if len(h) == 1:
+            self._holders[key] = next(iter(h))
+        elif not h:
+            del self._holders[key]
 
     def match(self, keys: Sequence[int], replicas: Iterable[str] | None = None) -> dict[str, int]:
         """Leading blocks of `keys` held by each replica (only replicas with at least one; restricted
@@ -102,13 +113,20 @@ class BlockIndex:
         first = self._holders.get(keys[0])
         if not first:
             return {}
-        alive = set(first) if replicas is None else first.intersection(replicas)
+        alive = {first} if isinstance(first, str) else set(first)
+        if replicas is not None:
+            alive.intersection_update(replicas)
         matched: dict[str, int] = {}
         depth = 1
         holders = self._holders
         while alive and depth < len(keys):
             nxt = holders.get(keys[depth])
-            keep = alive.intersection(nxt) if nxt else set()
+            if nxt is None:
+                keep: set[str] = set()
+            elif isinstance(nxt, str):
+                keep = {nxt} if nxt in alive else set()
+            else:
+                keep = alive.intersection(nxt)
             for r in alive - keep:
                 matched[r] = depth
             alive = keep

@@ -159,34 +159,54 @@ class CacheAwarePolicy(Policy):
         total = len(req.block_keys)
         if not cands:
             return Decision(ranked=[], total_blocks=total)
-        ids = [r.replica_id for r in cands]
-        matched = self.index.match(req.block_keys, ids) if total and self._w.prefix else {}
-        loads: dict[str, float] = {}
-        kvs: dict[str, float | None] = {}
-        for r in cands:
-            loads[r.replica_id], kvs[r.replica_id] = self._load(r, now)
-        mean = sum(loads.values()) / len(loads)
-        peak = max(loads.values())
-        limit = self._gate.ratio * mean + self._gate.slack
-        sticky = self._sessions.get(req.session_id) if req.session_id else None
         w = self._w
+        matched = self.index.match(req.block_keys) if total and w.prefix else {}
+        # One pass for loads (stale stats: our own in-flight count, neutral KV score).
+        stale_before = now - self._stale
+        inflight = self._inflight
+        loads: list[float] = []
+        kv_scores: list[float] = []
+        for r in cands:
+            if r.updated_at < stale_before:
+                loads.append(float(inflight.get(r.replica_id, 0)))
+                kv_scores.append(0.5)
+            else:
+                loads.append(float(r.running + r.waiting))
+                kv_scores.append(1.0 - min(1.0, max(0.0, r.kv_usage)))
+        peak = max(loads)
+        limit = self._gate.ratio * (sum(loads) / len(loads)) + self._gate.slack
+        sticky = self._sessions.get(req.session_id) if req.session_id else None
+        inv_total = 1.0 / total if total else 0.0
+        inv_peak = 1.0 / peak if peak > 0 else 0.0
+        wp, wl, wk, ws = w.prefix * inv_total, w.load, w.kv, w.session
         scores: dict[str, float] = {}
-        for rid in ids:
-            hot = loads[rid] > limit
-            prefix = 0.0 if hot or not total else matched.get(rid, 0) / total
-            session = 1.0 if (not hot and sticky == rid) else 0.0
-            load = 1.0 - loads[rid] / peak if peak > 0 else 1.0
-            kv = kvs[rid]
-            kv_score = 0.5 if kv is None else 1.0 - min(1.0, max(0.0, kv))
-            scores[rid] = w.prefix * prefix + w.load * load + w.kv * kv_score + w.session * session
-        tiebreak = {rid: self._rng.random() for rid in ids}
-        order = sorted(ids, key=lambda rid: (-scores[rid], loads[rid], tiebreak[rid]))
-        best = order[0]
+        best: list[tuple[float, float, float, str]] = []  # the two best (score, -load, tiebreak)
+        rand = self._rng.random
+        for r, load, kv in zip(cands, loads, kv_scores, strict=True):
+            rid = r.replica_id
+            score = wl * (1.0 - load * inv_peak) + wk * kv
+            if load <= limit:  # the per-candidate gate: a hot replica gets no cache pull
+                score += wp * matched.get(rid, 0)
+                if rid == sticky:
+                    score += ws
+            scores[rid] = score
+            item = (score, -load, rand(), rid)
+            if len(best) < 2:
+                best.append(item)
+                best.sort(reverse=True)
+            elif item > best[1]:
+                best[1] = item
+                best.sort(reverse=True)
+        top = [b[3] for b in best]
+        rest = [r.replica_id for r in cands if r.replica_id not in top]
+        ranked = [[t] for t in top] + ([rest] if rest else [])
+        first = top[0]
+        first_load = -best[0][1]
         return Decision(
-            ranked=_groups(order),
-            matched_blocks=matched.get(best, 0) if not loads[best] > limit else 0,
+            ranked=ranked,
+            matched_blocks=matched.get(first, 0) if first_load <= limit else 0,
             total_blocks=total,
-            score=scores[best],
+            score=scores[first],
             scores=scores,
         )
 
