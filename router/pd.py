@@ -77,8 +77,12 @@ class PrefixTracker:
 
     def cached_tokens(self, token_ids: list[int]) -> int:
         """Tokens of the longest cached prefix of `token_ids` (whole blocks); refreshes their LRU slot."""
+        return self.cached_keys(self._hashes(token_ids))
+
+    def cached_keys(self, keys: list[int]) -> int:
+        """Like `cached_tokens`, for block keys computed elsewhere (the ingress's salted keys)."""
         n = 0
-        for h in self._hashes(token_ids):
+        for h in keys:
             if h not in self._blocks:
                 break
             self._blocks.move_to_end(h)
@@ -87,7 +91,11 @@ class PrefixTracker:
 
     def record(self, token_ids: list[int]) -> None:
         """Remember the full blocks of `token_ids` (a prompt plus its output) as cached."""
-        for h in self._hashes(token_ids):
+        self.record_keys(self._hashes(token_ids))
+
+    def record_keys(self, keys: list[int]) -> None:
+        """Remember blocks by key."""
+        for h in keys:
             self._blocks[h] = None
             self._blocks.move_to_end(h)
         while len(self._blocks) > self._cap:

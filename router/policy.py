@@ -175,7 +175,7 @@ class CacheAwarePolicy(Policy):
                 kv_scores.append(1.0 - min(1.0, max(0.0, r.kv_usage)))
         peak = max(loads)
         limit = self._gate.ratio * (sum(loads) / len(loads)) + self._gate.slack
-        sticky = self._sessions.get(req.session_id) if req.session_id else None
+        sticky = self._sessions.get(_session_key(req)) if req.session_id else None
         inv_total = 1.0 / total if total else 0.0
         inv_peak = 1.0 / peak if peak > 0 else 0.0
         wp, wl, wk, ws = w.prefix * inv_total, w.load, w.kv, w.session
@@ -215,8 +215,9 @@ class CacheAwarePolicy(Policy):
         if req.block_keys:
             self.index.add(replica, req.block_keys)
         if req.session_id:
-            self._sessions[req.session_id] = replica
-            self._sessions.move_to_end(req.session_id)
+            key = _session_key(req)
+            self._sessions[key] = replica
+            self._sessions.move_to_end(key)
             while len(self._sessions) > self._session_cap:
                 self._sessions.popitem(last=False)
         self._inflight[replica] = self._inflight.get(replica, 0) + 1
@@ -231,6 +232,11 @@ class CacheAwarePolicy(Policy):
         self._inflight.pop(replica, None)
         for s in [s for s, r in self._sessions.items() if r == replica]:
             del self._sessions[s]
+
+
+def _session_key(req: RoutingRequest) -> str:
+    """Sessions are per tenant: another tenant's session id never pulls toward this one's replica."""
+    return f"{req.tenant}\x00{req.session_id}"
 
 
 def _groups(order: list[str]) -> list[list[str]]:

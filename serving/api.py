@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.hashing import BlockHasher, tenant_salt
 from serving.engines.base import Chunk, GenerateRequest
 from serving.metrics import IngressMetrics
 from serving.openai_protocol import (
@@ -81,6 +82,10 @@ class ServedModel:
     tokenizer: Tokenizer
     backend: Backend
     created: int = 0
+    #: Block hasher with the engine's block size (router.hashing); None: no routing keys.
+    hasher: BlockHasher | None = None
+    #: Salt prefix-cache blocks per tenant (engine and router alike).
+    salt_tenants: bool = True
 
 
 class ApiError(Exception):
@@ -172,7 +177,25 @@ class OpenAIApi:
         max_tokens = self._max_tokens(served, body, len(prompt_ids), prompt_param)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        req = GenerateRequest(rid, prompt_ids, body.sampling(max_tokens), disagg=_disagg_header(headers))
+        tenant = (headers.get(TENANT_HEADER) if headers is not None else None) or DEFAULT_TENANT
+        session = headers.get(SESSION_HEADER) if headers is not None else None
+        salt = tenant_salt(tenant) if served.salt_tenants else None
+        keys: list[int] = []
+        if served.hasher is not None:
+            if len(prompt_ids) > _INLINE_HASH_TOKENS:
+                keys = await asyncio.to_thread(served.hasher.keys, prompt_ids, salt)
+            else:
+                keys = served.hasher.keys(prompt_ids, salt)
+        req = GenerateRequest(
+            rid,
+            prompt_ids,
+            body.sampling(max_tokens),
+            disagg=_disagg_header(headers),
+            cache_salt=salt,
+            block_keys=keys,
+            tenant=tenant,
+            session_id=session,
+        )
         start = time.perf_counter()
         m = self.metrics
         m.in_flight.labels(served.name).inc()
@@ -393,6 +416,13 @@ class _JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
+#: Request header: the tenant (until API keys map keys to tenants, issue 5).
+TENANT_HEADER = "x-tandem-tenant"
+DEFAULT_TENANT = "default"
+#: Request header: a conversation's session id (session affinity in the router).
+SESSION_HEADER = "x-session-id"
+#: Prompts longer than this are hashed in a worker thread (SHA-256 per block).
+_INLINE_HASH_TOKENS = 2048
 #: Request header: prefill/decode disaggregation for this request (on | off | auto).
 DISAGG_HEADER = "x-tandem-disagg"
 #: Response header: how the request was served (mode, prefill replica, decode replica).

@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from router.serve_adapter import ROUTER_CLASS
 from serving.config import (
     EngineKind,
     ModelSpec,
@@ -114,6 +115,25 @@ def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str,
     return args
 
 
+def request_router_config(model: ModelSpec, pool: PoolSpec) -> dict[str, Any]:
+    """Serve `request_router_config` running the model's router policy for `pool`'s replicas."""
+    r = model.router
+    return {
+        "request_router_class": ROUTER_CLASS,
+        "request_router_kwargs": {
+            "policy": r.policy.value,
+            "weights": r.weights.model_dump(),
+            "gate": r.gate.model_dump(),
+            "block_budget": r.block_budget,
+            "stale_after_s": r.stale_after_s,
+            "sessions": r.sessions,
+            "role": pool.role.value,
+            "deployment": deployment_name(model, pool),
+        },
+        "request_routing_stats_period_s": r.stats_period_s,
+    }
+
+
 def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str, Any]:
     """Ray Serve options of the engine deployment of `pool` (placement from serving.placement)."""
     reps = pool.replicas
@@ -123,6 +143,8 @@ def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[s
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
     }
+    if model is not None:
+        opts["request_router_config"] = request_router_config(model, pool)
     opts.update(placement_options(placement))
     if pool.env:
         opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(pool.env)}

@@ -50,8 +50,11 @@ def ray_temp_dir(port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"tandem-{os.getuid()}-{port}")
 
 
-def start_local_ray(spec: ServingSpec) -> None:
-    """Start (or join, with server.ray_address) Ray, and Serve's HTTP proxy on server.host:port."""
+def start_local_ray(spec: ServingSpec, num_cpus: int | None = None) -> None:
+    """Start (or join, with server.ray_address) Ray, and Serve's HTTP proxy on server.host:port.
+
+    `num_cpus` overrides the logical CPUs of a fresh local cluster (default: the machine's).
+    """
     import ray
     from ray import serve
 
@@ -67,6 +70,7 @@ def start_local_ray(spec: ServingSpec) -> None:
             dashboard_host="127.0.0.1",
             dashboard_port=spec.server.dashboard_port,
             log_to_driver=True,
+            num_cpus=num_cpus,
         )
     else:
         ray.init(address=spec.server.ray_address, namespace=APP_NAME)

@@ -219,6 +219,52 @@ class Disaggregation(_Spec):
     )
 
 
+class RouterPolicy(StrEnum):
+    """Replica choice for a model's serving pool (and its prefill pool)."""
+
+    CACHE_AWARE = "cache_aware"
+    ROUND_ROBIN = "round_robin"
+    POWER_OF_TWO = "power_of_two"
+    CONSISTENT_HASH = "consistent_hash"
+
+
+class ScorerWeights(_Spec):
+    """Weights of the cache-aware scorers (each scorer returns [0, 1]; 0 turns one off)."""
+
+    prefix: float = Field(2.0, ge=0, description="Leading prompt blocks the replica holds / prompt blocks.")
+    load: float = Field(1.0, ge=0, description="1 - (running + waiting) / the busiest candidate's.")
+    kv: float = Field(0.5, ge=0, description="1 - KV cache usage.")
+    session: float = Field(1.0, ge=0, description="1 on the replica the x-session-id last used.")
+
+
+class ImbalanceGate(_Spec):
+    """Per candidate: load > ratio x mean load + slack takes away its prefix and session scores."""
+
+    ratio: float = Field(1.5, ge=1.0, description="Multiple of the candidates' mean load.")
+    slack: float = Field(4.0, ge=0, description="Requests of headroom above ratio x mean.")
+
+
+class RouterSpec(_Spec):
+    """How requests pick replicas (a profile: filters -> weighted scorers -> picker)."""
+
+    policy: RouterPolicy = Field(RouterPolicy.CACHE_AWARE, description="cache_aware, or a baseline.")
+    weights: ScorerWeights = Field(default_factory=ScorerWeights, description="Scorer weights.")
+    gate: ImbalanceGate = Field(default_factory=ImbalanceGate, description="The imbalance gate.")
+    block_budget: int = Field(
+        200_000, ge=1, description="Blocks the router remembers per replica (LRU; bounds its memory)."
+    )
+    stale_after_s: float = Field(
+        5.0, gt=0, description="Replica stats older than this are replaced by the router's own counts."
+    )
+    stats_period_s: float = Field(1.0, gt=0, description="How often replicas report load to the router.")
+    sessions: int = Field(100_000, ge=1, description="Sessions remembered for affinity (LRU).")
+    tenant_salt: bool = Field(
+        True,
+        description="Salt block hashes (router and engine cache) per tenant so tenants never share "
+        "cache entries (prefix-cache timing leaks across tenants otherwise).",
+    )
+
+
 class ModelSpec(_Spec):
     """A served model: its name in the API, where its weights are, and its pools."""
 
@@ -237,6 +283,7 @@ class ModelSpec(_Spec):
     disaggregation: Disaggregation = Field(
         default_factory=Disaggregation, description="Prefill/decode settings (P/D pools only)."
     )
+    router: RouterSpec = Field(default_factory=RouterSpec, description="Replica choice (cache-aware).")
 
     @model_validator(mode="after")
     def _pools_consistent(self) -> ModelSpec:

@@ -53,6 +53,11 @@ def replica_name() -> str:
     return f"{ctx.deployment}#{ctx.replica_id.unique_id}"
 
 
+def _unique_id(name: str) -> str:
+    """The replica id part of `replica_name()` (what the router knows replicas by)."""
+    return name.rsplit("#", 1)[-1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -151,15 +156,36 @@ class EngineServer:
         await self._engine.start()
         logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
 
-    def _route(self) -> Route:
-        return Route(mode=MODE_COLOCATED, decode=self._replica)
+    def _route(self, request: GenerateRequest) -> Route:
+        route = Route(mode=MODE_COLOCATED, decode=self._replica)
+        self._stamp(route, request)
+        return route
+
+    def _stamp(self, route: Route, request: GenerateRequest) -> None:
+        """Add the router's matched blocks and score for this replica (when a router chose it)."""
+        mine = (request.routing or {}).get(_unique_id(self._replica))
+        if mine is not None:
+            route.matched_blocks, route.score = mine[0], mine[1]
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Load snapshot for the request router (Ray Serve calls this every stats period)."""
+        import time
+
+        s = self._engine.stats()
+        return {
+            "role": self._role.value,
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_usage": s.kv_usage,
+            "ts": time.time(),
+        }
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Stream chunks for `request`; the first carries the route. Cancelling aborts the engine request."""
         first = True
         async for chunk in self._guarded(request.request_id, self._engine.generate(request)):
             if first:
-                chunk.route = self._route()
+                chunk.route = self._route(request)
                 first = False
             yield chunk
 
@@ -268,6 +294,7 @@ class DecodeServer(EngineServer):
         block = max(info.block_size, _MIN_TRACKED_BLOCK)
         blocks = info.num_kv_blocks * info.block_size // block if info.num_kv_blocks else 0
         self._prefix = PrefixTracker(block, blocks or _DEFAULT_TRACKED_BLOCKS)
+        self._keyed = block == info.block_size
 
     async def reset_prefix_cache(self) -> None:
         await super().reset_prefix_cache()
@@ -277,11 +304,15 @@ class DecodeServer(EngineServer):
         """Decide, prefill (remotely or here), then stream. The first chunk carries the route."""
         ids = request.prompt_token_ids
         wanted = request.disagg if request.disagg != "auto" else self._d.mode.value
+        # The ingress's salted, engine-identical block keys when their block size is ours.
+        keys = request.block_keys if self._keyed else []
         if self._local_prefill:
-            decision = decide(wanted, len(ids), self._prefix.cached_tokens(ids), self._d.min_prefill_tokens)
+            cached = self._prefix.cached_keys(keys) if keys else self._prefix.cached_tokens(ids)
+            decision = decide(wanted, len(ids), cached, self._d.min_prefill_tokens)
         else:
             decision = PDDecision(MODE_DISAGG, "engine_needs_remote_prefill")
         route = Route(mode=decision.mode, decode=self._replica, reason=decision.reason)
+        self._stamp(route, request)
         output: list[int] = []
         source: AsyncIterator[Chunk] | None = None
         kv: KVHandle | None = None
@@ -295,7 +326,7 @@ class DecodeServer(EngineServer):
                                               "prefill_unavailable"))  # fmt: skip
                 return
             if kv is None:
-                route = Route(mode=MODE_COLOCATED, decode=self._replica, reason=f"fallback:{why}")
+                route.mode, route.reason = MODE_COLOCATED, f"fallback:{why}"
             else:
                 route.prefill = kv.replica
                 source = await self._pull(request, kv, route)
@@ -315,7 +346,10 @@ class DecodeServer(EngineServer):
                 yield chunk
         finally:
             await source.aclose()  # type: ignore[attr-defined]
-            self._prefix.record(ids + output)
+            if keys:
+                self._prefix.record_keys(keys)
+            else:
+                self._prefix.record(ids + output)
 
     async def _remote_prefill(self, request: GenerateRequest) -> tuple[KVHandle | None, str]:
         """A `KVHandle` from a prefill replica, or (None, why) after the configured attempts.

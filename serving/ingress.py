@@ -11,6 +11,7 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
+from router.hashing import BlockHasher
 from serving.api import ServedModel, build_api
 from serving.config import ServingSpec, parse_spec
 from serving.engines.base import Chunk, EngineError, GenerateRequest
@@ -77,6 +78,8 @@ class OpenAIIngress:
                 max_model_len=info.max_model_len,
                 tokenizer=tokenizer,
                 backend=HandleBackend(handle),
+                hasher=BlockHasher(info.block_size),
+                salt_tenants=model.router.tenant_salt,
             )
         self._models = models
         logger.info("ingress ready for %s", sorted(models))

@@ -41,6 +41,15 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: SamplingOptions
     disagg: str = "auto"
+    #: Per-tenant prefix-cache salt (vLLM `cache_salt`): tenants never share cache entries.
+    cache_salt: str | None = None
+    #: Routing inputs computed once at the ingress: 64-bit keys of the prompt's full blocks
+    #: (router.hashing, same scheme and salt as the engine), tenant and session.
+    block_keys: list[int] = field(default_factory=list)
+    tenant: str = ""
+    session_id: str | None = None
+    #: Set by the router when it picks a replica: per replica id, (matched blocks, score).
+    routing: dict[str, tuple[int, float]] | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +84,9 @@ class Route:
     decode: str
     prefill: str = ""
     reason: str = ""
+    #: The router's view of the decode replica: leading prompt blocks it held, and its score.
+    matched_blocks: int | None = None
+    score: float | None = None
 
     def header(self) -> str:
         """The `x-tandem-route` response header value."""
@@ -82,6 +94,10 @@ class Route:
         if self.prefill:
             parts.append(f"prefill={self.prefill}")
         parts.append(f"decode={self.decode}")
+        if self.matched_blocks is not None:
+            parts.append(f"matched_blocks={self.matched_blocks}")
+        if self.score is not None:
+            parts.append(f"score={self.score:.3f}")
         if self.reason:
             parts.append(f"reason={self.reason}")
         return "; ".join(parts)

@@ -202,8 +202,11 @@ class VLLMEngine:
         completion_tokens = 0
         try:
             params = self._sampling_params(request.sampling, kv_transfer_params)
+            prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+            if request.cache_salt:
+                prompt["cache_salt"] = request.cache_salt
             stream = self._llm.generate(
-                TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+                prompt,
                 params,
                 request.request_id,
             )

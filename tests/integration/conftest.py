@@ -41,7 +41,8 @@ def stack() -> Stack:
     server = base.server.model_copy(update={"port": free_port(), "dashboard_port": free_port()})
     spec = base.model_copy(update={"server": server})
     _build_models(Path(spec.model_dir).expanduser(), None, force=False)
-    start_local_ray(spec)
+    # Logical CPUs only: room for the second app some tests deploy next to the main one.
+    start_local_ray(spec, num_cpus=8)
     try:
         serve.run(build_app_from_spec(spec), name=APP_NAME, route_prefix="/")
         yield Stack(spec, f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{server.dashboard_port}")

@@ -1,0 +1,171 @@
+"""The one Ray-aware file of the router: Tandem's policies as a Ray Serve `RequestRouter`.
+
+Serve builds one router per deployment handle (in the ingress for decode/colocated pools, in each
+decode replica for its prefill pool) and calls `choose_replicas` per request with the live
+replicas; it tries the returned groups in order. Inputs come from:
+
+- the request: `GenerateRequest` (first positional argument) carries the block keys the ingress
+  computed once (router.hashing, salted per tenant), the tenant and the session id;
+- the replicas: `record_routing_stats` on each engine replica (running, waiting, KV usage, role,
+  timestamp), delivered by Serve every `stats_period_s`.
+
+The decision is written back into the request (`GenerateRequest.routing`: matched blocks and score
+per candidate) before Serve sends it, so the replica that serves it can report them in
+`x-tandem-route`. Decision latency and prefix hits go to Ray's metrics (Prometheus via the Ray
+metrics export) as `tandem_router_decision_seconds` and `tandem_router_prefix_blocks_total`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from router.policy import Gate, Policy, ReplicaView, RoutingRequest, Weights, make_policy
+
+logger = logging.getLogger(__name__)
+
+#: Import path for `request_router_config.request_router_class`.
+ROUTER_CLASS = "router.serve_adapter:TandemRequestRouter"
+
+
+def _routing_request(pending: PendingRequest | None, role: str) -> RoutingRequest:
+    req = pending.args[0] if pending is not None and pending.args else None
+    if req is None or not hasattr(req, "block_keys"):
+        rid = pending.metadata.request_id if pending is not None else ""
+        return RoutingRequest(rid, role=role)
+    return RoutingRequest(
+        req.request_id,
+        list(req.block_keys),
+        tenant=req.tenant,
+        session_id=req.session_id,
+        role=role,
+    )
+
+
+class TandemRequestRouter(RequestRouter):
+    """Ray Serve request router running a Tandem policy (`request_router_kwargs` = the spec's router)."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._role: str = kwargs.get("role", "decode")
+        weights = Weights(**kwargs["weights"])
+        gate = Gate(**kwargs["gate"])
+        self._policy: Policy = make_policy(
+            kwargs["policy"],
+            index_budget=int(kwargs["block_budget"]),
+            weights=weights,
+            gate=gate,
+            stale_after_s=float(kwargs["stale_after_s"]),
+            sessions=int(kwargs["sessions"]),
+            rng=random.Random(),
+        )
+        self._sent: dict[str, tuple[RoutingRequest, str]] = {}
+        self._known: set[str] = set()
+        self._metrics = _Metrics(kwargs.get("deployment", ""))
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def _view(self, replica: RunningReplica) -> ReplicaView:
+        stats = replica.routing_stats or {}
+        return ReplicaView(
+            replica.replica_id.unique_id,
+            role=stats.get("role", self._role),
+            healthy=bool(stats.get("healthy", True)),
+            running=int(stats.get("running", 0)),
+            waiting=int(stats.get("waiting", 0)),
+            kv_usage=float(stats.get("kv_usage", 0.0)),
+            updated_at=float(stats.get("ts", 0.0)),
+        )
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        t0 = time.perf_counter()
+        req = _routing_request(pending_request, self._role)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        views = [self._view(r) for r in candidate_replicas]
+        # One router serves one deployment: every candidate has this router's role.
+        for v in views:
+            v.role = self._role
+        decision = self._policy.route(req, views, time.time())
+        self._metrics.observe(time.perf_counter() - t0, decision.matched_blocks, decision.total_blocks)
+        if (
+            pending_request is not None
+            and pending_request.args
+            and hasattr(pending_request.args[0], "routing")
+        ):
+            # Only what the serving replica needs to report itself: its matched blocks and score.
+            matched = self._policy_matches(req, decision.ranked)
+            pending_request.args[0].routing = {
+                rid: (matched.get(rid, 0), decision.scores.get(rid, 0.0)) for group in decision.ranked[:2]
+                for rid in group
+            }  # fmt: skip
+        ranked = [[by_id[rid] for rid in group if rid in by_id] for group in decision.ranked]
+        return [g for g in ranked if g] or [candidate_replicas]
+
+    def _policy_matches(self, req: RoutingRequest, ranked: list[list[str]]) -> dict[str, int]:
+        index = getattr(self._policy, "index", None)
+        if index is None or not req.block_keys:
+            return {}
+        return index.match(req.block_keys, [rid for group in ranked[:2] for rid in group])
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        req = _routing_request(pending_request, self._role)
+        rid = replica_id.unique_id
+        self._policy.on_sent(req, rid)
+        self._sent[pending_request.metadata.internal_request_id] = (req, rid)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        sent = self._sent.pop(internal_request_id, None)
+        if sent is not None:
+            self._policy.on_done(sent[0], sent[1])
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        self._policy.drop_replica(replica_id.unique_id)
+        super().on_replica_actor_died(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        current = {r.replica_id.unique_id for r in replicas}
+        for gone in self._known - current:
+            self._policy.drop_replica(gone)
+        self._known = current
+        super().update_replicas(replicas)
+
+
+class _Metrics:
+    """Ray metrics of one router (exported through Ray's Prometheus endpoint)."""
+
+    def __init__(self, deployment: str) -> None:
+        try:
+            from ray.util.metrics import Counter, Histogram
+
+            self._latency = Histogram(
+                "tandem_router_decision_seconds",
+                description="Time to choose a replica (filters, index match, scorers, ranking).",
+                boundaries=[25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3],
+                tag_keys=("deployment",),
+            )
+            self._blocks = Counter(
+                "tandem_router_prefix_blocks_total",
+                description="Prompt blocks routed, by whether the chosen replica held them (hit) or not.",
+                tag_keys=("deployment", "result"),
+            )
+            self._tags = {"deployment": deployment}
+        except Exception:  # noqa: BLE001 - metrics are best effort outside a Ray worker
+            self._latency = self._blocks = None
+
+    def observe(self, seconds: float, matched: int, total: int) -> None:
+        if self._latency is None:
+            return
+        self._latency.observe(seconds, tags=self._tags)
+        if matched:
+            self._blocks.inc(matched, tags={**self._tags, "result": "hit"})
+        if total - matched:
+            self._blocks.inc(total - matched, tags={**self._tags, "result": "miss"})
