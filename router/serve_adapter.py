@@ -7,7 +7,9 @@ replicas; it tries the returned groups in order. Inputs come from:
 - the request: `GenerateRequest` (first positional argument) carries the block keys the ingress
   computed once (router.hashing, salted per tenant), the tenant and the session id;
 - the replicas: `record_routing_stats` on each engine replica (running, waiting, KV usage, role,
-  timestamp), delivered by Serve every `stats_period_s`.
+  timestamp, KV-event endpoint), delivered by Serve every `stats_period_s`;
+- the engines' KV events (router.kv_events), subscribed per replica, applied before each decision:
+  the precise feed of the block index, next to the approximate one (the router's own decisions).
 
 The decision is written back into the request (`GenerateRequest.routing`: matched blocks and score
 per candidate) before Serve sends it, so the replica that serves it can report them in
@@ -24,10 +26,13 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from router.kv_events import KVEventSubscriber, apply_events
 from router.policy import Gate, Policy, ReplicaView, RoutingRequest, Weights, make_policy
 
 logger = logging.getLogger(__name__)
 
+#: KV events applied per routing decision at most (the rest wait for the next one).
+_EVENTS_PER_DECISION = 5_000
 #: Import path for `request_router_config.request_router_class`.
 ROUTER_CLASS = "router.serve_adapter:TandemRequestRouter"
 
@@ -64,6 +69,7 @@ class TandemRequestRouter(RequestRouter):
         )
         self._sent: dict[str, tuple[RoutingRequest, str]] = {}
         self._known: set[str] = set()
+        self._subscribers: dict[str, KVEventSubscriber] = {}
         self._metrics = _Metrics(kwargs.get("deployment", ""))
 
     @property
@@ -82,11 +88,29 @@ class TandemRequestRouter(RequestRouter):
             updated_at=float(stats.get("ts", 0.0)),
         )
 
+    def _sync_kv_events(self, replicas: list[RunningReplica]) -> None:
+        """Subscribe to new replicas' KV events; apply what arrived (on this loop, so the index
+        has one writer)."""
+        index = getattr(self._policy, "index", None)
+        if index is None:
+            return
+        for r in replicas:
+            rid = r.replica_id.unique_id
+            endpoint = (r.routing_stats or {}).get("kv_events")
+            sub = self._subscribers.get(rid)
+            if endpoint and (sub is None or sub.endpoint != endpoint):
+                if sub is not None:
+                    sub.stop()
+                self._subscribers[rid] = KVEventSubscriber(rid, endpoint).start()
+        for rid, sub in self._subscribers.items():
+            apply_events(index, rid, sub.drain(_EVENTS_PER_DECISION))
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        self._sync_kv_events(candidate_replicas)
         t0 = time.perf_counter()
         req = _routing_request(pending_request, self._role)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -127,14 +151,20 @@ class TandemRequestRouter(RequestRouter):
         if sent is not None:
             self._policy.on_done(sent[0], sent[1])
 
+    def _forget(self, rid: str) -> None:
+        self._policy.drop_replica(rid)
+        sub = self._subscribers.pop(rid, None)
+        if sub is not None:
+            sub.stop()
+
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        self._policy.drop_replica(replica_id.unique_id)
+        self._forget(replica_id.unique_id)
         super().on_replica_actor_died(replica_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         current = {r.replica_id.unique_id for r in replicas}
         for gone in self._known - current:
-            self._policy.drop_replica(gone)
+            self._forget(gone)
         self._known = current
         super().update_replicas(replicas)
 

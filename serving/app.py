@@ -21,12 +21,13 @@ from serving.config import (
     ModelSpec,
     PoolSpec,
     Role,
+    RouterPolicy,
     ServingSpec,
     SpecError,
     load_spec,
     parse_spec,
 )
-from serving.deployments import DecodeServer, EngineServer, PrefillServer
+from serving.deployments import KV_EVENTS_ANY_PORT, DecodeServer, EngineServer, PrefillServer
 from serving.ingress import IngressDeployment
 from serving.placement import place_pool, placement_options
 
@@ -112,6 +113,18 @@ def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str,
         args.setdefault("distributed_executor_backend", "ray")
     if model is not None and pool.role is not Role.COLOCATED and pool.engine is EngineKind.VLLM:
         args["kv_transfer_config"] = kv_transfer_config(model, pool)
+    if (
+        model is not None
+        and model.router.kv_events
+        and model.router.policy is RouterPolicy.CACHE_AWARE
+        and "kv_events_config" not in args
+    ):
+        # Port 0: each replica picks a free port and advertises it in its routing stats.
+        args["kv_events_config"] = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": KV_EVENTS_ANY_PORT,
+        }
     return args
 
 

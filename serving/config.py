@@ -258,6 +258,11 @@ class RouterSpec(_Spec):
     )
     stats_period_s: float = Field(1.0, gt=0, description="How often replicas report load to the router.")
     sessions: int = Field(100_000, ge=1, description="Sessions remembered for affinity (LRU).")
+    kv_events: bool = Field(
+        True,
+        description="cache_aware with vLLM: engines publish KV events (BlockStored/BlockRemoved) "
+        "that keep the router's block index exact, besides its own routing decisions.",
+    )
     tenant_salt: bool = Field(
         True,
         description="Salt block hashes (router and engine cache) per tenant so tenants never share "

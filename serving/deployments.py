@@ -38,6 +38,8 @@ from serving.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
+#: `kv_events_config.endpoint` placeholder: the replica binds a free port of its own.
+KV_EVENTS_ANY_PORT = "tcp://*:0"
 #: Remembered blocks per decode replica when the engine does not report its KV block count.
 _DEFAULT_TRACKED_BLOCKS = 4096
 #: Smallest block the decode replica's prefix tracker hashes (engines with 1-token pages).
@@ -103,6 +105,19 @@ def _gang() -> Any:
         return None
 
 
+def _kv_events_setup(engine_args: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Give the engine's KV-event publisher a free port; returns the args and the address the
+    router subscribes to (None when the engine publishes no events)."""
+    cfg = engine_args.get("kv_events_config")
+    if not cfg or not cfg.get("enable_kv_cache_events"):
+        return engine_args, None
+    endpoint = cfg.get("endpoint", KV_EVENTS_ANY_PORT)
+    if endpoint == KV_EVENTS_ANY_PORT:
+        endpoint = f"tcp://*:{_free_port()}"
+    port = endpoint.rsplit(":", 1)[-1]
+    return {**engine_args, "kv_events_config": {**cfg, "endpoint": endpoint}}, f"tcp://{_node_ip()}:{port}"
+
+
 async def _data_parallel_args(
     engine_args: dict[str, Any], gang: Any
 ) -> tuple[dict[str, Any], tuple[str, int] | None, Any]:
@@ -151,6 +166,7 @@ class EngineServer:
         self._role = Role(role)
         self._replica = replica_name()
         args = _kv_transfer_setup(EngineKind(engine), self._role, engine_args)
+        args, self._kv_events = _kv_events_setup(args)
         args, self._dp_address, self._dp_rendezvous = await _data_parallel_args(args, _gang())
         self._engine = make_engine(EngineKind(engine), model_name, model_path, args, role=self._role)
         await self._engine.start()
@@ -177,6 +193,7 @@ class EngineServer:
             "running": s.running,
             "waiting": s.waiting,
             "kv_usage": s.kv_usage,
+            "kv_events": self._kv_events,
             "ts": time.time(),
         }
 

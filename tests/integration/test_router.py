@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import httpx
 import pytest
@@ -94,3 +95,32 @@ def test_tenants_with_salting_never_share_cache(stack) -> None:
     assert _route(other)["decode"] == _route(again)["decode"]
     # Tenant B's own second request hits B's blocks.
     assert _complete(stack.url, prompt, b).json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 640
+
+
+def test_engine_kv_events_carry_the_keys_the_ingress_computes(stack) -> None:
+    """The precise feed: vLLM's BlockStored events name exactly the blocks the router hashed."""
+    from router.hashing import BlockHasher, event_key, tenant_salt
+    from router.kv_events import LOST, KVEventSubscriber
+
+    stats = stack.engine_handle("tiny-intent").record_routing_stats.remote().result()
+    assert stats["kv_events"].startswith("tcp://")
+    sub = KVEventSubscriber("probe", stats["kv_events"]).start()
+    try:
+        rng = random.Random(23)
+        expected = set()
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while not expected or not expected <= seen:
+            # PUB/SUB only delivers after the subscription is live: send fresh prompts until one
+            # request's blocks are all reported.
+            assert time.monotonic() < deadline, f"missing {len(expected - seen)} blocks in KV events"
+            prompt = [rng.randrange(10, 4000) for _ in range(300)]
+            _complete(stack.url, prompt, {"x-tandem-tenant": "events"}, max_tokens=2)
+            expected = set(BlockHasher(BLOCK).keys(prompt, cache_salt=tenant_salt("events")))
+            time.sleep(0.5)
+            for ev in sub.drain():
+                if ev is not LOST and type(ev).__name__ == "BlockStored":
+                    seen.update(event_key(h) for h in ev.block_hashes)
+        assert len(expected) == 2  # 300 tokens = 2 full 128-token blocks
+    finally:
+        sub.stop()
