@@ -150,8 +150,12 @@ def parse_args(argv: list[str] | None) -> tuple[Params, str | None]:
     p.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
     p.add_argument("--model", default="tiny-intent", help="model (from the spec) to benchmark")
     p.add_argument("--concurrency", type=_int_list, default=(1, 16), help="levels, e.g. 1,16")
-    p.add_argument("--requests", type=_int_list, default=None,
-                   help="requests per level: one number, or one per level (default max(64, 8c))")
+    p.add_argument(
+        "--requests",
+        type=_int_list,
+        default=None,
+        help="requests per level: one number, or one per level (default max(64, 8c))",
+    )
     p.add_argument("--prompt-tokens", type=int, default=128, help="approximate prompt length")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--json", dest="json_path", help="write the results to this file")
@@ -341,8 +345,9 @@ def cpu_cores(before: Mapping[int, tuple[str, float]], wall_s: float) -> dict[st
     used: dict[str, float] = {}
     for pid, (role, cpu) in cpu_snapshot().items():
         used[role] = used.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
-    return {r: round(c / wall_s, 3) for r, c in sorted(used.items(), key=lambda kv: -kv[1])
-            if c / wall_s >= 0.005}
+    return {
+        r: round(c / wall_s, 3) for r, c in sorted(used.items(), key=lambda kv: -kv[1]) if c / wall_s >= 0.005
+    }
 
 
 async def measured_level(send: RequestFn, prompts: list[Prompt], concurrency: int) -> LevelRun:
@@ -430,6 +435,7 @@ async def _direct_levels(
     engine = VLLMEngine(model.name, spec.resolve_source(model), engine_args_for(model.pools[0]))
     await engine.start()
     try:
+
         async def send(_: int, prompt: Prompt) -> RequestTiming:
             return await _direct_request(engine, prompt, params.max_tokens)
 
@@ -467,9 +473,7 @@ def free_port() -> int:
 
 def single_model_spec(spec: ServingSpec, model: ModelSpec, port: int | None) -> ServingSpec:
     """`spec` serving only `model` (and its tiers), on free (or given) ports."""
-    server = spec.server.model_copy(
-        update={"port": port or free_port(), "dashboard_port": free_port()}
-    )
+    server = spec.server.model_copy(update={"port": port or free_port(), "dashboard_port": free_port()})
     tiers = [t for t in spec.tiers if t.model == model.name]
     return spec.model_copy(update={"server": server, "models": [model], "tiers": tiers})
 
@@ -543,6 +547,7 @@ async def _tandem_levels(
     async with httpx.AsyncClient(
         base_url=url, limits=limits, timeout=_HTTP_TIMEOUT_S, trust_env=False
     ) as client:
+
         async def send(_: int, prompt: Prompt) -> RequestTiming:
             return await _tandem_request(client, model, prompt, params.max_tokens)
 
@@ -585,9 +590,11 @@ def run_tandem(
 
 
 def _brief(s: Mapping[str, float]) -> str:
-    return (f"TTFT p50 {s['ttft_p50_ms']:.2f} ms p99 {s['ttft_p99_ms']:.2f} ms, "
-            f"ITL p50 {s['itl_p50_ms']:.2f} ms p99 {s['itl_p99_ms']:.2f} ms, "
-            f"{s['requests_per_s']:.2f} req/s, {s['tokens_per_s']:.1f} tok/s")
+    return (
+        f"TTFT p50 {s['ttft_p50_ms']:.2f} ms p99 {s['ttft_p99_ms']:.2f} ms, "
+        f"ITL p50 {s['itl_p50_ms']:.2f} ms p99 {s['itl_p99_ms']:.2f} ms, "
+        f"{s['requests_per_s']:.2f} req/s, {s['tokens_per_s']:.1f} tok/s"
+    )
 
 
 def compare_level(direct: LevelRun, tandem: TandemRun) -> dict[str, Any]:
@@ -606,8 +613,14 @@ def compare_level(direct: LevelRun, tandem: TandemRun) -> dict[str, Any]:
         "ingress_to_engine_ms": tandem.ingress_ttft_mean_ms - d["ttft_mean_ms"],
         "client_to_ingress_ms": t["ttft_mean_ms"] - tandem.ingress_ttft_mean_ms,
     }
-    return {"concurrency": direct.concurrency, "direct": d, "tandem": t, "added": added,
-            "ttft_mean_breakdown": breakdown, "goal_met": goal}
+    return {
+        "concurrency": direct.concurrency,
+        "direct": d,
+        "tandem": t,
+        "added": added,
+        "ttft_mean_breakdown": breakdown,
+        "goal_met": goal,
+    }
 
 
 def format_report(levels: list[dict[str, Any]], tokenize_p50_ms: float) -> str:
@@ -618,29 +631,38 @@ def format_report(levels: list[dict[str, Any]], tokenize_p50_ms: float) -> str:
         lines += [f"\nconcurrency {lv['concurrency']} ({lv['direct']['requests']} requests; ms)", head]
         for name in ("direct", "tandem"):
             s = lv[name]
-            lines.append(f"{name:>8} {s['ttft_p50_ms']:9.2f} {s['ttft_p99_ms']:9.2f} "
-                         f"{s['itl_p50_ms']:8.2f} {s['itl_p99_ms']:8.2f} "
-                         f"{s['requests_per_s']:7.2f} {s['tokens_per_s']:8.1f}")
+            lines.append(
+                f"{name:>8} {s['ttft_p50_ms']:9.2f} {s['ttft_p99_ms']:9.2f} "
+                f"{s['itl_p50_ms']:8.2f} {s['itl_p99_ms']:8.2f} "
+                f"{s['requests_per_s']:7.2f} {s['tokens_per_s']:8.1f}"
+            )
         a = lv["added"]
-        lines.append(f"{'added':>8} {a['ttft_p50_ms']:+9.2f} {a['ttft_p99_ms']:+9.2f} "
-                     f"{a['itl_p50_ms']:+8.2f} {a['itl_p99_ms']:+8.2f}")
+        lines.append(
+            f"{'added':>8} {a['ttft_p50_ms']:+9.2f} {a['ttft_p99_ms']:+9.2f} "
+            f"{a['itl_p50_ms']:+8.2f} {a['itl_p99_ms']:+8.2f}"
+        )
         b = lv["ttft_mean_breakdown"]
-        lines.append(f"  mean TTFT: direct {b['direct_ttft_mean_ms']:.2f}, at ingress "
-                     f"{b['ingress_ttft_mean_ms']:.2f}, at client {b['client_ttft_mean_ms']:.2f} -> "
-                     f"ingress->engine {b['ingress_to_engine_ms']:+.2f}, "
-                     f"client<->ingress {b['client_to_ingress_ms']:+.2f} "
-                     f"(of which tokenization ~{tokenize_p50_ms:.2f})")
+        lines.append(
+            f"  mean TTFT: direct {b['direct_ttft_mean_ms']:.2f}, at ingress "
+            f"{b['ingress_ttft_mean_ms']:.2f}, at client {b['client_ttft_mean_ms']:.2f} -> "
+            f"ingress->engine {b['ingress_to_engine_ms']:+.2f}, "
+            f"client<->ingress {b['client_to_ingress_ms']:+.2f} "
+            f"(of which tokenization ~{tokenize_p50_ms:.2f})"
+        )
         for name in ("direct", "tandem"):
             busy = ", ".join(f"{r} {c:.2f}" for r, c in lv[name]["cpu_cores"].items())
             lines.append(f"  cores busy, {name}: {busy}")
-    lines.append("\ngoal: added TTFT <= {p50:g} ms at p50 and <= {p99:g} ms at p99".format(
-        **GOAL_ADDED_TTFT_MS))
+    lines.append(
+        "\ngoal: added TTFT <= {p50:g} ms at p50 and <= {p99:g} ms at p99".format(**GOAL_ADDED_TTFT_MS)
+    )
     for lv in levels:
         a, g = lv["added"], lv["goal_met"]
         verdict = "MET" if all(g.values()) else "NOT MET"
-        lines.append(f"  c={lv['concurrency']:<4} p50 {a['ttft_p50_ms']:+.2f} ms "
-                     f"({'ok' if g['p50'] else 'over'}), p99 {a['ttft_p99_ms']:+.2f} ms "
-                     f"({'ok' if g['p99'] else 'over'}): {verdict}")
+        lines.append(
+            f"  c={lv['concurrency']:<4} p50 {a['ttft_p50_ms']:+.2f} ms "
+            f"({'ok' if g['p50'] else 'over'}), p99 {a['ttft_p99_ms']:+.2f} ms "
+            f"({'ok' if g['p99'] else 'over'}): {verdict}"
+        )
     overall = all(all(lv["goal_met"].values()) for lv in levels)
     lines.append(f"overall: {'MET' if overall else 'NOT MET'}")
     return "\n".join(lines)
@@ -678,8 +700,9 @@ def run(params: Params) -> dict[str, Any]:
     try:
         model = spec.model(params.model)
     except KeyError:
-        raise SystemExit(f"--model: {params.model!r} is not in {params.config} "
-                         f"(models: {[m.name for m in spec.models]})") from None
+        raise SystemExit(
+            f"--model: {params.model!r} is not in {params.config} (models: {[m.name for m in spec.models]})"
+        ) from None
     if len(model.pools) != 1:
         raise SystemExit(f"model {model.name!r}: the benchmark needs exactly one (colocated) pool")
     tokenizer = PromptTokenizer(spec.resolve_source(model))

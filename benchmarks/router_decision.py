@@ -31,9 +31,11 @@ from typing import Any
 from router.hashing import BlockHasher
 from router.index import BlockIndex
 from router.policy import CacheAwarePolicy, Gate, ReplicaView, RoutingRequest, Weights
+from serving.config import RouterSpec
 
-WEIGHTS = Weights(prefix=2.0, load=1.0, kv=0.5, session=1.0)
-GATE = Gate(ratio=1.5, slack=4.0)
+_SPEC = RouterSpec()  # the shipped defaults
+WEIGHTS = Weights(**_SPEC.weights.model_dump())
+GATE = Gate(**_SPEC.gate.model_dump())
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -16,8 +16,10 @@ The cache-aware policy:
    cache routing off for the fleet;
 4. the **picker** ranks by weighted score (ties: lower load, then a seeded RNG).
 
-Stats older than `stale_after_s` degrade gracefully: that replica's load becomes the router's own
-count of requests it has in flight there, and its KV score a neutral 0.5.
+Fresh stats are topped up with the requests this router sent to the replica after the report (so a
+burst between two reports does not pile onto one replica). Stats older than `stale_after_s` degrade
+gracefully: that replica's load becomes the router's own count of requests it has in flight there,
+and its KV score a neutral 0.5.
 
 Baselines, selectable by config: round robin, power of two choices, consistent hash on the session.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -147,6 +149,9 @@ class CacheAwarePolicy(Policy):
         self._session_cap = sessions
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._inflight: dict[str, int] = {}
+        # Send times per replica since its last stats report: fresh stats do not count them yet.
+        self._recent: dict[str, deque[float]] = {}
+        self._now = 0.0
 
     def _load(self, r: ReplicaView, now: float) -> tuple[float, float | None]:
         """(load, kv_usage or None when stale)."""
@@ -159,6 +164,7 @@ class CacheAwarePolicy(Policy):
         total = len(req.block_keys)
         if not cands:
             return Decision(ranked=[], total_blocks=total)
+        self._now = now
         w = self._w
         matched = self.index.match(req.block_keys) if total and w.prefix else {}
         # One pass for loads (stale stats: our own in-flight count, neutral KV score).
@@ -166,12 +172,16 @@ class CacheAwarePolicy(Policy):
         inflight = self._inflight
         loads: list[float] = []
         kv_scores: list[float] = []
+        recent = self._recent
         for r in cands:
             if r.updated_at < stale_before:
                 loads.append(float(inflight.get(r.replica_id, 0)))
                 kv_scores.append(0.5)
             else:
-                loads.append(float(r.running + r.waiting))
+                sent = recent.get(r.replica_id)
+                while sent and sent[0] <= r.updated_at:
+                    sent.popleft()
+                loads.append(float(r.running + r.waiting + (len(sent) if sent else 0)))
                 kv_scores.append(1.0 - min(1.0, max(0.0, r.kv_usage)))
         peak = max(loads)
         limit = self._gate.ratio * (sum(loads) / len(loads)) + self._gate.slack
@@ -211,9 +221,11 @@ class CacheAwarePolicy(Policy):
         )
 
     def on_sent(self, req: RoutingRequest, replica: str) -> None:
-        # Approximate index: the engine will hold these blocks once it has prefilled them.
+        # Approximate index: the engine will hold these blocks once it has prefilled them. Recorded
+        # last block first, so the LRU evicts a prefix's tail before its head, as the engine does.
         if req.block_keys:
-            self.index.add(replica, req.block_keys)
+            self.index.add(replica, reversed(req.block_keys))
+        self._recent.setdefault(replica, deque()).append(self._now)
         if req.session_id:
             key = _session_key(req)
             self._sessions[key] = replica
@@ -230,6 +242,7 @@ class CacheAwarePolicy(Policy):
     def drop_replica(self, replica: str) -> None:
         self.index.drop_replica(replica)
         self._inflight.pop(replica, None)
+        self._recent.pop(replica, None)
         for s in [s for s, r in self._sessions.items() if r == replica]:
             del self._sessions[s]
 

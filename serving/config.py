@@ -240,8 +240,8 @@ class ScorerWeights(_Spec):
 class ImbalanceGate(_Spec):
     """Per candidate: load > ratio x mean load + slack takes away its prefix and session scores."""
 
-    ratio: float = Field(1.5, ge=1.0, description="Multiple of the candidates' mean load.")
-    slack: float = Field(4.0, ge=0, description="Requests of headroom above ratio x mean.")
+    ratio: float = Field(1.25, ge=1.0, description="Multiple of the candidates' mean load.")
+    slack: float = Field(3.0, ge=0, description="Requests of headroom above ratio x mean.")
 
 
 class RouterSpec(_Spec):

@@ -220,3 +220,22 @@ def test_make_policy_names_the_choices() -> None:
     assert isinstance(make_policy("cache_aware", **kw), CacheAwarePolicy)
     with pytest.raises(ValueError, match="round_robin"):
         make_policy("best", **kw)
+
+
+def test_fresh_stats_count_the_sends_made_since_the_report() -> None:
+    p = _policy(Weights(prefix=0, load=1, kv=0, session=0))
+    views = [ReplicaView("a", running=1, updated_at=10.0), ReplicaView("b", running=2, updated_at=10.0)]
+    assert p.route(RoutingRequest("x"), views, now=11.0).chosen == "a"
+    for _ in range(3):
+        p.on_sent(RoutingRequest("x"), "a")  # a burst between two reports
+    assert p.route(RoutingRequest("y"), views, now=11.5).chosen == "b"
+    # Once a report newer than the sends arrives, it alone counts.
+    fresh = [ReplicaView("a", running=1, updated_at=12.0), ReplicaView("b", running=2, updated_at=12.0)]
+    assert p.route(RoutingRequest("z"), fresh, now=12.5).chosen == "a"
+
+
+def test_approximate_feed_evicts_a_prefix_tail_first() -> None:
+    p = CacheAwarePolicy(BlockIndex(3), W, G, 5.0, sessions=10, rng=random.Random(0))
+    p.on_sent(RoutingRequest("x", [1, 2, 3]), "a")
+    p.on_sent(RoutingRequest("y", [9]), "a")  # over budget: block 3 (the tail) goes, not block 1
+    assert p.index.match([1, 2, 3]) == {"a": 2}
