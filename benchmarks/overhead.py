@@ -73,6 +73,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from benchmarks.common import percentile
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
@@ -225,13 +226,6 @@ def tokenize_ms(tokenizer: Any, prompts: list[Prompt]) -> float:
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (linear interpolation); NaN for no values."""
-    import numpy as np
-
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,7 @@ from typing import Any
 
 import httpx
 
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+from benchmarks.common import percentile
 
 
 def one_request(url: str, model: str, prompt: list[int], mode: str, max_tokens: int) -> dict[str, Any]:
@@ -129,10 +122,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 tpot = [r["tpot_s"] for r in runs]
                 entry = {
                     "requests": len(runs),
-                    "ttft_ms_p50": 1e3 * _pct(ttft, 0.5),
-                    "ttft_ms_p90": 1e3 * _pct(ttft, 0.9),
+                    "ttft_ms_p50": 1e3 * percentile(ttft, 50),
+                    "ttft_ms_p90": 1e3 * percentile(ttft, 90),
                     "ttft_ms_mean": 1e3 * statistics.fmean(ttft),
-                    "tpot_ms_p50": 1e3 * _pct(tpot, 0.5),
+                    "tpot_ms_p50": 1e3 * percentile(tpot, 50),
                     "tpot_ms_mean": 1e3 * statistics.fmean(tpot),
                     "routes": sorted({r["route"].split(";")[0] for r in runs}),
                     "decode_prompt_tokens_computed": after.prompt_tokens_computed

@@ -28,6 +28,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import percentile
 from router.hashing import BlockHasher
 from router.index import BlockIndex
 from router.policy import CacheAwarePolicy, Gate, ReplicaView, RoutingRequest, Weights
@@ -36,11 +37,6 @@ from serving.config import RouterSpec
 _SPEC = RouterSpec()  # the shipped defaults
 WEIGHTS = Weights(**_SPEC.weights.model_dump())
 GATE = Gate(**_SPEC.gate.model_dump())
-
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
 def fill(index: BlockIndex, replicas: list[str], blocks: int, rng: random.Random) -> list[list[int]]:
@@ -97,8 +93,8 @@ def run_level(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "indexed_entries": sum(index.blocks(r) for r in replicas),
         "distinct_blocks": len(index),
         "index_mib": mem / 2**20,
-        "decision_us_p50": _pct(lat, 0.5),
-        "decision_us_p99": _pct(lat, 0.99),
+        "decision_us_p50": percentile(lat, 50),
+        "decision_us_p99": percentile(lat, 99),
         "decision_us_mean": statistics.fmean(lat),
         "decisions_with_prefix_hit": matched / len(requests),
     }

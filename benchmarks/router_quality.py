@@ -104,6 +104,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import percentile
 from router.hashing import BlockHasher
 from router.policy import (
     Decision,
@@ -386,15 +387,6 @@ class OraclePolicy(Policy):
 _STATS, _FINISH, _ARRIVE = 0, 1, 2  # at equal times: refresh stats, then free slots, then route
 
 
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def _max_over_mean(values: Sequence[float]) -> float:
     mean = sum(values) / len(values) if values else 0.0
     return max(values) / mean if mean > 0 else float("nan")
@@ -543,8 +535,8 @@ def simulate(
             }
             for r in reps
         },
-        "ttft_p50_s": _pct(ttfts, 0.50),
-        "ttft_p99_s": _pct(ttfts, 0.99),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
         "utilization": sum(r.busy_s for r in reps) / (makespan * cfg.slots * len(reps)) if makespan else 0.0,
         "makespan_s": makespan,
         "working_set_blocks_mean": sum(ws_samples) / len(ws_samples) if ws_samples else 0.0,

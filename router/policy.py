@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,25 +90,28 @@ class Decision:
     total_blocks: int = 0
     score: float = 0.0
     scores: dict[str, float] = field(default_factory=dict)
+    #: Leading prompt blocks each candidate holds (cache-aware policy only; gated ones count 0).
+    matched: dict[str, int] = field(default_factory=dict)
 
     @property
     def chosen(self) -> str | None:
         return self.ranked[0][0] if self.ranked and self.ranked[0] else None
 
 
-class Policy:
+class Policy(ABC):
     """Base: `route` ranks candidates; `on_sent` / `on_done` keep the policy's own book."""
 
+    @abstractmethod
     def route(self, req: RoutingRequest, replicas: Sequence[ReplicaView], now: float) -> Decision:
-        raise NotImplementedError
+        """Ranked groups of eligible replica ids for `req` (empty when none is eligible)."""
 
-    def on_sent(self, req: RoutingRequest, replica: str) -> None:
+    def on_sent(self, req: RoutingRequest, replica: str) -> None:  # noqa: B027 - an optional hook, a no-op unless a policy keeps state
         """The request went to `replica`."""
 
-    def on_done(self, req: RoutingRequest, replica: str) -> None:
+    def on_done(self, req: RoutingRequest, replica: str) -> None:  # noqa: B027 - an optional hook, a no-op unless a policy keeps state
         """The request finished on `replica`."""
 
-    def drop_replica(self, replica: str) -> None:
+    def drop_replica(self, replica: str) -> None:  # noqa: B027 - an optional hook, a no-op unless a policy keeps state
         """`replica` left the pool."""
 
 
@@ -190,13 +194,16 @@ class CacheAwarePolicy(Policy):
         inv_peak = 1.0 / peak if peak > 0 else 0.0
         wp, wl, wk, ws = w.prefix * inv_total, w.load, w.kv, w.session
         scores: dict[str, float] = {}
+        held: dict[str, int] = {}
         best: list[tuple[float, float, float, str]] = []  # the two best (score, -load, tiebreak)
         rand = self._rng.random
         for r, load, kv in zip(cands, loads, kv_scores, strict=True):
             rid = r.replica_id
             score = wl * (1.0 - load * inv_peak) + wk * kv
             if load <= limit:  # the per-candidate gate: a hot replica gets no cache pull
-                score += wp * matched.get(rid, 0)
+                n = matched.get(rid, 0)
+                held[rid] = n
+                score += wp * n
                 if rid == sticky:
                     score += ws
             scores[rid] = score
@@ -211,13 +218,13 @@ class CacheAwarePolicy(Policy):
         rest = [r.replica_id for r in cands if r.replica_id not in top]
         ranked = [[t] for t in top] + ([rest] if rest else [])
         first = top[0]
-        first_load = -best[0][1]
         return Decision(
             ranked=ranked,
-            matched_blocks=matched.get(first, 0) if first_load <= limit else 0,
+            matched_blocks=held.get(first, 0),
             total_blocks=total,
             score=scores[first],
             scores=scores,
+            matched=held,
         )
 
     def on_sent(self, req: RoutingRequest, replica: str) -> None:

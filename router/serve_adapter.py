@@ -126,19 +126,13 @@ class TandemRequestRouter(RequestRouter):
             and hasattr(pending_request.args[0], "routing")
         ):
             # Only what the serving replica needs to report itself: its matched blocks and score.
-            matched = self._policy_matches(req, decision.ranked)
+            matched = decision.matched
             pending_request.args[0].routing = {
                 rid: (matched.get(rid, 0), decision.scores.get(rid, 0.0)) for group in decision.ranked[:2]
                 for rid in group
             }  # fmt: skip
         ranked = [[by_id[rid] for rid in group if rid in by_id] for group in decision.ranked]
         return [g for g in ranked if g] or [candidate_replicas]
-
-    def _policy_matches(self, req: RoutingRequest, ranked: list[list[str]]) -> dict[str, int]:
-        index = getattr(self._policy, "index", None)
-        if index is None or not req.block_keys:
-            return {}
-        return index.match(req.block_keys, [rid for group in ranked[:2] for rid in group])
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         req = _routing_request(pending_request, self._role)

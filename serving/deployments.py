@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -185,8 +186,6 @@ class EngineServer:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Load snapshot for the request router (Ray Serve calls this every stats period)."""
-        import time
-
         s = self._engine.stats()
         return {
             "role": self._role.value,

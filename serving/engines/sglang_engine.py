@@ -387,8 +387,8 @@ def _dead_pids(pids: list[int]) -> list[int]:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 dead.append(pid)
-            except PermissionError:
-                pass
+            except PermissionError:  # it exists, owned by someone else: not dead
+                continue
     return dead
 
 
@@ -621,6 +621,16 @@ class SGLangEngine:
         async for chunk in self._stream(request, bootstrap):
             yield chunk
 
+    async def _open(self, request: GenerateRequest, rid: str, bootstrap: dict[str, Any]) -> Any:
+        """SGLang's streaming generate for `request` under `rid` (with bootstrap fields on P/D)."""
+        return await self._engine.async_generate(
+            input_ids=list(request.prompt_token_ids),
+            sampling_params=sampling_params(request.sampling),
+            stream=True,
+            rid=rid,
+            **bootstrap,
+        )
+
     async def _stream(self, request: GenerateRequest, bootstrap: dict[str, Any]) -> AsyncIterator[Chunk]:
         """Run one request (colocated, or the decode side of a P/D pair) and stream its chunks."""
         reason = self._unavailable()
@@ -634,13 +644,7 @@ class SGLangEngine:
         done = False
         got_output = False
         try:
-            stream = await self._engine.async_generate(
-                input_ids=list(request.prompt_token_ids),
-                sampling_params=sampling_params(request.sampling),
-                stream=True,
-                rid=rid,
-                **bootstrap,
-            )
+            stream = await self._open(request, rid, bootstrap)
             async for out in stream:
                 chunk = deltas.chunk(out)
                 if bootstrap and not got_output:
@@ -737,13 +741,7 @@ class SGLangEngine:
         last: dict[str, Any] | None = None
         done = False
         try:
-            stream = await self._engine.async_generate(
-                input_ids=list(request.prompt_token_ids),
-                sampling_params=sampling_params(request.sampling),
-                stream=True,
-                rid=rid,
-                **params,
-            )
+            stream = await self._open(request, rid, params)
             async for out in stream:
                 last = out
             done = True
