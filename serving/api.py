@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,8 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.admission import AdmissionRequest, Rejected, Ticket
 from router.hashing import BlockHasher, tenant_salt
-from serving.engines.base import Chunk, GenerateRequest
+from router.resilience import ErrorClass, backoff_s, classify
+from router.tiers import RequestShape, Resolution, TierError
+from serving.auth import AuthError
+from serving.engines.base import Chunk, EngineError, GenerateRequest
+from serving.gateway import Gateway
 from serving.metrics import IngressMetrics
 from serving.openai_protocol import (
     ChatCompletionRequest,
@@ -46,6 +51,9 @@ class Backend(Protocol):
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Engine chunks for `request`; closing the iterator aborts the request."""
+
+    async def probe(self) -> None:
+        """Raise unless the model's pool answers (a recovery probe of a terminal target)."""
 
 
 class Tokenizer(Protocol):
@@ -72,6 +80,9 @@ class EngineBackend:
             if not done:
                 await self._engine.abort(request.request_id)
 
+    async def probe(self) -> None:
+        await self._engine.check_health()
+
 
 @dataclass(slots=True)
 class ServedModel:
@@ -91,20 +102,41 @@ class ServedModel:
 class ApiError(Exception):
     """An error answered in the OpenAI shape."""
 
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.param = param
+        self.code = code
+        self.headers = headers or {}
 
 
 def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def _error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, status), status_code=status)
+def _error_response(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: Any = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, type_, param, status if code is None else code),
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -124,16 +156,17 @@ _DONE = b"data: [DONE]\n\n"
 class OpenAIApi:
     """Request handlers; one instance per ingress replica."""
 
-    def __init__(self, models: dict[str, ServedModel], metrics: IngressMetrics) -> None:
+    def __init__(self, models: dict[str, ServedModel], metrics: IngressMetrics, gateway: Gateway) -> None:
         self.models = models
         self.metrics = metrics
+        self.gateway = gateway
 
     def model(self, name: str) -> ServedModel:
         served = self.models.get(name)
         if served is None:
             raise ApiError(
                 404,
-                f"The model `{name}` does not exist. Available: {sorted(self.models)}",
+                f"The model `{name}` is not served here. Available: {sorted(self.models)}",
                 "not_found_error",
                 "model",
             )
@@ -165,66 +198,228 @@ class OpenAIApi:
             )
         return asked
 
-    async def handle(
+    async def serve(
         self,
         kind: str,
         body: ChatCompletionRequest | CompletionRequest,
-        prompt_ids: list[int],
-        served: ServedModel,
+        headers: Any,
+        tenant: str,
+        encode: Callable[[ServedModel], Awaitable[list[int]]],
         prompt_param: str,
-        headers: Any = None,
+        reasoning_effort: str | None = None,
+        tools: bool = False,
     ) -> Response:
-        max_tokens = self._max_tokens(served, body, len(prompt_ids), prompt_param)
+        """Pick the tier, admit, open a stream along the degradation chain, and answer."""
+        g = self.gateway
+        task = headers.get(TASK_HEADER)
+        task_id = headers.get(TASK_ID_HEADER) or None
+        try:
+            rank = g.priority_rank(headers.get(PRIORITY_HEADER))
+        except ValueError:
+            raise ApiError(
+                400,
+                f"header {PRIORITY_HEADER}: {headers.get(PRIORITY_HEADER)!r} is not one of "
+                "interactive, standard, batch",
+                "invalid_request_error",
+                PRIORITY_HEADER,
+            ) from None
+        prompts: dict[str, list[int]] = {}
+
+        async def prompt_for(served: ServedModel) -> list[int]:
+            ids = prompts.get(served.name)
+            if ids is None:
+                ids = prompts[served.name] = await encode(served)
+            return ids
+
+        try:
+            shape = None
+            if g.tiers.needs_shape(body.model, task):
+                probe_model = self.model(g.tiers.tier(g.tiers.default_tier()).model)
+                n = len(await prompt_for(probe_model))
+                shape = RequestShape(n, body.requested_max_tokens(), reasoning_effort, tools)
+            res = g.tiers.resolve(body.model, task, shape)
+        except TierError as e:
+            type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
+            raise ApiError(e.status, str(e), type_, e.param) from None
+        primary = self.model(res.model)
+        prompt_ids = await prompt_for(primary)
+        max_tokens = self._max_tokens(primary, body, len(prompt_ids), prompt_param)
+        reserved = body.requested_max_tokens() or min(max_tokens, g.default_reserved_tokens)
+        try:
+            ticket = await g.admission.admit(
+                AdmissionRequest(tenant, len(prompt_ids), reserved, task_id, rank)
+            )
+        except Rejected as e:
+            raise self._rejected(e, res.model) from None
+        g.budget.on_request()
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        tenant = (headers.get(TENANT_HEADER) if headers is not None else None) or DEFAULT_TENANT
-        session = headers.get(SESSION_HEADER) if headers is not None else None
-        salt = tenant_salt(tenant) if served.salt_tenants else None
-        keys: list[int] = []
-        if served.hasher is not None:
-            if len(prompt_ids) > _INLINE_HASH_TOKENS:
-                keys = await asyncio.to_thread(served.hasher.keys, prompt_ids, salt)
-            else:
-                keys = served.hasher.keys(prompt_ids, salt)
-        req = GenerateRequest(
-            rid,
-            prompt_ids,
-            body.sampling(max_tokens),
-            disagg=_disagg_header(headers),
-            cache_salt=salt,
-            block_keys=keys,
-            tenant=tenant,
-            session_id=session,
-        )
         start = time.perf_counter()
+        try:
+            opened = await self._open(rid, body, headers, tenant, res, ticket, prompt_for, max_tokens)
+        except Rejected as e:
+            ticket.release(None)
+            raise self._rejected(e, res.model) from None
+        except BaseException:
+            ticket.release(None)
+            raise
+        served, first, stream, route = opened
         m = self.metrics
         m.in_flight.labels(served.name).inc()
-        stream = served.backend.stream(req)
-        try:
-            first = await anext(stream)
-        except BaseException:
-            m.in_flight.labels(served.name).dec()
-            await stream.aclose()
-            raise
-        if first.error is not None:
-            m.in_flight.labels(served.name).dec()
-            await stream.aclose()
-            err = first.error
-            raise ApiError(err.status, err.message, err.type)
         m.ttft.labels(served.name).observe(time.perf_counter() - start)
         endpoint = "chat" if kind == "chat" else "completions"
-        route = {ROUTE_HEADER: first.route.header()} if first.route is not None else {}
         if body.stream:
-            closer = _StreamCloser(self, served, stream, first, start, endpoint)
+            closer = _StreamCloser(self, served, stream, first, start, endpoint, ticket)
             gen = self._stream_sse(kind, rid, body, served, first, stream, closer)
             resp: Response = _ClosingStreamingResponse(gen, closer)
         else:
+            last = first
             try:
-                resp = await self._collect(kind, rid, served, first, stream, start, endpoint)
+                resp, last = await self._collect(kind, rid, served, first, stream, start, endpoint)
             finally:
                 m.in_flight.labels(served.name).dec()
-        resp.headers.update(route)
+                ticket.release(last.prompt_tokens + last.completion_tokens)
+        resp.headers[ROUTE_HEADER] = route
         return resp
+
+    def _rejected(self, e: Rejected, model: str) -> ApiError:
+        self.metrics.rejections.labels(e.reason, model).inc()
+        headers = {}
+        retry = e.retry_after_header()
+        if retry is not None:
+            headers["retry-after"] = retry
+        if e.status == 429:
+            type_ = "rate_limit_error"
+        elif e.status == 503:
+            type_ = "service_unavailable_error"
+        else:
+            type_ = "invalid_request_error"
+        param = "max_tokens" if e.reason == "request_too_large" else None
+        return ApiError(e.status, e.message, type_, param, code=e.reason, headers=headers)
+
+    async def _open(
+        self,
+        rid: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        headers: Any,
+        tenant: str,
+        res: Resolution,
+        ticket: Ticket,
+        prompt_for: Callable[[ServedModel], Awaitable[list[int]]],
+        max_tokens: int,
+    ) -> tuple[ServedModel, Chunk, AsyncIterator[Chunk], str]:
+        """The first chunk of the first target along the chain that answers (Rejected 503 if none).
+
+        Per target: skip it if its health is terminal or the request does not fit its context;
+        otherwise take a pool slot and wait for the first token. Failures are classified
+        (router.resilience): 4xx is returned as is; 429 honours Retry-After; 5xx and timeouts are
+        retried on the same target with backoff while it is not terminal and the retry budget
+        allows, then the next target is tried.
+        """
+        g = self.gateway
+        r = g.resilience
+        chain = g.tiers.chain(res)
+        skipped: list[str] = []
+        session = headers.get(SESSION_HEADER)
+        disagg = _disagg_header(headers)
+        requested = body.requested_max_tokens()
+        for i, target in enumerate(chain):
+            served = self.models.get(target.model)
+            if served is None:
+                skipped.append(f"{target.model}: not served here")
+                continue
+            health = g.health(target.model)
+            if not health.usable:
+                skipped.append(f"{target.model}: {health.state.value} ({health.reason})")
+                continue
+            ids = await prompt_for(served)
+            if i == 0:
+                out_tokens = max_tokens
+            else:
+                room = served.max_model_len - len(ids)
+                if room < (requested or 1):
+                    skipped.append(
+                        f"{target.model}: context window {served.max_model_len} cannot hold "
+                        f"{len(ids)} prompt + {requested or 1} output tokens"
+                    )
+                    continue
+                out_tokens = requested or room
+            tier = g.tiers.tier(target.tier) if target.tier else None
+            slo = tier.ttft_slo_s if tier else None
+            timeout = (tier.first_token_timeout_s if tier else None) or r.first_token_timeout_s
+            salt = tenant_salt(tenant) if served.salt_tenants else None
+            keys = await _block_keys(served, ids, salt)
+            attempt = 0
+            while True:
+                attempt += 1
+                await ticket.enter_pool(target.model, slo)
+                req = GenerateRequest(
+                    rid if i == 0 and attempt == 1 else f"{rid}-{i}.{attempt}",
+                    ids,
+                    body.sampling(out_tokens),
+                    disagg=disagg,
+                    cache_salt=salt,
+                    block_keys=keys,
+                    tenant=tenant,
+                    session_id=session,
+                )
+                stream = served.backend.stream(req)
+                err: EngineError | None = None
+                timed_out = False
+                try:
+                    first = await asyncio.wait_for(anext(stream), timeout)
+                    err = first.error
+                except TimeoutError:
+                    timed_out = True
+                except StopAsyncIteration:
+                    err = EngineError("the engine ended the stream without output", 502, "engine_error")
+                except BaseException:
+                    ticket.leave_pool()
+                    await asyncio.shield(stream.aclose())
+                    raise
+                now = time.monotonic()
+                if err is None and not timed_out:
+                    health.on_success(now)
+                    degraded = i > 0
+                    self.metrics.tier_requests.labels(
+                        target.tier or "", served.name, res.how, str(degraded).lower()
+                    ).inc()
+                    route = f"tier={target.tier or '-'}; model={served.name}; how={res.how}"
+                    if degraded:
+                        route += f"; degraded_from={chain[0].tier or chain[0].model}; degraded_reason="
+                        route += skipped[0].split(": ", 1)[1].replace(";", ",") if skipped else "unknown"
+                    if first.route is not None:
+                        route += "; " + first.route.header()
+                    return served, first, stream, route
+                await stream.aclose()
+                ticket.leave_pool()
+                cls = classify(err.status if err else None, timed_out)
+                self.metrics.attempt_failures.labels(target.model, cls.value).inc()
+                if cls is ErrorClass.CLIENT:
+                    assert err is not None
+                    raise ApiError(err.status, err.message, err.type)
+                if cls is ErrorClass.RATE_LIMITED:
+                    assert err is not None
+                    delay = err.retry_after_s or backoff_s(attempt, r.backoff_base_s, r.backoff_max_s)
+                    if attempt < r.max_attempts and g.budget.try_retry():
+                        self.metrics.retries.labels(target.model, cls.value).inc()
+                        await asyncio.sleep(delay)
+                        continue
+                    raise Rejected("engine_overloaded", err.message, delay)
+                reason = f"timeout after {timeout:g}s" if timed_out else f"{err.status} {err.type}"
+                health.on_failure(reason, now)
+                if health.usable and attempt < r.max_attempts and g.budget.try_retry():
+                    self.metrics.retries.labels(target.model, cls.value).inc()
+                    await asyncio.sleep(backoff_s(attempt, r.backoff_base_s, r.backoff_max_s))
+                    continue
+                skipped.append(f"{target.model}: {reason}")
+                break
+        raise Rejected(
+            "pool_down",
+            "no model along the degradation chain could serve this request: " + "; ".join(skipped),
+            r.probe_interval_s,
+            status=503,
+        )
 
     def _account(self, served: ServedModel, last: Chunk, start: float, endpoint: str, status: int) -> None:
         m = self.metrics
@@ -243,14 +438,16 @@ class OpenAIApi:
         stream: AsyncIterator[Chunk],
         start: float,
         endpoint: str,
-    ) -> Response:
+    ) -> tuple[Response, Chunk]:
+        """The whole answer as one JSON body, and the last chunk (its token counts)."""
         parts = [first.text]
         last = first
         try:
             async for chunk in stream:
                 if chunk.error is not None:
                     self.metrics.requests.labels(served.name, endpoint, str(chunk.error.status)).inc()
-                    return _error_response(chunk.error.status, chunk.error.message, chunk.error.type)
+                    err = chunk.error
+                    return _error_response(err.status, err.message, err.type), last
                 parts.append(chunk.text)
                 last = chunk
         finally:
@@ -269,16 +466,15 @@ class OpenAIApi:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             obj = "text_completion"
         self._account(served, last, start, endpoint, 200)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": obj,
-                "created": now(),
-                "model": served.name,
-                "choices": [choice],
-                "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
-            }
-        )
+        body = {
+            "id": rid,
+            "object": obj,
+            "created": now(),
+            "model": served.name,
+            "choices": [choice],
+            "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+        }
+        return JSONResponse(body), last
 
     async def _stream_sse(
         self,
@@ -328,6 +524,7 @@ class OpenAIApi:
                     m.itl.labels(served.name).observe(t - prev)
                     prev = t
                     last = chunk
+                    closer.seen(chunk)
                     yield _sse(frame(chunk, False))
             if include_usage and status == 200:
                 yield _sse(
@@ -361,11 +558,17 @@ class _StreamCloser:
         last: Chunk,
         start: float,
         endpoint: str,
+        ticket: Ticket,
     ) -> None:
         self._api, self._served, self._stream = api, served, stream
         self._last, self._start, self._endpoint = last, start, endpoint
+        self._ticket = ticket
         self._status: int | None = None
         self._closed = False
+
+    def seen(self, chunk: Chunk) -> None:
+        """The latest chunk sent (its token counts are what a disconnect used)."""
+        self._last = chunk
 
     def finished(self, last: Chunk, status: int) -> None:
         self._last, self._status = last, status
@@ -380,9 +583,13 @@ class _StreamCloser:
         if status is None:
             m.disconnects.labels(name).inc()
             status = 499
+        last = self._last
+        # Give the admission ticket back first (tokens not generated, fan-out and pool slots): a
+        # disconnected client's resources are free before the engine abort completes.
+        self._ticket.release(last.prompt_tokens + last.completion_tokens)
         # Closing the backend stream cancels the engine request if it is still running.
         await asyncio.shield(self._stream.aclose())
-        self._api._account(self._served, self._last, self._start, self._endpoint, status)
+        self._api._account(self._served, last, self._start, self._endpoint, status)
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -416,9 +623,14 @@ class _JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
-#: Request header: the tenant (until API keys map keys to tenants, issue 5).
+#: Request header: the tenant, honoured only when auth is disabled (local use, tests).
 TENANT_HEADER = "x-tandem-tenant"
-DEFAULT_TENANT = "default"
+#: Request header: the tier of a `model: auto` request (intent, reasoning, ...).
+TASK_HEADER = "x-tandem-task"
+#: Request header: the agent task a call belongs to (its fan-out semaphore).
+TASK_ID_HEADER = "x-tandem-task-id"
+#: Request header: priority class (interactive | standard | batch), at most the tenant's.
+PRIORITY_HEADER = "x-tandem-priority"
 #: Request header: a conversation's session id (session affinity in the router).
 SESSION_HEADER = "x-session-id"
 #: Prompts longer than this are hashed in a worker thread (SHA-256 per block).
@@ -448,6 +660,48 @@ def _disagg_header(headers: Any) -> str:
     return value
 
 
+async def _block_keys(served: ServedModel, ids: list[int], salt: str | None) -> list[int]:
+    """The prompt's chained block hashes for the router (long prompts hashed in a thread)."""
+    if served.hasher is None:
+        return []
+    if len(ids) > _INLINE_HASH_TOKENS:
+        return await asyncio.to_thread(served.hasher.keys, ids, salt)
+    return served.hasher.keys(ids, salt)
+
+
+class _Authenticate:
+    """ASGI middleware: `/v1/*` requests need a valid API key (401 otherwise, before the body is read).
+
+    The tenant goes into the request's state (`request.state.tenant`).
+    """
+
+    def __init__(self, app: Any, api: OpenAIApi) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                tenant = self.api.gateway.auth.tenant(
+                    headers.get("authorization"), headers.get(TENANT_HEADER)
+                )
+            except AuthError as e:
+                self.api.metrics.auth_failures.labels(e.reason).inc()
+                resp = _error_response(
+                    401,
+                    e.message,
+                    "authentication_error",
+                    None,
+                    "invalid_api_key",
+                    {"www-authenticate": "Bearer"},
+                )
+                await resp(scope, receive, send)
+                return
+            scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
 def _check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
     vocab = getattr(served.tokenizer, "vocab_size", None)
     if ids and vocab is not None and max(ids) >= vocab:
@@ -459,9 +713,12 @@ def _check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
         )
 
 
-def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = None) -> FastAPI:
-    """The FastAPI app serving `models`."""
-    api = OpenAIApi(models, metrics or IngressMetrics())
+def build_api(
+    models: dict[str, ServedModel], metrics: IngressMetrics | None = None, gateway: Gateway | None = None
+) -> FastAPI:
+    """The FastAPI app serving `models` (`gateway`: auth, tiers, admission; default: none of them)."""
+    metrics = metrics or IngressMetrics()
+    api = OpenAIApi(models, metrics, gateway or Gateway.open(list(models), metrics))
     app = FastAPI(
         title="Tandem",
         description="OpenAI-compatible API of a Tandem deployment.",
@@ -469,10 +726,11 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
     )
     app.state.api = api
     app.add_middleware(_JSONBodyByDefault)
+    app.add_middleware(_Authenticate, api=api)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.message, exc.type, exc.param)
+        return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -518,31 +776,58 @@ def build_api(models: dict[str, ServedModel], metrics: IngressMetrics | None = N
                     "max_model_len": m.max_model_len,
                 }
                 for m in api.models.values()
-            ],
+            ]
+            + (
+                [
+                    {
+                        "id": api.gateway.tiers.auto_model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "tandem",
+                        "tiers": api.gateway.tiers.tiers,
+                    }
+                ]
+                if api.gateway.tiers.tiers
+                else []
+            ),
         }
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        """Chat completion (streaming with `stream: true`)."""
-        served = api.model(body.model)
+        """Chat completion (streaming with `stream: true`). `model: auto` picks a tier."""
         _disagg_header(request.headers)
-        _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
-        prompt_ids = await asyncio.to_thread(served.tokenizer.encode_chat, body.messages)
-        return await api.handle("chat", body, prompt_ids, served, "messages", request.headers)
+
+        async def encode(served: ServedModel) -> list[int]:
+            _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
+            return await asyncio.to_thread(served.tokenizer.encode_chat, body.messages)
+
+        return await api.serve(
+            "chat",
+            body,
+            request.headers,
+            request.state.tenant,
+            encode,
+            "messages",
+            reasoning_effort=body.reasoning_effort,
+            tools=bool(body.tools),
+        )
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        """Text completion of one prompt (string or token ids)."""
-        served = api.model(body.model)
+        """Text completion of one prompt (string or token ids). `model: auto` picks a tier."""
         _disagg_header(request.headers)
-        _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
-        if isinstance(body.prompt, str):
-            prompt_ids = await asyncio.to_thread(served.tokenizer.encode, body.prompt)
-        else:
-            prompt_ids = list(body.prompt)
-            _check_token_ids(served, prompt_ids, "prompt")
-        if not prompt_ids:
-            raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
-        return await api.handle("completion", body, prompt_ids, served, "prompt", request.headers)
+
+        async def encode(served: ServedModel) -> list[int]:
+            _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
+            if isinstance(body.prompt, str):
+                ids = await asyncio.to_thread(served.tokenizer.encode, body.prompt)
+            else:
+                ids = list(body.prompt)
+                _check_token_ids(served, ids, "prompt")
+            if not ids:
+                raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
+            return ids
+
+        return await api.serve("completion", body, request.headers, request.state.tenant, encode, "prompt")
 
     return app

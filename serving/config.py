@@ -7,7 +7,11 @@ Shape::
 
     server:   where the OpenAI API listens, and the local Ray settings
     models:   one entry per served model; each has one or more pools (colocated | prefill | decode)
-    tiers:    task tiers (intent, reasoning, ...) that map to a model
+    tiers:    task tiers (intent, reasoning, ...) that map to a model, with degradation chains
+    routing:  how a request picks its tier (model name, `auto` + x-tandem-task, shape rules)
+    auth:     API keys (hashed) -> tenants
+    admission: per-tenant token buckets, fan-out width, priorities, pool limits, wait queue
+    resilience: retry budget, backoff, health state machine of each target
 """
 
 from __future__ import annotations
@@ -331,12 +335,184 @@ class ModelSpec(_Spec):
         return None
 
 
+class TierRuleMatch(_Spec):
+    """Conditions on a request's shape; every condition given must hold (an empty match always holds)."""
+
+    reasoning_effort: list[str] | None = Field(
+        None, description="The request's reasoning_effort is one of these (low, medium, high, ...)."
+    )
+    tools: bool | None = Field(None, description="The request declares tools (true) or not (false).")
+    min_prompt_tokens: int | None = Field(None, ge=0, description="Prompt has at least this many tokens.")
+    max_prompt_tokens: int | None = Field(None, ge=0, description="Prompt has at most this many tokens.")
+    min_max_tokens: int | None = Field(
+        None, ge=0, description="The request asks for at least this many output tokens (max_tokens)."
+    )
+
+
+class TierRule(_Spec):
+    """Send requests whose shape matches `when` to `tier` (rules are tried in order; first match wins)."""
+
+    tier: str = Field(description="Tier for matching requests.")
+    when: TierRuleMatch = Field(default_factory=TierRuleMatch, description="Conditions.")
+
+
 class TierSpec(_Spec):
     """A task tier: a kind of call (intent classification, reasoning) served by one model."""
 
     name: str = Field(pattern=_NAME_RE, description="Tier name, e.g. intent or reasoning.")
     model: str = Field(description="Name of the model (under `models`) that serves this tier.")
     description: str = Field("", description="What calls belong to this tier.")
+    fallback: list[str] = Field(
+        default_factory=list,
+        description="Degradation chain: tiers tried in order when this tier's model is unhealthy "
+        "(skipped when the prompt and max_tokens do not fit their context window).",
+    )
+    ttft_slo_s: float = Field(
+        2.0,
+        gt=0,
+        description="Time-to-first-token objective: a request whose predicted queue wait already "
+        "exceeds it is rejected at once (429) instead of queueing.",
+    )
+    first_token_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Overrides resilience.first_token_timeout_s for this tier's model.",
+    )
+
+
+class RoutingSpec(_Spec):
+    """How a request picks its tier: model name, `auto` + x-tandem-task header, or rules."""
+
+    auto_model: str = Field("auto", pattern=_NAME_RE, description="Model alias that means 'pick a tier'.")
+    default_tier: str | None = Field(
+        None, description="Tier of an `auto` request that no header or rule places (the first tier if unset)."
+    )
+    rules: list[TierRule] = Field(
+        default_factory=list, description="Shape rules for `auto` requests without an x-tandem-task header."
+    )
+
+
+class ApiKey(_Spec):
+    """An API key, stored as the SHA-256 of the key (`tandem key new` prints both)."""
+
+    tenant: str = Field(pattern=_NAME_RE, description="Tenant the key authenticates as.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key.")
+
+
+class AuthSpec(_Spec):
+    """API key authentication (`Authorization: Bearer <key>`)."""
+
+    enabled: bool = Field(True, description="Require an API key. Disabling it must be explicit.")
+    keys: list[ApiKey] = Field(default_factory=list, description="Keys given inline (hashed).")
+    keys_file: str | None = Field(
+        None,
+        description="YAML/JSON file with more keys, a list of {tenant, sha256} (a mounted Kubernetes "
+        "Secret); read at start.",
+    )
+    allow_remote_unauthenticated: bool = Field(
+        False,
+        description="With auth disabled, allow binding the API to a non-loopback address. Anyone who "
+        "can reach the port can then use any tenant.",
+    )
+
+
+class Priority(StrEnum):
+    """Priority classes: a higher class is served first from a pool's wait queue."""
+
+    INTERACTIVE = "interactive"
+    STANDARD = "standard"
+    BATCH = "batch"
+
+    @property
+    def rank(self) -> int:
+        """0 is served first."""
+        return list(Priority).index(self)
+
+
+class TenantLimits(_Spec):
+    """Admission limits of one tenant (cluster-wide figures; each ingress replica enforces its share)."""
+
+    tokens_per_s: float = Field(
+        20_000.0, gt=0, description="Token bucket refill rate (prompt + max_tokens per second)."
+    )
+    burst_tokens: int = Field(
+        100_000, ge=1, description="Token bucket size: the most a tenant can spend at once."
+    )
+    fanout_width: int = Field(
+        8, ge=1, description="Calls of one agent task (x-tandem-task-id) in flight at once."
+    )
+    priority: Priority = Field(
+        Priority.STANDARD,
+        description="Default priority class; a request may lower its own (x-tandem-priority) but "
+        "not raise it.",
+    )
+
+
+class TenantSpec(TenantLimits):
+    """A named tenant and its limits."""
+
+    name: str = Field(pattern=_NAME_RE, description="Tenant name (from its API key).")
+
+
+class PoolLimit(_Spec):
+    """Concurrency limit of one model's serving pool at the ingress."""
+
+    model: str = Field(description="Model name.")
+    max_concurrency: int = Field(ge=1, description="Requests in flight to the model at once.")
+
+
+class AdmissionSpec(_Spec):
+    """Admission control in front of the pools: 429 + Retry-After, never a hang."""
+
+    enabled: bool = Field(True, description="Apply the limits below (auth is separate).")
+    default_tenant: TenantLimits = Field(
+        default_factory=TenantLimits, description="Limits of tenants not listed under `tenants`."
+    )
+    tenants: list[TenantSpec] = Field(default_factory=list, description="Per-tenant limits.")
+    pool_limits: list[PoolLimit] = Field(
+        default_factory=list,
+        description="Per-model concurrency limits; a model not listed gets replicas.max x "
+        "max_ongoing_requests of its serving pool.",
+    )
+    max_queue: int = Field(
+        256, ge=0, description="Requests that may wait for a pool slot (per model); beyond it: 429."
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="Most time a request waits for a fan-out or pool slot before a 429."
+    )
+    default_reserved_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Output tokens reserved in the bucket for a request without max_tokens "
+        "(reconciled with the real count when it finishes).",
+    )
+
+
+class ResilienceSpec(_Spec):
+    """Retries, backoff and per-target health at the ingress."""
+
+    retry_budget_ratio: float = Field(
+        0.1, ge=0, le=1, description="Retries allowed per request sent (0.1: at most 10 %)."
+    )
+    retry_budget_min: float = Field(
+        3.0, ge=0, description="Retries the budget starts with (so a quiet ingress can still retry)."
+    )
+    backoff_base_s: float = Field(0.1, gt=0, description="First retry's backoff ceiling (full jitter).")
+    backoff_max_s: float = Field(5.0, gt=0, description="Largest backoff ceiling.")
+    max_attempts: int = Field(3, ge=1, description="Attempts on one target before moving down the chain.")
+    first_token_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An attempt with no first token after this long (engine queueing included) counts "
+        "as a timeout: retried with backoff or sent down the degradation chain.",
+    )
+    terminal_after: int = Field(
+        2, ge=1, description="Consecutive failures that take a target from sticky_retry to terminal."
+    )
+    probe_interval_s: float = Field(
+        5.0, gt=0, description="How often a terminal target is probed for recovery."
+    )
+    probe_timeout_s: float = Field(5.0, gt=0, description="Time a recovery probe may take.")
 
 
 class ServerSpec(_Spec):
@@ -364,6 +540,10 @@ class ServingSpec(_Spec):
     )
     models: list[ModelSpec] = Field(min_length=1, description="Served models.")
     tiers: list[TierSpec] = Field(default_factory=list, description="Task tiers -> model.")
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="How requests pick a tier.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys -> tenants.")
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec, description="Admission control.")
+    resilience: ResilienceSpec = Field(default_factory=ResilienceSpec, description="Retries and health.")
 
     @model_validator(mode="after")
     def _references(self) -> ServingSpec:
@@ -377,7 +557,47 @@ class ServingSpec(_Spec):
         tier_names = [t.name for t in self.tiers]
         if len(set(tier_names)) != len(tier_names):
             raise ValueError("tiers: duplicate tier names")
+        for i, tier in enumerate(self.tiers):
+            for j, fb in enumerate(tier.fallback):
+                if fb not in tier_names or fb == tier.name:
+                    raise ValueError(
+                        f"tiers[{i}].fallback[{j}]: {fb!r} is not another tier; choose from {tier_names}"
+                    )
+        routing = self.routing
+        if routing.default_tier is not None and routing.default_tier not in tier_names:
+            raise ValueError(
+                f"routing.default_tier: unknown tier {routing.default_tier!r}; choose from {tier_names}"
+            )
+        for i, rule in enumerate(routing.rules):
+            if rule.tier not in tier_names:
+                raise ValueError(
+                    f"routing.rules[{i}].tier: unknown tier {rule.tier!r}; choose from {tier_names}"
+                )
+        if routing.auto_model in names:
+            raise ValueError(f"routing.auto_model: {routing.auto_model!r} is also a model name; rename one")
+        for i, limit in enumerate(self.admission.pool_limits):
+            if limit.model not in names:
+                raise ValueError(f"admission.pool_limits[{i}].model: unknown model {limit.model!r}")
+        tenants = [t.name for t in self.admission.tenants]
+        if len(set(tenants)) != len(tenants):
+            raise ValueError("admission.tenants: duplicate tenant names")
+        if (
+            not self.auth.enabled
+            and not self.auth.allow_remote_unauthenticated
+            and not _loopback(self.server.host)
+        ):
+            raise ValueError(
+                f"auth.enabled: false with server.host {self.server.host!r} would serve anyone on the "
+                "network; bind to 127.0.0.1, enable auth, or set auth.allow_remote_unauthenticated: true"
+            )
         return self
+
+    def tier(self, name: str) -> TierSpec:
+        """The tier called `name` (KeyError if absent)."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     def model(self, name: str) -> ModelSpec:
         """The model called `name` (KeyError if absent)."""
@@ -392,6 +612,10 @@ class ServingSpec(_Spec):
         if local is None:
             return model.source
         return str(Path(self.model_dir).expanduser() / local)
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def _format_errors(err: ValidationError) -> str:

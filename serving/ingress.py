@@ -9,12 +9,14 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from router.hashing import BlockHasher
 from serving.api import ServedModel, build_api
 from serving.config import ServingSpec, parse_spec
 from serving.engines.base import Chunk, EngineError, GenerateRequest
+from serving.gateway import Gateway
 from serving.metrics import IngressMetrics
 from serving.streaming import coalesce
 from serving.tokenizer import PromptTokenizer
@@ -25,8 +27,14 @@ logger = logging.getLogger(__name__)
 class HandleBackend:
     """Streams a model's requests to its engine deployment through a Ray Serve handle."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, backpressure_retry_s: float = 1.0) -> None:
+        self._plain = handle
         self._handle = handle.options(stream=True)
+        self._backpressure_retry_s = backpressure_retry_s
+
+    async def probe(self) -> None:
+        """The pool answers when one of its replicas passes its own health check."""
+        await self._plain.check_health.remote()
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         # Merge chunks that pile up while the ingress is busy (see serving.streaming).
@@ -38,6 +46,12 @@ class HandleBackend:
         try:
             async for chunk in gen:
                 yield chunk
+            done = True
+        except BackPressureError as e:
+            # Every replica's queue is full (max_queued_requests): overload, not a failure.
+            yield Chunk(
+                error=EngineError(str(e), 429, "engine_overloaded", retry_after_s=self._backpressure_retry_s)
+            )
             done = True
         except RayError as e:
             # A replica that died mid-stream is a clean 503, never a hang or a 500.
@@ -82,10 +96,13 @@ class OpenAIIngress:
                 salt_tenants=model.router.tenant_salt,
             )
         self._models = models
+        self._gateway = Gateway.from_spec(self._spec, self._metrics)
+        for name, served in models.items():
+            self._gateway.register_probe(name, served.backend.probe)
         logger.info("ingress ready for %s", sorted(models))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_api(self._models, self._metrics)
+        return build_api(self._models, self._metrics, self._gateway)
 
 
 # Late-bound FastAPI app: built after __init__, so the routes close over this replica's state

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -71,6 +75,91 @@ class IngressMetrics:
             registry=r,
         )
 
+        self.tier_requests = Counter(
+            "tandem_tier_requests",
+            "Requests by tier and the model that served them (degraded: served down the chain).",
+            ["tier", "model", "how", "degraded"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "tandem_admission_rejections",
+            "Requests refused before reaching an engine, by reason (tenant_rate_limited, "
+            "request_too_large, fanout_timeout, queue_full, queue_timeout, predicted_wait, pool_down).",
+            ["reason", "model"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "tandem_auth_failures", "Requests refused with 401, by reason.", ["reason"], registry=r
+        )
+        self.retries = Counter(
+            "tandem_retries",
+            "Attempts retried on the same target, by error class.",
+            ["model", "error_class"],
+            registry=r,
+        )
+        self.attempt_failures = Counter(
+            "tandem_attempt_failures",
+            "Failed attempts (before the first token), by error class.",
+            ["model", "error_class"],
+            registry=r,
+        )
+        self.target_health = Gauge(
+            "tandem_target_health",
+            "Health of each target as this ingress sees it: 0 healthy, 1 sticky_retry, 2 terminal.",
+            ["model"],
+            registry=r,
+        )
+        self.health_transitions = Counter(
+            "tandem_health_transitions", "Health state changes, by new state.", ["model", "state"], registry=r
+        )
+        self.probes = Counter(
+            "tandem_health_probes", "Recovery probes of terminal targets.", ["model", "result"], registry=r
+        )
+
+    def watch_admission(self, controller: Any) -> None:
+        """Export the admission controller's levels (read at scrape time)."""
+        self.registry.register(_AdmissionCollector(controller))
+
     def render(self) -> bytes:
         """Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class _AdmissionCollector(Collector):
+    """Bucket levels, fan-out slots and pool queues of an AdmissionController, read when scraped."""
+
+    def __init__(self, controller: Any) -> None:
+        self._ctl = controller
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        snap = self._ctl.snapshot()
+        bucket = GaugeMetricFamily(
+            "tandem_admission_bucket_tokens", "Tokens left in each tenant's bucket.", labels=["tenant"]
+        )
+        for tenant, level in snap["buckets"].items():
+            bucket.add_metric([tenant], level)
+        inflight = GaugeMetricFamily(
+            "tandem_admission_tenant_in_flight", "Admitted requests in flight per tenant.", labels=["tenant"]
+        )
+        for tenant, n in snap["tenant_in_flight"].items():
+            inflight.add_metric([tenant], n)
+        fanout = GaugeMetricFamily(
+            "tandem_admission_fanout_in_use",
+            "Fan-out slots in use (calls of agent tasks in flight) per tenant.",
+            labels=["tenant"],
+        )
+        for tenant, n in snap["fanout_in_use"].items():
+            fanout.add_metric([tenant], n)
+        pool_in_use = GaugeMetricFamily(
+            "tandem_admission_pool_in_flight", "Requests holding a pool slot, per model.", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            "tandem_admission_queue_depth", "Requests waiting for a pool slot, per model.", labels=["model"]
+        )
+        for model, p in snap["pools"].items():
+            pool_in_use.add_metric([model], p["in_use"])
+            queued.add_metric([model], p["queued"])
+        yield from (bucket, inflight, fanout, pool_in_use, queued)

@@ -117,6 +117,9 @@ class ChatCompletionRequest(_SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: list[dict[str, Any]] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="Used to pick a tier for `model: auto` (routing.rules)."
+    )
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> ChatCompletionRequest:

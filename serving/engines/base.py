@@ -59,6 +59,8 @@ class EngineError:
     message: str
     status: int = 500
     type: str = "engine_error"
+    #: For a 429: when the client (or the ingress) may try again.
+    retry_after_s: float | None = None
 
 
 @dataclass(slots=True)

@@ -235,7 +235,9 @@ async def test_route_header_and_disagg_choice_reach_through(routed, stream: bool
     client, backend = routed
     r = await client.post("/v1/chat/completions", json=chat(stream=stream), headers={"x-tandem-disagg": "ON"})
     assert r.status_code == 200
-    assert r.headers["x-tandem-route"] == "mode=disagg; prefill=pre#2; decode=dec#1; reason=forced"
+    assert r.headers["x-tandem-route"] == (
+        "tier=-; model=tiny; how=model; mode=disagg; prefill=pre#2; decode=dec#1; reason=forced"
+    )
     assert backend.seen == ["on"]
     await client.post("/v1/completions", json={"model": "tiny", "prompt": "a b", "max_tokens": 2})
     assert backend.seen == ["on", "auto"]

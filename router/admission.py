@@ -1,0 +1,446 @@
+"""Admission control: what the cluster can serve on time is admitted, the rest gets a 429 at once.
+
+Pure asyncio, no Ray and no HTTP: the ingress builds one `AdmissionController` per replica and
+calls `admit()` for every request. The checks, in order:
+
+1. **Token bucket per tenant.** A request costs its prompt tokens plus the output tokens it
+   reserves (its max_tokens, or a default). The cost is taken at admission and reconciled when the
+   request ends: unused reserved tokens go back to the bucket. A request that does not fit gets a
+   429 whose Retry-After is when the bucket will have refilled enough.
+2. **Fan-out semaphore per agent task** (`x-tandem-task-id`): at most the tenant's width of calls of
+   one task are in flight; the rest wait their turn (first come, first served) up to a deadline.
+3. **Pool concurrency** per model: at most `limit` requests in flight; the rest wait in a bounded
+   queue ordered by priority class, then arrival. A request whose predicted wait already exceeds
+   its tier's TTFT objective is rejected at once instead of queueing to miss it.
+
+`Ticket` holds what was taken and gives every piece back exactly once (`release`), whatever
+happens to the request. Limits are per ingress replica: the controller is built with the cluster
+figures scaled by its `share` (1 / ingress replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: Floor of a Retry-After value (seconds): clients should not come back in a tight loop.
+MIN_RETRY_AFTER_S = 1.0
+
+
+class Rejected(Exception):
+    """A request that is not admitted. `status` is 429 (come back later) or 503 (pool down)."""
+
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = None, status: int = 429):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+    def retry_after_header(self) -> str | None:
+        """The Retry-After header value (whole seconds, rounded up, at least MIN_RETRY_AFTER_S)."""
+        if self.retry_after_s is None:
+            return None
+        if math.isinf(self.retry_after_s):
+            return None
+        return str(math.ceil(max(self.retry_after_s, MIN_RETRY_AFTER_S)))
+
+
+class TokenBucket:
+    """A token bucket: `burst` tokens at most, refilled at `rate` tokens per second.
+
+    The level may go below zero when a request used more than it reserved (a debt repaid by refill).
+    """
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError("rate and burst must be positive")
+        self.rate = rate
+        self.burst = burst
+        self._level = float(burst)
+        self._t = now
+
+    def level(self, now: float) -> float:
+        """Tokens available at `now`."""
+        if now > self._t:
+            self._level = min(self.burst, self._level + (now - self._t) * self.rate)
+            self._t = now
+        return self._level
+
+    def try_take(self, cost: float, now: float) -> float:
+        """Take `cost` tokens if available and return 0; else take nothing and return the seconds until
+        they will be (inf when `cost` exceeds the bucket's size)."""
+        if cost > self.burst:
+            return math.inf
+        level = self.level(now)
+        if level >= cost:
+            self._level = level - cost
+            return 0.0
+        return (cost - level) / self.rate
+
+    def give_back(self, tokens: float, now: float) -> None:
+        """Return `tokens` (capped at the bucket's size); a negative amount charges more."""
+        self._level = min(self.burst, self.level(now) + tokens)
+
+
+class FairSemaphore:
+    """A semaphore that hands slots out in arrival order, with a deadline on each wait."""
+
+    def __init__(self, width: int) -> None:
+        if width < 1:
+            raise ValueError("width must be >= 1")
+        self.width = width
+        self.in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a slot."""
+        return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def idle(self) -> bool:
+        """No slot taken and nobody waiting."""
+        return self.in_use == 0 and not self._waiters
+
+    async def acquire(self, max_wait_s: float | None) -> None:
+        """Take a slot, waiting at most `max_wait_s` seconds (TimeoutError) behind earlier callers."""
+        if self.in_use < self.width and not self._waiters:
+            self.in_use += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), max_wait_s)
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                # The slot was handed to us as we gave up: pass it on.
+                self.release()
+            else:
+                fut.cancel()
+            self._discard(fut)
+            raise
+        self._discard(fut)
+
+    def _discard(self, fut: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass
+
+    def release(self) -> None:
+        """Give a slot back: to the longest waiter if any, else to the pool."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes on; in_use is unchanged
+                return
+        if self.in_use <= 0:
+            raise RuntimeError("release() without acquire()")
+        self.in_use -= 1
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: int
+    seq: int
+    fut: asyncio.Future[None] = field(compare=False)
+
+
+class PoolLimiter:
+    """Concurrency limit of one pool with a bounded wait queue ordered by (priority, arrival).
+
+    The mean time a slot is held (EWMA over releases) predicts how long a newcomer would wait:
+    (requests ahead of it + 1) x mean hold / limit.
+    """
+
+    def __init__(self, limit: int, max_queue: int, ewma_alpha: float = 0.2) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self.max_queue = max_queue
+        self.in_use = 0
+        self.mean_hold_s = 0.0
+        self._alpha = ewma_alpha
+        self._heap: list[_Waiter] = []
+        self._seq = itertools.count()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return sum(1 for w in self._heap if not w.fut.done())
+
+    def predicted_wait_s(self, rank: int) -> float:
+        """Seconds a request of priority `rank` arriving now would wait for a slot."""
+        if self.in_use < self.limit and not self._heap:
+            return 0.0
+        ahead = sum(1 for w in self._heap if w.rank <= rank and not w.fut.done())
+        return (ahead + 1) * self.mean_hold_s / self.limit
+
+    async def acquire(self, rank: int, max_wait_s: float, slo_s: float | None = None) -> None:
+        """Take a slot; Rejected when the queue is full, the predicted wait exceeds `slo_s`, or no slot
+        came within `max_wait_s`."""
+        if self.in_use < self.limit and not self._heap:
+            self.in_use += 1
+            return
+        wait = self.predicted_wait_s(rank)
+        if self.queued >= self.max_queue:
+            raise Rejected(
+                "queue_full",
+                f"the model's wait queue is full ({self.max_queue} requests); retry later",
+                max(wait, MIN_RETRY_AFTER_S),
+            )
+        if slo_s is not None and wait > slo_s:
+            raise Rejected(
+                "predicted_wait",
+                f"predicted queue wait {wait:.2f}s exceeds the tier's TTFT objective of {slo_s:g}s",
+                wait,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(rank, next(self._seq), fut)
+        heapq.heappush(self._heap, waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), max_wait_s)
+        except TimeoutError:
+            self._give_up(waiter)
+            raise Rejected(
+                "queue_timeout",
+                f"no slot for this model within {max_wait_s:g}s; retry later",
+                max(self.predicted_wait_s(rank), MIN_RETRY_AFTER_S),
+            ) from None
+        except BaseException:
+            self._give_up(waiter)
+            raise
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        if waiter.fut.done() and not waiter.fut.cancelled():
+            self.release(None)  # handed a slot as we gave up: pass it on
+        else:
+            waiter.fut.cancel()
+        self._heap = [w for w in self._heap if w is not waiter]
+        heapq.heapify(self._heap)
+
+    def release(self, held_s: float | None) -> None:
+        """Give a slot back (held for `held_s`, which feeds the wait prediction)."""
+        if held_s is not None:
+            self.mean_hold_s = (
+                held_s
+                if self.mean_hold_s == 0.0
+                else (1 - self._alpha) * self.mean_hold_s + self._alpha * held_s
+            )
+        while self._heap:
+            w = heapq.heappop(self._heap)
+            if not w.fut.done():
+                w.fut.set_result(None)
+                return
+        if self.in_use <= 0:
+            raise RuntimeError("release() without acquire()")
+        self.in_use -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One tenant's limits, already scaled to this ingress replica's share."""
+
+    tokens_per_s: float
+    burst_tokens: float
+    fanout_width: int
+    priority_rank: int
+
+
+@dataclass(slots=True)
+class AdmissionRequest:
+    """What admission needs to know about a request."""
+
+    tenant: str
+    prompt_tokens: int
+    reserved_tokens: int
+    task_id: str | None = None
+    #: Priority class rank asked for (0 first); None: the tenant's. It cannot be raised above it.
+    priority_rank: int | None = None
+
+    @property
+    def cost(self) -> int:
+        """Tokens taken from the bucket at admission."""
+        return self.prompt_tokens + self.reserved_tokens
+
+
+class Ticket:
+    """What an admitted request holds. `release()` gives it all back once; safe to call again."""
+
+    def __init__(
+        self, ctl: AdmissionController, req: AdmissionRequest, rank: int, fanout: tuple | None
+    ) -> None:
+        self._ctl = ctl
+        self.request = req
+        self.priority_rank = rank
+        self._fanout = fanout
+        self._pool: tuple[str, float] | None = None
+        self._released = False
+
+    @property
+    def pool(self) -> str | None:
+        """The pool (model) whose slot this ticket holds."""
+        return self._pool[0] if self._pool else None
+
+    async def enter_pool(self, model: str, slo_s: float | None) -> None:
+        """Take a slot of `model`'s pool (leaving any pool held before); Rejected if none in time."""
+        self.leave_pool()
+        limiter = self._ctl.pool(model)
+        await limiter.acquire(self.priority_rank, self._ctl.queue_timeout_s, slo_s)
+        self._pool = (model, self._ctl.clock())
+
+    def leave_pool(self) -> None:
+        """Give the pool slot back (after a failed attempt, or at the end)."""
+        if self._pool is not None:
+            model, since = self._pool
+            self._pool = None
+            self._ctl.pool(model).release(self._ctl.clock() - since)
+
+    def release(self, used_tokens: int | None) -> None:
+        """Give everything back. `used_tokens`: prompt + generated tokens the request really used (the
+        rest of the reservation is refunded); None: it never reached an engine, refund it all."""
+        if self._released:
+            return
+        self._released = True
+        self.leave_pool()
+        if self._fanout is not None:
+            self._ctl._release_fanout(self._fanout)
+        used = 0 if used_tokens is None else used_tokens
+        self._ctl._refund(self.request.tenant, self.request.cost - used)
+
+
+class AdmissionController:
+    """Token buckets, fan-out semaphores and pool limiters of one ingress replica.
+
+    Args:
+        limits_for: tenant name -> its (scaled) limits.
+        pool_limits: model name -> (scaled) concurrency limit.
+        max_queue: wait queue bound per pool.
+        queue_timeout_s: most time spent waiting for a fan-out or pool slot.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        limits_for: Callable[[str], Limits],
+        pool_limits: dict[str, int],
+        max_queue: int,
+        queue_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits_for = limits_for
+        self._pool_limits = pool_limits
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._fanouts: dict[tuple[str, str], FairSemaphore] = {}
+        self._pools: dict[str, PoolLimiter] = {}
+        self._tenant_in_flight: dict[str, int] = {}
+
+    # -- state, for metrics and tests -----------------------------------------------------------
+
+    def bucket(self, tenant: str) -> TokenBucket:
+        """The tenant's bucket (created full on first use)."""
+        b = self._buckets.get(tenant)
+        if b is None:
+            lim = self._limits_for(tenant)
+            b = self._buckets[tenant] = TokenBucket(lim.tokens_per_s, lim.burst_tokens, self.clock())
+        return b
+
+    def pool(self, model: str) -> PoolLimiter:
+        """The model's pool limiter."""
+        p = self._pools.get(model)
+        if p is None:
+            if model not in self._pool_limits:
+                raise KeyError(model)
+            p = self._pools[model] = PoolLimiter(self._pool_limits[model], self.max_queue)
+        return p
+
+    def snapshot(self) -> dict:
+        """Levels and counts now: buckets, fan-out slots in use, pool slots and queues."""
+        now = self.clock()
+        fanout: dict[str, int] = {}
+        for (tenant, _), sem in self._fanouts.items():
+            fanout[tenant] = fanout.get(tenant, 0) + sem.in_use
+        return {
+            "buckets": {t: b.level(now) for t, b in self._buckets.items()},
+            "tenant_in_flight": dict(self._tenant_in_flight),
+            "fanout_in_use": fanout,
+            "fanout_tasks": len(self._fanouts),
+            "pools": {m: {"in_use": p.in_use, "queued": p.queued} for m, p in self._pools.items()},
+        }
+
+    # -- admission ------------------------------------------------------------------------------
+
+    async def admit(self, req: AdmissionRequest) -> Ticket:
+        """Charge the bucket and take a fan-out slot; Rejected (nothing held) if either fails.
+
+        The pool slot is taken afterwards with `Ticket.enter_pool`, once the target model is known.
+        """
+        lim = self._limits_for(req.tenant)
+        rank = lim.priority_rank if req.priority_rank is None else max(req.priority_rank, lim.priority_rank)
+        bucket = self.bucket(req.tenant)
+        wait = bucket.try_take(req.cost, self.clock())
+        if math.isinf(wait):
+            raise Rejected(
+                "request_too_large",
+                f"the request needs {req.cost} tokens (prompt {req.prompt_tokens} + max_tokens "
+                f"{req.reserved_tokens}) but tenant {req.tenant!r} may spend at most {bucket.burst:g} "
+                "at once; lower max_tokens",
+                None,
+                status=400,
+            )
+        if wait > 0:
+            raise Rejected(
+                "tenant_rate_limited",
+                f"tenant {req.tenant!r} is over its token rate ({bucket.rate:g} tokens/s); "
+                f"this request needs {req.cost} tokens",
+                wait,
+            )
+        key = None
+        if req.task_id:
+            key = (req.tenant, req.task_id)
+            sem = self._fanouts.get(key)
+            if sem is None:
+                sem = self._fanouts[key] = FairSemaphore(lim.fanout_width)
+            try:
+                await sem.acquire(self.queue_timeout_s)
+            except BaseException as e:
+                if sem.idle:
+                    self._fanouts.pop(key, None)
+                bucket.give_back(req.cost, self.clock())
+                if isinstance(e, TimeoutError):
+                    raise Rejected(
+                        "fanout_timeout",
+                        f"task {req.task_id!r} already has {sem.width} calls in flight (its fan-out width) "
+                        f"and none finished within {self.queue_timeout_s:g}s",
+                        MIN_RETRY_AFTER_S,
+                    ) from None
+                raise
+        self._tenant_in_flight[req.tenant] = self._tenant_in_flight.get(req.tenant, 0) + 1
+        return Ticket(self, req, rank, key)
+
+    def _release_fanout(self, key: tuple[str, str]) -> None:
+        sem = self._fanouts.get(key)
+        if sem is None:
+            return
+        sem.release()
+        if sem.idle:
+            del self._fanouts[key]
+
+    def _refund(self, tenant: str, tokens: int) -> None:
+        n = self._tenant_in_flight.get(tenant, 0) - 1
+        if n > 0:
+            self._tenant_in_flight[tenant] = n
+        else:
+            self._tenant_in_flight.pop(tenant, None)
+        if tokens:
+            self.bucket(tenant).give_back(tokens, self.clock())

@@ -1,0 +1,169 @@
+"""Error classes, retry budget, backoff, and the health state machine of each target (pure).
+
+Error classes and what the ingress does with each (before the first token reaches the client):
+
+- ``rate_limited`` (429): wait what Retry-After says, then retry, if the budget allows.
+- ``server`` (5xx) and ``timeout`` (no first token in time): exponential backoff with full jitter,
+  under the retry budget; each counts as a failure of the target.
+- ``client`` (other 4xx): never retried; returned as is.
+
+Health of a target (a model's serving pool) as one ingress replica sees it::
+
+    healthy --failure--> sticky_retry --success--> healthy
+                         sticky_retry --`terminal_after` consecutive failures--> terminal
+    terminal --probe ok--> healthy         (a probe every `probe_interval_s`)
+    any --pool down--> terminal
+
+In ``sticky_retry`` requests still go to the target (and a failed one is retried there); in
+``terminal`` they go down the tier's degradation chain until a probe succeeds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from enum import StrEnum
+
+
+class ErrorClass(StrEnum):
+    """How a failed attempt is handled."""
+
+    RATE_LIMITED = "rate_limited"
+    SERVER = "server"
+    TIMEOUT = "timeout"
+    CLIENT = "client"
+
+
+def classify(status: int | None, timed_out: bool = False) -> ErrorClass:
+    """The class of a failed attempt: its HTTP status, or a timeout."""
+    if timed_out:
+        return ErrorClass.TIMEOUT
+    if status == 429:
+        return ErrorClass.RATE_LIMITED
+    if status is not None and 400 <= status < 500:
+        return ErrorClass.CLIENT
+    return ErrorClass.SERVER
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff before retry number `attempt` (1 = the first retry)."""
+    ceiling = min(max_s, base_s * 2 ** max(attempt - 1, 0))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+class RetryBudget:
+    """Retries allowed as a fraction of requests (Finagle's retry budget).
+
+    Every request deposits `ratio`; a retry withdraws 1. The balance starts at `initial` and is capped
+    at `initial` + `ratio` x `window` requests, so after N requests at most initial + ratio x N
+    retries have been made.
+    """
+
+    def __init__(self, ratio: float, initial: float, window: int = 100) -> None:
+        self.ratio = ratio
+        self.cap = initial + ratio * window
+        self.balance = float(initial)
+        self.requests = 0
+        self.retries = 0
+        self.denied = 0
+
+    def on_request(self) -> None:
+        """A new request (not a retry) was sent."""
+        self.requests += 1
+        self.balance = min(self.cap, self.balance + self.ratio)
+
+    def try_retry(self) -> bool:
+        """Spend one retry if the budget has one."""
+        if self.balance >= 1.0:
+            self.balance -= 1.0
+            self.retries += 1
+            return True
+        self.denied += 1
+        return False
+
+
+class HealthState(StrEnum):
+    """Health of one target."""
+
+    HEALTHY = "healthy"
+    STICKY_RETRY = "sticky_retry"
+    TERMINAL = "terminal"
+
+    @property
+    def level(self) -> int:
+        """0 healthy, 1 sticky_retry, 2 terminal (the metric's value)."""
+        return list(HealthState).index(self)
+
+
+class TargetHealth:
+    """The health state machine of one target.
+
+    Args:
+        name: the target (model name).
+        terminal_after: consecutive failures that make it terminal.
+        probe_interval_s: time between recovery probes while terminal.
+        on_transition: called with (name, old, new, reason) on every change of state.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        terminal_after: int,
+        probe_interval_s: float,
+        on_transition: Callable[[str, HealthState, HealthState, str], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.terminal_after = terminal_after
+        self.probe_interval_s = probe_interval_s
+        self.state = HealthState.HEALTHY
+        self.failures = 0
+        self.reason = ""
+        self._last_probe = 0.0
+        self._on_transition = on_transition
+
+    def _to(self, new: HealthState, reason: str, now: float) -> None:
+        old = self.state
+        if new is HealthState.TERMINAL and old is not HealthState.TERMINAL:
+            self._last_probe = now  # first probe one interval after going terminal
+        self.state = new
+        self.reason = reason
+        if old is not new and self._on_transition is not None:
+            self._on_transition(self.name, old, new, reason)
+
+    @property
+    def usable(self) -> bool:
+        """Whether requests may be sent to this target."""
+        return self.state is not HealthState.TERMINAL
+
+    def on_success(self, now: float) -> None:
+        """An attempt got its first token."""
+        self.failures = 0
+        if self.state is not HealthState.HEALTHY:
+            self._to(HealthState.HEALTHY, "success", now)
+
+    def on_failure(self, reason: str, now: float) -> None:
+        """An attempt failed with a server error or a timeout."""
+        self.failures += 1
+        if self.state is HealthState.TERMINAL:
+            return
+        if self.failures >= self.terminal_after:
+            self._to(HealthState.TERMINAL, reason, now)
+        elif self.state is HealthState.HEALTHY:
+            self._to(HealthState.STICKY_RETRY, reason, now)
+
+    def on_down(self, reason: str, now: float) -> None:
+        """The target is known to be down (no replica)."""
+        self.failures = max(self.failures, self.terminal_after)
+        if self.state is not HealthState.TERMINAL:
+            self._to(HealthState.TERMINAL, reason, now)
+
+    def probe_due(self, now: float) -> bool:
+        """Whether a recovery probe should be sent now (terminal, and one interval since the last)."""
+        return self.state is HealthState.TERMINAL and now - self._last_probe >= self.probe_interval_s
+
+    def on_probe(self, ok: bool, now: float) -> None:
+        """The result of a recovery probe."""
+        self._last_probe = now
+        if ok and self.state is HealthState.TERMINAL:
+            self.failures = 0
+            self._to(HealthState.HEALTHY, "probe", now)

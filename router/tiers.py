@@ -1,0 +1,149 @@
+"""Model-routing tier: which tier (and so which model) serves a request, and its degradation chain.
+
+A request picks its tier, in this order:
+
+1. an explicit model name: that model (and the first tier it serves, if any);
+2. the alias `auto` (``routing.auto_model``) with ``x-tandem-task: <tier>``;
+3. `auto` alone: the first ``routing.rules`` entry whose conditions the request's shape meets
+   (reasoning effort, tools, prompt length, max_tokens);
+4. otherwise ``routing.default_tier`` (the first tier when unset).
+
+`chain()` lists the targets to try: the tier itself, then its ``fallback`` tiers in order.
+Pure: no I/O; the ingress applies health and context-window checks along the chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.config import RoutingSpec, TierRuleMatch, TierSpec
+
+
+class TierError(ValueError):
+    """A request that names an unknown model or task; `param` is what the client should fix."""
+
+    def __init__(self, message: str, param: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """What tier rules look at."""
+
+    prompt_tokens: int
+    max_tokens: int | None = None
+    reasoning_effort: str | None = None
+    tools: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The tier chosen for a request and how: model | task | rule:<index> | default."""
+
+    model: str
+    tier: str | None
+    how: str
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One step of a degradation chain."""
+
+    tier: str | None
+    model: str
+
+
+def matches(when: TierRuleMatch, shape: RequestShape) -> bool:
+    """Whether `shape` meets every condition of `when`."""
+    if when.reasoning_effort is not None and shape.reasoning_effort not in when.reasoning_effort:
+        return False
+    if when.tools is not None and shape.tools != when.tools:
+        return False
+    if when.min_prompt_tokens is not None and shape.prompt_tokens < when.min_prompt_tokens:
+        return False
+    if when.max_prompt_tokens is not None and shape.prompt_tokens > when.max_prompt_tokens:
+        return False
+    if when.min_max_tokens is not None and (shape.max_tokens or 0) < when.min_max_tokens:
+        return False
+    return True
+
+
+class TierRouter:
+    """Resolves a request's tier and lists its degradation chain."""
+
+    def __init__(self, tiers: list[TierSpec], routing: RoutingSpec, models: list[str]) -> None:
+        self._tiers = {t.name: t for t in tiers}
+        self._order = [t.name for t in tiers]
+        self._routing = routing
+        self._models = list(models)
+        self._tier_of_model: dict[str, str] = {}
+        for t in tiers:
+            self._tier_of_model.setdefault(t.model, t.name)
+
+    @property
+    def auto_model(self) -> str:
+        """The model alias that means 'pick a tier for me'."""
+        return self._routing.auto_model
+
+    @property
+    def tiers(self) -> list[str]:
+        """Tier names, in spec order."""
+        return list(self._order)
+
+    def tier(self, name: str) -> TierSpec:
+        """The tier `name` (KeyError if absent)."""
+        return self._tiers[name]
+
+    def needs_shape(self, model: str, task: str | None) -> bool:
+        """Whether resolving this request looks at its shape (rules), i.e. needs its prompt length."""
+        return model == self.auto_model and not task and bool(self._routing.rules)
+
+    def default_tier(self) -> str | None:
+        """The tier of an `auto` request nothing else places."""
+        return self._routing.default_tier or (self._order[0] if self._order else None)
+
+    def resolve(self, model: str, task: str | None, shape: RequestShape | None = None) -> Resolution:
+        """The tier and model for a request (TierError naming the field when it cannot be served)."""
+        if model != self.auto_model:
+            if model not in self._models:
+                available = sorted(self._models) + [self.auto_model]
+                raise TierError(
+                    f"The model `{model}` does not exist. Available: {available}",
+                    "model",
+                    404,
+                )
+            return Resolution(model, self._tier_of_model.get(model), "model")
+        if not self._order:
+            raise TierError(
+                f"model `{self.auto_model}` needs tiers in the deployment spec; name a model instead", "model"
+            )
+        if task:
+            tier = self._tiers.get(task.strip().lower())
+            if tier is None:
+                raise TierError(
+                    f"header x-tandem-task: {task!r} is not a tier; choose one of {self._order}",
+                    "x-tandem-task",
+                )
+            return Resolution(tier.model, tier.name, "task")
+        if shape is not None:
+            for i, rule in enumerate(self._routing.rules):
+                if matches(rule.when, shape):
+                    return Resolution(self._tiers[rule.tier].model, rule.tier, f"rule:{i}")
+        name = self.default_tier()
+        assert name is not None
+        return Resolution(self._tiers[name].model, name, "default")
+
+    def chain(self, resolution: Resolution) -> list[Target]:
+        """Targets to try in order: the resolved one, then the tier's fallbacks (each model once)."""
+        out = [Target(resolution.tier, resolution.model)]
+        if resolution.tier is None:
+            return out
+        seen = {resolution.model}
+        for name in self._tiers[resolution.tier].fallback:
+            t = self._tiers[name]
+            if t.model not in seen:
+                seen.add(t.model)
+                out.append(Target(t.name, t.model))
+        return out

@@ -1,0 +1,182 @@
+"""The ingress's front door: API keys, tier choice, admission, retries and target health.
+
+One `Gateway` per ingress replica, built from the deployment spec (`Gateway.from_spec`). It owns
+no I/O of its own except recovery probes, which it runs as tasks on the ingress's event loop.
+The request path that uses it is `serving.api.OpenAIApi.serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from router.admission import AdmissionController, Limits
+from router.resilience import HealthState, RetryBudget, TargetHealth
+from router.tiers import TierRouter
+from serving.auth import Authenticator
+from serving.config import AuthSpec, Priority, ResilienceSpec, ServingSpec, TenantLimits
+from serving.metrics import IngressMetrics
+
+logger = logging.getLogger(__name__)
+
+#: Tenant of requests when auth is disabled and no x-tandem-tenant header is sent.
+DEFAULT_TENANT = "default"
+#: Stand-in for "no limit" (admission disabled, or a model without a pool).
+_UNLIMITED = 1 << 30
+
+
+class Gateway:
+    """Auth, tiers, admission and health of one ingress replica.
+
+    Args:
+        auth: authenticator (API key -> tenant).
+        tiers: tier resolution and degradation chains.
+        admission: token buckets, fan-out and pool limits.
+        resilience: retry and health settings.
+        metrics: the ingress's metrics (health transitions and probes are counted there).
+        default_reserved_tokens: output tokens reserved for requests without max_tokens.
+    """
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        tiers: TierRouter,
+        admission: AdmissionController,
+        resilience: ResilienceSpec,
+        metrics: IngressMetrics,
+        default_reserved_tokens: int,
+    ) -> None:
+        self.auth = auth
+        self.tiers = tiers
+        self.admission = admission
+        self.resilience = resilience
+        self.metrics = metrics
+        self.default_reserved_tokens = default_reserved_tokens
+        self.budget = RetryBudget(resilience.retry_budget_ratio, resilience.retry_budget_min)
+        self._health: dict[str, TargetHealth] = {}
+        self._probes: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._probe_tasks: dict[str, asyncio.Task] = {}
+        metrics.watch_admission(admission)
+
+    @classmethod
+    def from_spec(cls, spec: ServingSpec, metrics: IngressMetrics) -> Gateway:
+        """The gateway for `spec`; every limit is scaled to this replica's share of the ingress."""
+        share = 1.0 / spec.server.ingress_replicas
+        adm = spec.admission
+        named = {t.name: t for t in adm.tenants}
+
+        def limits_for(tenant: str) -> Limits:
+            t: TenantLimits = named.get(tenant, adm.default_tenant)
+            if not adm.enabled:
+                return Limits(math.inf, math.inf, _UNLIMITED, t.priority.rank)
+            return Limits(
+                t.tokens_per_s * share,
+                max(1.0, t.burst_tokens * share),
+                t.fanout_width,
+                t.priority.rank,
+            )
+
+        explicit = {p.model: p.max_concurrency for p in adm.pool_limits}
+        pools = {}
+        for m in spec.models:
+            pool = m.serving_pool
+            limit = explicit.get(m.name, pool.replicas.max * pool.parallelism.dp * pool.max_ongoing_requests)
+            pools[m.name] = max(1, math.ceil(limit * share)) if adm.enabled else _UNLIMITED
+        controller = AdmissionController(
+            limits_for, pools, adm.max_queue if adm.enabled else _UNLIMITED, adm.queue_timeout_s
+        )
+        return cls(
+            Authenticator(spec.auth, DEFAULT_TENANT),
+            TierRouter(spec.tiers, spec.routing, [m.name for m in spec.models]),
+            controller,
+            spec.resilience,
+            metrics,
+            adm.default_reserved_tokens,
+        )
+
+    @classmethod
+    def open(cls, models: list[str], metrics: IngressMetrics) -> Gateway:
+        """No auth, no tiers, no limits: for embedding the API in tests and benchmarks."""
+        from serving.config import ModelSpec, PoolSpec, ServerSpec
+
+        spec = ServingSpec(
+            server=ServerSpec(),
+            models=[ModelSpec(name=n, source="none", pools=[PoolSpec()]) for n in models],
+            auth=AuthSpec(enabled=False),
+            admission={"enabled": False},
+        )
+        return cls.from_spec(spec, metrics)
+
+    # -- priority ------------------------------------------------------------------------------
+
+    @staticmethod
+    def priority_rank(value: str | None) -> int | None:
+        """Rank of an x-tandem-priority value (ValueError if unknown); None when absent."""
+        if value is None or not value.strip():
+            return None
+        return Priority(value.strip().lower()).rank
+
+    # -- health --------------------------------------------------------------------------------
+
+    def register_probe(self, model: str, probe: Callable[[], Awaitable[None]]) -> None:
+        """How to check that `model`'s pool answers again (raises if not)."""
+        self._probes[model] = probe
+
+    def health(self, model: str) -> TargetHealth:
+        """The health state machine of `model` (created healthy)."""
+        h = self._health.get(model)
+        if h is None:
+            r = self.resilience
+            h = self._health[model] = TargetHealth(
+                model, r.terminal_after, r.probe_interval_s, self._on_transition
+            )
+            self.metrics.target_health.labels(model).set(h.state.level)
+        return h
+
+    def _on_transition(self, model: str, old: HealthState, new: HealthState, reason: str) -> None:
+        logger.warning("target %s: %s -> %s (%s)", model, old, new, reason)
+        self.metrics.target_health.labels(model).set(new.level)
+        self.metrics.health_transitions.labels(model, new.value).inc()
+        if new is HealthState.TERMINAL:
+            self._start_probing(model)
+
+    def _start_probing(self, model: str) -> None:
+        task = self._probe_tasks.get(model)
+        if task is not None and not task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (pure unit use): probes are the caller's business
+        self._probe_tasks[model] = loop.create_task(self._probe_loop(model), name=f"probe-{model}")
+
+    async def _probe_loop(self, model: str) -> None:
+        """Probe a terminal target every probe_interval_s until it answers."""
+        h = self.health(model)
+        probe = self._probes.get(model)
+        r = self.resilience
+        while h.state is HealthState.TERMINAL:
+            await asyncio.sleep(max(0.0, h.probe_interval_s - (time.monotonic() - h._last_probe)))
+            if not h.probe_due(time.monotonic()):
+                continue
+            ok = False
+            if probe is not None:
+                try:
+                    await asyncio.wait_for(probe(), r.probe_timeout_s)
+                    ok = True
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # any failure keeps it terminal
+                    logger.info("probe of %s failed: %s", model, type(e).__name__)
+            self.metrics.probes.labels(model, "ok" if ok else "failed").inc()
+            h.on_probe(ok, time.monotonic())
+
+    async def close(self) -> None:
+        """Stop the probe tasks."""
+        for task in self._probe_tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._probe_tasks.values(), return_exceptions=True)
+        self._probe_tasks.clear()
