@@ -367,18 +367,19 @@ class OpenAIApi:
                 err: EngineError | None = None
                 timed_out = False
                 try:
-                    first = await asyncio.wait_for(anext(stream), timeout)
-                    err = first.error
-                except TimeoutError:
-                    timed_out = True
-                except StopAsyncIteration:
-                    err = EngineError("the engine ended the stream without output", 502, "engine_error")
+                    first, why = await _first_chunk(stream, timeout, g.terminal_event(target.model))
+                    if first is not None:
+                        err = first.error
+                    elif why == "timeout":
+                        timed_out = True
+                    else:
+                        err = EngineError(f"pool went down while waiting: {health.reason}", 503, why)
                 except BaseException:
                     ticket.leave_pool()
                     await asyncio.shield(stream.aclose())
                     raise
                 now = time.monotonic()
-                if err is None and not timed_out:
+                if first is not None and err is None:
                     health.on_success(now)
                     degraded = i > 0
                     self.metrics.tier_requests.labels(
@@ -658,6 +659,30 @@ def _disagg_header(headers: Any) -> str:
             DISAGG_HEADER,
         )
     return value
+
+
+async def _first_chunk(
+    stream: AsyncIterator[Chunk], max_wait_s: float, down: asyncio.Event
+) -> tuple[Chunk | None, str]:
+    """The stream's first chunk, or None and why not: "timeout", "pool_down" (the target went terminal
+    while waiting, e.g. its last replica died), or "empty" (the stream ended without a chunk)."""
+    first = asyncio.ensure_future(anext(stream))
+    went_down = asyncio.ensure_future(down.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {first, went_down}, timeout=max_wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        went_down.cancel()
+        if not first.done():
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+    if first in done:
+        try:
+            return first.result(), "ok"
+        except StopAsyncIteration:
+            return Chunk(error=EngineError("the engine ended the stream without output", 502, "empty")), "ok"
+    return None, "pool_down" if went_down in done else "timeout"
 
 
 async def _block_keys(served: ServedModel, ids: list[int], salt: str | None) -> list[int]:

@@ -45,7 +45,7 @@ GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 
 def deployment_name(model: ModelSpec, pool: PoolSpec) -> str:
     """Name of the engine deployment of `pool`."""
-    return f"{model.name}-{pool.pool_name}"
+    return model.deployment_name(pool)
 
 
 def kv_transfer_config(model: ModelSpec, pool: PoolSpec) -> dict[str, Any]:

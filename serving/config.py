@@ -328,6 +328,10 @@ class ModelSpec(_Spec):
         """The pool the ingress sends requests to: decode (which orchestrates prefill) or colocated."""
         return self.pool(Role.DECODE) if self.disaggregated else self.pool(Role.COLOCATED)
 
+    def deployment_name(self, pool: PoolSpec) -> str:
+        """Name of the Ray Serve deployment of `pool`."""
+        return f"{self.name}-{pool.pool_name}"
+
     def local_model_name(self) -> str | None:
         """Name of the local tiny model if `source` is 'local:<name>'."""
         if self.source.startswith(LOCAL_SOURCE_PREFIX):
@@ -501,7 +505,7 @@ class ResilienceSpec(_Spec):
     backoff_max_s: float = Field(5.0, gt=0, description="Largest backoff ceiling.")
     max_attempts: int = Field(3, ge=1, description="Attempts on one target before moving down the chain.")
     first_token_timeout_s: float = Field(
-        60.0,
+        90.0,
         gt=0,
         description="An attempt with no first token after this long (engine queueing included) counts "
         "as a timeout: retried with backoff or sent down the degradation chain.",
@@ -513,6 +517,12 @@ class ResilienceSpec(_Spec):
         5.0, gt=0, description="How often a terminal target is probed for recovery."
     )
     probe_timeout_s: float = Field(5.0, gt=0, description="Time a recovery probe may take.")
+    pool_status_period_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often the ingress reads the pools' replica counts from Ray Serve; a pool "
+        "with no running replica is terminal at once (waiting attempts move down the chain).",
+    )
 
 
 class ServerSpec(_Spec):
@@ -575,6 +585,19 @@ class ServingSpec(_Spec):
                 )
         if routing.auto_model in names:
             raise ValueError(f"routing.auto_model: {routing.auto_model!r} is also a model name; rename one")
+        for i, tier in enumerate(self.tiers):
+            model = self.model(tier.model)
+            if not model.disaggregated:
+                continue
+            d = model.disaggregation
+            worst = d.prefill_timeout_s * d.prefill_attempts + d.kv_transfer_timeout_s
+            timeout = tier.first_token_timeout_s or self.resilience.first_token_timeout_s
+            if timeout <= worst:
+                raise ValueError(
+                    f"tiers[{i}].first_token_timeout_s: {timeout:g}s would cut off {model.name}'s own "
+                    f"prefill fallback (prefill_timeout_s x prefill_attempts + kv_transfer_timeout_s = "
+                    f"{worst:g}s); raise it above {worst:g}s"
+                )
         for i, limit in enumerate(self.admission.pool_limits):
             if limit.model not in names:
                 raise ValueError(f"admission.pool_limits[{i}].model: unknown model {limit.model!r}")

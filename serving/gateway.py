@@ -59,6 +59,7 @@ class Gateway:
         self._health: dict[str, TargetHealth] = {}
         self._probes: dict[str, Callable[[], Awaitable[None]]] = {}
         self._probe_tasks: dict[str, asyncio.Task] = {}
+        self._terminal: dict[str, asyncio.Event] = {}
         metrics.watch_admission(admission)
 
     @classmethod
@@ -136,12 +137,29 @@ class Gateway:
             self.metrics.target_health.labels(model).set(h.state.level)
         return h
 
+    def terminal_event(self, model: str) -> asyncio.Event:
+        """Set while `model` is terminal: attempts waiting on it give up at once when it is set."""
+        ev = self._terminal.get(model)
+        if ev is None:
+            ev = self._terminal[model] = asyncio.Event()
+            if not self.health(model).usable:
+                ev.set()
+        return ev
+
     def _on_transition(self, model: str, old: HealthState, new: HealthState, reason: str) -> None:
         logger.warning("target %s: %s -> %s (%s)", model, old, new, reason)
         self.metrics.target_health.labels(model).set(new.level)
         self.metrics.health_transitions.labels(model, new.value).inc()
         if new is HealthState.TERMINAL:
+            self._terminal.setdefault(model, asyncio.Event()).set()
             self._start_probing(model)
+        elif old is HealthState.TERMINAL:
+            self._terminal.pop(model, None)
+
+    def pool_status(self, model: str, running_replicas: int) -> None:
+        """What the cluster says about `model`'s pool: no running replica makes it terminal at once."""
+        if running_replicas == 0:
+            self.health(model).on_down("no running replica", time.monotonic())
 
     def _start_probing(self, model: str) -> None:
         task = self._probe_tasks.get(model)

@@ -99,7 +99,35 @@ class OpenAIIngress:
         self._gateway = Gateway.from_spec(self._spec, self._metrics)
         for name, served in models.items():
             self._gateway.register_probe(name, served.backend.probe)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_pools(), name="pool-watcher")
         logger.info("ingress ready for %s", sorted(models))
+
+    async def _watch_pools(self) -> None:
+        """Feed the gateway each serving pool's running replica count (from the Serve controller)."""
+        app = serve.get_replica_context().app_name
+        deployments = {
+            m.name: m.deployment_name(m.serving_pool) for m in self._spec.models if m.name in self._models
+        }
+        period = self._spec.resilience.pool_status_period_s
+        while True:
+            await asyncio.sleep(period)
+            try:
+                status = await asyncio.to_thread(serve.status)
+                found = status.applications[app].deployments
+            except Exception as e:  # the controller may be restarting: keep the last view
+                logger.debug("serve.status failed: %s", e)
+                continue
+            for model, dep in deployments.items():
+                if dep in found:
+                    states = found[dep].replica_states
+                    running = sum(
+                        n for state, n in states.items() if getattr(state, "value", state) == "RUNNING"
+                    )
+                    self._gateway.pool_status(model, running)
+
+    async def __del__(self) -> None:
+        self._watcher.cancel()
+        await self._gateway.close()
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self._models, self._metrics, self._gateway)

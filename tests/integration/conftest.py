@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ServingSpec, default_config_path, load_spec
+from serving.config import ServingSpec, TenantSpec, default_config_path, load_spec
 from tests.conftest import free_port
+
+#: Tenants the admission tests use, next to the default limits of configs/local.yaml.
+TEST_TENANTS = [
+    # A small bucket: a burst of requests runs out of tokens after a few.
+    TenantSpec(name="burst-a", tokens_per_s=20, burst_tokens=1500),
+    # An agent whose tasks may run 4 calls at once.
+    TenantSpec(name="agent", fanout_width=4),
+    # Nearly no refill, so tokens returned after a disconnect are visible in the bucket.
+    TenantSpec(name="leaver", tokens_per_s=1, burst_tokens=10_000, fanout_width=2),
+]
 
 
 @dataclass
@@ -39,7 +49,9 @@ def stack() -> Stack:
 
     base = load_spec(default_config_path())
     server = base.server.model_copy(update={"port": free_port(), "dashboard_port": free_port()})
-    spec = base.model_copy(update={"server": server})
+    # Tenants with small limits for the admission tests (auth is off locally: x-tandem-tenant picks one).
+    admission = base.admission.model_copy(update={"tenants": TEST_TENANTS})
+    spec = base.model_copy(update={"server": server, "admission": admission})
     _build_models(Path(spec.model_dir).expanduser(), None, force=False)
     # Logical CPUs only: room for the second app some tests deploy next to the main one.
     start_local_ray(spec, num_cpus=8)
