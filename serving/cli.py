@@ -4,6 +4,8 @@ tandem model build [--dir DIR] [--force]
 tandem up [--config FILE] [--host H] [--port P]
 tandem status [--config FILE] [--dashboard URL]
 tandem config check FILE
+tandem key new --tenant NAME        (prints a new API key and the {tenant, sha256} entry to store)
+tandem key hash KEY
 """
 
 from __future__ import annotations
@@ -183,6 +185,25 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_new(args: argparse.Namespace) -> int:
+    from serving.auth import hash_key, new_key
+    from serving.config import ApiKey
+
+    ApiKey(tenant=args.tenant, sha256="0" * 64)  # validates the tenant name
+    key = new_key()
+    print(f"key (give it to the tenant; it is not stored anywhere): {key}")
+    print("add to auth.keys in the spec, or to the keys file of the Secret:")
+    print(f"  - {{tenant: {args.tenant}, sha256: {hash_key(key)}}}")
+    return 0
+
+
+def cmd_key_hash(args: argparse.Namespace) -> int:
+    from serving.auth import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from serving.placement import format_plan, plan
 
@@ -221,6 +242,14 @@ def parser() -> argparse.ArgumentParser:
     check = config.add_parser("check", help="validate a spec")
     check.add_argument("file")
     check.set_defaults(func=cmd_config_check)
+
+    key = sub.add_parser("key", help="API keys").add_subparsers(dest="action", required=True)
+    new = key.add_parser("new", help="make an API key for a tenant; prints the key and its hash entry")
+    new.add_argument("--tenant", required=True)
+    new.set_defaults(func=cmd_key_new)
+    hsh = key.add_parser("hash", help="the SHA-256 of a key, as the spec stores it")
+    hsh.add_argument("key")
+    hsh.set_defaults(func=cmd_key_hash)
     return p
 
 
@@ -230,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # pydantic's ValidationError names the field
         print(f"error: {e}", file=sys.stderr)
         return 2
 
