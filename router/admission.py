@@ -344,6 +344,8 @@ class AdmissionController:
         self._fanouts: dict[tuple[str, str], FairSemaphore] = {}
         self._pools: dict[str, PoolLimiter] = {}
         self._tenant_in_flight: dict[str, int] = {}
+        #: Buckets kept before full idle ones are forgotten (bounds memory with many tenants).
+        self.max_buckets = 10_000
 
     # -- state, for metrics and tests -----------------------------------------------------------
 
@@ -351,9 +353,18 @@ class AdmissionController:
         """The tenant's bucket (created full on first use)."""
         b = self._buckets.get(tenant)
         if b is None:
+            if len(self._buckets) >= self.max_buckets:
+                self._prune_buckets()
             lim = self._limits_for(tenant)
             b = self._buckets[tenant] = TokenBucket(lim.tokens_per_s, lim.burst_tokens, self.clock())
         return b
+
+    def _prune_buckets(self) -> None:
+        """Forget buckets that are full again and idle: a new one would start full anyway."""
+        now = self.clock()
+        for tenant in [t for t, b in self._buckets.items() if b.level(now) >= b.burst]:
+            if tenant not in self._tenant_in_flight:
+                del self._buckets[tenant]
 
     def pool(self, model: str) -> PoolLimiter:
         """The model's pool limiter."""

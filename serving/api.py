@@ -682,6 +682,9 @@ async def _first_chunk(
             return first.result(), "ok"
         except StopAsyncIteration:
             return Chunk(error=EngineError("the engine ended the stream without output", 502, "empty")), "ok"
+        except Exception as e:  # a backend that raises instead of yielding an error chunk: a 5xx
+            logger.warning("backend stream raised %s: %s", type(e).__name__, e)
+            return Chunk(error=EngineError(f"backend error: {type(e).__name__}", 502, "backend_error")), "ok"
     return None, "pool_down" if went_down in done else "timeout"
 
 
@@ -692,6 +695,15 @@ async def _block_keys(served: ServedModel, ids: list[int], salt: str | None) -> 
     if len(ids) > _INLINE_HASH_TOKENS:
         return await asyncio.to_thread(served.hasher.keys, ids, salt)
     return served.hasher.keys(ids, salt)
+
+
+def _route_path(scope: Any) -> str:
+    """The path the app routes on: `path` less the `root_path` the app is mounted at (Ray Serve puts
+    a route_prefix other than "/" in both), as Starlette's router does."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
 
 
 class _Authenticate:
@@ -705,7 +717,7 @@ class _Authenticate:
         self.api = api
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             try:
                 tenant = self.api.gateway.auth.tenant(
@@ -749,6 +761,10 @@ def build_api(
         description="OpenAI-compatible API of a Tandem deployment.",
         version="0.1.0",
     )
+    for name, served in models.items():
+        probe = getattr(served.backend, "probe", None)
+        if probe is not None and not api.gateway.has_probe(name):
+            api.gateway.register_probe(name, probe)
     app.state.api = api
     app.add_middleware(_JSONBodyByDefault)
     app.add_middleware(_Authenticate, api=api)

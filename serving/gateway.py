@@ -60,6 +60,9 @@ class Gateway:
         self._probes: dict[str, Callable[[], Awaitable[None]]] = {}
         self._probe_tasks: dict[str, asyncio.Task] = {}
         self._terminal: dict[str, asyncio.Event] = {}
+        #: Models whose pool may scale to zero: no running replica is normal there (Serve starts one
+        #: for the next request), so it does not make the target terminal.
+        self.scale_to_zero: set[str] = set()
         metrics.watch_admission(admission)
 
     @classmethod
@@ -89,7 +92,7 @@ class Gateway:
         controller = AdmissionController(
             limits_for, pools, adm.max_queue if adm.enabled else _UNLIMITED, adm.queue_timeout_s
         )
-        return cls(
+        gateway = cls(
             Authenticator(spec.auth, DEFAULT_TENANT),
             TierRouter(spec.tiers, spec.routing, [m.name for m in spec.models]),
             controller,
@@ -97,6 +100,8 @@ class Gateway:
             metrics,
             adm.default_reserved_tokens,
         )
+        gateway.scale_to_zero = {m.name for m in spec.models if m.serving_pool.replicas.min == 0}
+        return gateway
 
     @classmethod
     def open(cls, models: list[str], metrics: IngressMetrics) -> Gateway:
@@ -125,6 +130,10 @@ class Gateway:
     def register_probe(self, model: str, probe: Callable[[], Awaitable[None]]) -> None:
         """How to check that `model`'s pool answers again (raises if not)."""
         self._probes[model] = probe
+
+    def has_probe(self, model: str) -> bool:
+        """Whether a recovery probe is registered for `model`."""
+        return model in self._probes
 
     def health(self, model: str) -> TargetHealth:
         """The health state machine of `model` (created healthy)."""
@@ -158,7 +167,7 @@ class Gateway:
 
     def pool_status(self, model: str, running_replicas: int) -> None:
         """What the cluster says about `model`'s pool: no running replica makes it terminal at once."""
-        if running_replicas == 0:
+        if running_replicas == 0 and model not in self.scale_to_zero:
             self.health(model).on_down("no running replica", time.monotonic())
 
     def _start_probing(self, model: str) -> None:

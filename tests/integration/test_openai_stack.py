@@ -21,7 +21,8 @@ def client(stack) -> openai.OpenAI:
 
 
 def test_models_listed(client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list().data) == MODELS
+    # Both models, and the `auto` alias that picks a tier.
+    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS + ["auto"])
 
 
 @pytest.mark.parametrize("model", MODELS)

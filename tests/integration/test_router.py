@@ -34,7 +34,8 @@ def two_replicas(stack):
     pool = base["pools"][0]
     pool["replicas"] = {"min": 2, "max": 2}
     pool["env"] = {**pool["env"], "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
-    spec = parse_spec({"model_dir": stack.spec.model_dir, "models": [base]})
+    # Auth off (loopback): the tests pick tenants with x-tandem-tenant.
+    spec = parse_spec({"model_dir": stack.spec.model_dir, "models": [base], "auth": {"enabled": False}})
     serve.run(build_app_from_spec(spec), name="router-test", route_prefix="/rt")
     try:
         yield f"{stack.url}/rt"

@@ -1,0 +1,219 @@
+"""Error classes, full-jitter backoff, the retry budget and every transition of a target's health
+state machine (router.resilience). Pure: time is passed in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router.resilience import ErrorClass, HealthState, RetryBudget, TargetHealth, backoff_s, classify
+
+
+@pytest.mark.parametrize(
+    ("status", "timed_out", "cls"),
+    [
+        (429, False, ErrorClass.RATE_LIMITED),
+        (400, False, ErrorClass.CLIENT),
+        (404, False, ErrorClass.CLIENT),
+        (422, False, ErrorClass.CLIENT),
+        (499, False, ErrorClass.CLIENT),
+        (500, False, ErrorClass.SERVER),
+        (502, False, ErrorClass.SERVER),
+        (503, False, ErrorClass.SERVER),
+        (None, False, ErrorClass.SERVER),
+        (None, True, ErrorClass.TIMEOUT),
+        (503, True, ErrorClass.TIMEOUT),
+        (400, True, ErrorClass.TIMEOUT),
+    ],
+)
+def test_classify(status: int | None, timed_out: bool, cls: ErrorClass) -> None:
+    assert classify(status, timed_out) is cls
+
+
+def test_backoff_is_full_jitter_under_a_capped_exponential_ceiling() -> None:
+    rng = random.Random(1234)
+    base, cap = 0.1, 1.0
+    for attempt in range(1, 12):
+        ceiling = min(cap, base * 2 ** (attempt - 1))
+        samples = [backoff_s(attempt, base, cap, rng) for _ in range(400)]
+        assert all(0.0 <= s <= ceiling for s in samples), attempt
+        # Full jitter: spread over the whole range, not bunched at the top or the bottom.
+        assert min(samples) < 0.1 * ceiling
+        assert max(samples) > 0.9 * ceiling
+    assert max(backoff_s(30, base, cap, rng) for _ in range(200)) <= cap
+    # attempt 0 (or less) is treated as the first retry.
+    assert all(backoff_s(0, base, cap, rng) <= base for _ in range(100))
+
+
+def test_backoff_is_reproducible_with_a_seeded_rng() -> None:
+    a = [backoff_s(n, 0.05, 2.0, random.Random(7)) for n in range(1, 6)]
+    b = [backoff_s(n, 0.05, 2.0, random.Random(7)) for n in range(1, 6)]
+    assert a == b
+
+
+def test_retry_budget_initial_balance_and_deposits() -> None:
+    budget = RetryBudget(ratio=0.5, initial=2)
+    assert budget.balance == 2.0
+    assert budget.try_retry() and budget.try_retry()
+    assert budget.retries == 2 and budget.balance == 0.0
+    assert not budget.try_retry()
+    assert budget.denied == 1
+    budget.on_request()
+    assert not budget.try_retry()  # 0.5 is not a whole retry
+    assert budget.denied == 2
+    budget.on_request()
+    assert budget.balance == pytest.approx(1.0)
+    assert budget.try_retry()
+    assert (budget.requests, budget.retries, budget.denied) == (2, 3, 2)
+
+
+def test_retry_budget_is_capped() -> None:
+    budget = RetryBudget(ratio=0.1, initial=3, window=100)
+    for _ in range(10_000):
+        budget.on_request()
+    assert budget.balance == pytest.approx(3 + 0.1 * 100)
+
+
+@pytest.mark.parametrize(("ratio", "initial"), [(0.1, 3), (0.2, 0), (0.05, 10), (1.0, 1)])
+def test_retry_budget_bounds_retries_by_requests(ratio: float, initial: float) -> None:
+    rng = random.Random(99)
+    budget = RetryBudget(ratio=ratio, initial=initial)
+    granted = 0
+    for n in range(1, 2001):
+        budget.on_request()
+        # Every request fails a few times and asks to retry each time.
+        for _ in range(rng.randrange(4)):
+            granted += budget.try_retry()
+        assert granted <= initial + ratio * n + 1e-9
+    assert granted == budget.retries
+    assert budget.denied > 0
+    # Under a steady failure storm the budget is used, not hoarded.
+    assert granted >= ratio * 2000 - 1
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, HealthState, HealthState, str]] = []
+
+    def __call__(self, name: str, old: HealthState, new: HealthState, reason: str) -> None:
+        self.calls.append((name, old, new, reason))
+
+
+H, S, T = HealthState.HEALTHY, HealthState.STICKY_RETRY, HealthState.TERMINAL
+
+
+def test_health_levels() -> None:
+    assert [H.level, S.level, T.level] == [0, 1, 2]
+
+
+def test_failure_then_success_goes_sticky_and_back() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=3, probe_interval_s=5.0, on_transition=rec)
+    assert h.state is H and h.usable
+    h.on_success(1.0)
+    assert rec.calls == []  # no change, no callback
+    h.on_failure("503 down", 1.0)
+    assert h.state is S and h.usable and h.failures == 1 and h.reason == "503 down"
+    h.on_failure("503 down", 2.0)
+    assert h.state is S and h.failures == 2
+    h.on_success(3.0)
+    assert h.state is H and h.failures == 0 and h.reason == "success"
+    assert rec.calls == [("m", H, S, "503 down"), ("m", S, H, "success")]
+
+
+def test_consecutive_failures_make_it_terminal_and_more_failures_change_nothing() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=5.0, on_transition=rec)
+    h.on_failure("a", 1.0)
+    h.on_failure("b", 2.0)
+    assert h.state is T and not h.usable and h.reason == "b"
+    h.on_failure("c", 3.0)
+    h.on_failure("d", 4.0)
+    assert h.state is T and h.reason == "b"
+    assert rec.calls == [("m", H, S, "a"), ("m", S, T, "b")]
+
+
+def test_success_in_between_resets_the_count() -> None:
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=5.0)
+    h.on_failure("a", 1.0)
+    h.on_success(2.0)
+    h.on_failure("b", 3.0)
+    assert h.state is S  # not terminal: the failures were not consecutive
+
+
+def test_terminal_after_one_goes_straight_to_terminal() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=1, probe_interval_s=5.0, on_transition=rec)
+    h.on_failure("timeout after 1s", 10.0)
+    assert h.state is T
+    assert rec.calls == [("m", H, T, "timeout after 1s")]
+
+
+def test_probes_are_due_every_interval_and_a_good_one_heals() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=1, probe_interval_s=5.0, on_transition=rec)
+    assert not h.probe_due(1000.0)  # healthy targets are not probed
+    h.on_failure("down", 100.0)
+    assert not h.probe_due(100.0)
+    assert not h.probe_due(104.9)
+    assert h.probe_due(105.0)
+    h.on_probe(False, 105.0)  # a failed probe restarts the interval
+    assert h.state is T
+    assert not h.probe_due(109.9)
+    assert h.probe_due(110.0)
+    h.on_probe(True, 110.0)
+    assert h.state is H and h.usable and h.failures == 0 and h.reason == "probe"
+    assert not h.probe_due(200.0)
+    assert rec.calls == [("m", H, T, "down"), ("m", T, H, "probe")]
+
+
+def test_on_down_from_every_state() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=3, probe_interval_s=2.0, on_transition=rec)
+    h.on_down("no replicas", 50.0)
+    assert h.state is T and h.failures == 3 and h.reason == "no replicas"
+    assert not h.probe_due(51.0) and h.probe_due(52.0)
+    h.on_down("still none", 60.0)  # already terminal: no callback, probe timer untouched
+    assert h.reason == "no replicas"
+    assert h.probe_due(60.0)
+    h.on_probe(True, 61.0)
+    h.on_failure("503", 62.0)
+    assert h.state is S
+    h.on_down("gone", 63.0)
+    assert h.state is T
+    assert rec.calls == [
+        ("m", H, T, "no replicas"),
+        ("m", T, H, "probe"),
+        ("m", H, S, "503"),
+        ("m", S, T, "gone"),
+    ]
+
+
+def test_a_failure_after_recovery_starts_from_healthy() -> None:
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=1.0)
+    h.on_failure("a", 0.0)
+    h.on_failure("b", 0.0)
+    h.on_probe(True, 5.0)
+    h.on_failure("c", 6.0)
+    assert h.state is S  # one failure after the probe, not three
+
+
+def test_probe_result_while_not_terminal_changes_nothing() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=1.0, on_transition=rec)
+    h.on_failure("a", 0.0)
+    h.on_probe(True, 1.0)
+    assert h.state is S and h.failures == 1
+    assert rec.calls == [("m", H, S, "a")]
+
+
+@pytest.mark.parametrize(("state", "usable"), [(H, True), (S, True), (T, False)])
+def test_usable_per_state(state: HealthState, usable: bool) -> None:
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=1.0)
+    if state is not H:
+        h.on_failure("x", 0.0)
+    if state is T:
+        h.on_failure("x", 0.0)
+    assert h.state is state
+    assert h.usable is usable
