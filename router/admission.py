@@ -196,6 +196,14 @@ class PoolLimiter:
                 f"the model's wait queue is full ({self.max_queue} requests); retry later",
                 max(wait, MIN_RETRY_AFTER_S),
             )
+        if slo_s is not None and self.mean_hold_s == 0.0 and self.queued >= self.limit:
+            # No slot has been released yet, so no wait estimate: queue one wave at most.
+            raise Rejected(
+                "predicted_wait",
+                f"{self.queued} requests already wait for {self.limit} slots and no wait estimate exists "
+                "yet; retry later",
+                MIN_RETRY_AFTER_S,
+            )
         if slo_s is not None and wait > slo_s:
             raise Rejected(
                 "predicted_wait",

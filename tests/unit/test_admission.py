@@ -728,3 +728,23 @@ async def test_ticket_enter_pool_rejected_holds_no_slot() -> None:
     assert ctl.pool("a").in_use == 1
     first.release(None)
     assert ctl.snapshot()["pools"] == {"a": {"in_use": 0, "queued": 0}}
+
+
+async def test_pool_without_a_wait_estimate_queues_one_wave_at_most() -> None:
+    pool = PoolLimiter(limit=2, max_queue=100)
+    await pool.acquire(0, 1.0, slo_s=0.5)
+    await pool.acquire(0, 1.0, slo_s=0.5)
+    waiters = [asyncio.ensure_future(pool.acquire(0, 5.0, slo_s=0.5)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert pool.queued == 2 and pool.mean_hold_s == 0.0
+    with pytest.raises(Rejected) as e:
+        await pool.acquire(0, 5.0, slo_s=0.5)
+    assert e.value.reason == "predicted_wait"
+    # Without an objective there is no early rejection: it queues.
+    extra = asyncio.ensure_future(pool.acquire(0, 5.0))
+    await asyncio.sleep(0)
+    assert pool.queued == 3
+    for _ in range(3):
+        pool.release(0.1)
+    await asyncio.gather(*waiters, extra)
+    assert pool.in_use == 2 and pool.mean_hold_s > 0
