@@ -95,8 +95,6 @@ import gc
 import json
 import logging
 import math
-import os
-import platform
 import random
 import sys
 import time
@@ -110,7 +108,7 @@ from urllib.parse import unquote
 
 import httpx
 
-from benchmarks.common import percentile
+from benchmarks.common import int_list, load_average, machine_info, percentile
 from benchmarks.overhead import _child_pids, _prompt_text, _wait_for_exit, calibrate_words, pool_env
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec, parse_spec
 
@@ -158,13 +156,7 @@ class Params:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return tuple(sorted(set(values)))
+    return tuple(sorted(set(int_list(text))))
 
 
 def parse_args(argv: list[str] | None) -> tuple[Params, str | None]:
@@ -793,26 +785,6 @@ async def burst(
     return outcomes, timing
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import torch
-    import vllm
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "vllm": vllm.__version__,
-        "torch": torch.__version__,
-        "httpx": httpx.__version__,
-    }
-
-
 def admission_off() -> dict[str, Any]:
     return {"enabled": False}
 
@@ -832,7 +804,7 @@ def admission_on(spec: ServingSpec, model: str, params: Params, pool_limit: int,
 
 
 async def run_all(spec: ServingSpec, model: ModelSpec, params: Params, words: int) -> dict[str, Any]:
-    result: dict[str, Any] = {"load_average": {"before_engine": _load()}}
+    result: dict[str, Any] = {"load_average": {"before_engine": load_average()}}
     stack = await start_stack(spec, model)
     prompts = Prompts(words)
     pauses = GcPauses()
@@ -851,7 +823,7 @@ async def run_all(spec: ServingSpec, model: ModelSpec, params: Params, words: in
                 gc.freeze()
                 gc_stats["frozen_objects"] = gc.get_freeze_count()
             await stack.settle()
-            result["load_average"]["before_unloaded"] = _load()
+            result["load_average"]["before_unloaded"] = load_average()
             mark = pauses.mark()
             unloaded, wall = await closed_loop(client, params, prompts, 1, params.unloaded_requests)
             gc_stats["unloaded"] = pauses.since(mark)
@@ -867,7 +839,7 @@ async def run_all(spec: ServingSpec, model: ModelSpec, params: Params, words: in
             )
 
             # Phase 2: capacity.
-            result["load_average"]["before_capacity"] = _load()
+            result["load_average"]["before_capacity"] = load_average()
             mark = pauses.mark()
             levels = []
             for c in params.concurrency:
@@ -910,7 +882,7 @@ async def run_all(spec: ServingSpec, model: ModelSpec, params: Params, words: in
                 await closed_loop(client, params, prompts, c_star, 4 * c_star)
                 hold = gateway.admission.pool(model.name).mean_hold_s
                 await stack.settle()
-                result["load_average"][f"before_burst_{name}"] = _load()
+                result["load_average"][f"before_burst_{name}"] = load_average()
                 mark = pauses.mark()
                 outs, timing = await burst(client, params, prompts, capacity, name)
                 gc_stats[f"burst_{name}"] = pauses.since(mark)
@@ -925,7 +897,7 @@ async def run_all(spec: ServingSpec, model: ModelSpec, params: Params, words: in
             }
             logger.info("burst, admission %s: %s", name, _brief(runs[name]))
         result["burst"] = runs
-        result["load_average"]["after"] = _load()
+        result["load_average"]["after"] = load_average()
     finally:
         pauses.close()
         await stack.engine.shutdown()
@@ -1083,7 +1055,7 @@ def run(params: Params) -> dict[str, Any]:
         "goodput_goal": GOODPUT_GOAL,
         **result,
         "goal_met": dict(goals),
-        "machine": machine_info(),
+        "machine": machine_info(httpx=httpx.__version__),
         "elapsed_s": time.perf_counter() - t0,
     }
 

@@ -56,11 +56,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import itertools
 import json
 import logging
 import os
-import platform
 import re
 import socket
 import sys
@@ -73,7 +73,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from benchmarks.common import percentile
+from benchmarks.common import int_list, load_average, machine_info, percentile
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
@@ -122,16 +122,6 @@ class Params:
         }
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def requests_per_level(requests: tuple[int, ...] | None, levels: tuple[int, ...]) -> dict[int, int]:
     """Requests to send at each level: one number for all, one per level, or max(64, 8c)."""
     if requests is None:
@@ -150,10 +140,10 @@ def parse_args(argv: list[str] | None) -> tuple[Params, str | None]:
     )
     p.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
     p.add_argument("--model", default="tiny-intent", help="model (from the spec) to benchmark")
-    p.add_argument("--concurrency", type=_int_list, default=(1, 16), help="levels, e.g. 1,16")
+    p.add_argument("--concurrency", type=int_list, default=(1, 16), help="levels, e.g. 1,16")
     p.add_argument(
         "--requests",
-        type=_int_list,
+        type=int_list,
         default=None,
         help="requests per level: one number, or one per level (default max(64, 8c))",
     )
@@ -662,27 +652,6 @@ def format_report(levels: list[dict[str, Any]], tokenize_p50_ms: float) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import ray
-    import torch
-    import vllm
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "vllm": vllm.__version__,
-        "ray": ray.__version__,
-        "torch": torch.__version__,
-    }
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -706,12 +675,12 @@ def run(params: Params) -> dict[str, Any]:
     prompt_lens = [len(p.token_ids) for p in prompts]
     logger.info("%d prompts of %d-%d tokens", len(prompts), min(prompt_lens), max(prompt_lens))
 
-    load = {"before_direct": _load()}
+    load = {"before_direct": load_average()}
     t0 = time.perf_counter()
     direct = run_direct(spec, model, params, prompts, warmup)
-    load["before_tandem"] = _load()
+    load["before_tandem"] = load_average()
     tandem = run_tandem(spec, model, params, prompts, warmup)
-    load["after_tandem"] = _load()
+    load["after_tandem"] = load_average()
     levels = [compare_level(direct[c], tandem[c]) for c in params.concurrency]
     return {
         "params": params.as_json(),
@@ -720,7 +689,7 @@ def run(params: Params) -> dict[str, Any]:
         "goal_added_ttft_ms": dict(GOAL_ADDED_TTFT_MS),
         "levels": levels,
         "goal_met": all(all(lv["goal_met"].values()) for lv in levels),
-        "machine": machine_info(),
+        "machine": machine_info(ray=importlib.metadata.version("ray")),
         "load_average": load,
         "elapsed_s": time.perf_counter() - t0,
     }

@@ -23,22 +23,7 @@ from serving.engines.base import Chunk, EngineError, GenerateRequest
 from serving.engines.fake import FakeEngine
 from serving.gateway import Gateway
 from serving.metrics import IngressMetrics
-
-
-class WordTokenizer:
-    """One token per whitespace-separated word; chat = role/content words (as in test_api)."""
-
-    vocab_size = 4096
-
-    def encode(self, text: str) -> list[int]:
-        return [1] + [hash(w) % 4000 + 10 for w in text.split()]
-
-    def encode_chat(self, messages: list) -> list[int]:
-        ids = [1]
-        for m in messages:
-            ids += [2] + self.encode(m.text())[1:] + [3]
-        return ids + [2]
-
+from tests.unit.test_api import WordTokenizer
 
 #: Prompt tokens of `chat()`'s default message with WordTokenizer.
 PROMPT = 6
