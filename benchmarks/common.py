@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class BenchmarkError(RuntimeError):
+    """A request failed where none may, or the stack misbehaved: the figures would be meaningless."""
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (q in 0..100, linear interpolation, as numpy's default); NaN for no values."""
     s = sorted(values)

@@ -73,7 +73,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from benchmarks.common import int_list, load_average, machine_info, percentile
+from benchmarks.common import BenchmarkError, int_list, load_average, machine_info, percentile
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,6 @@ _FILLER = (
 _WARMUP_OFFSET = 1_000_000
 _HTTP_TIMEOUT_S = 300.0
 _ENGINE_EXIT_TIMEOUT_S = 30.0
-
-
-class BenchmarkError(RuntimeError):
-    """A request failed or the stack misbehaved; the figures would be meaningless."""
 
 
 # --------------------------------------------------------------------------- parameters

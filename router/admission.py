@@ -21,6 +21,7 @@ figures scaled by its `share` (1 / ingress replicas).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
@@ -45,9 +46,7 @@ class Rejected(Exception):
 
     def retry_after_header(self) -> str | None:
         """The Retry-After header value (whole seconds, rounded up, at least MIN_RETRY_AFTER_S)."""
-        if self.retry_after_s is None:
-            return None
-        if math.isinf(self.retry_after_s):
+        if self.retry_after_s is None or math.isinf(self.retry_after_s):
             return None
         return str(math.ceil(max(self.retry_after_s, MIN_RETRY_AFTER_S)))
 
@@ -129,10 +128,9 @@ class FairSemaphore:
         self._discard(fut)
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
-        try:
+        # release() may already have popped it (handing it the slot).
+        with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
-        except ValueError:
-            pass
 
     def release(self) -> None:
         """Give a slot back: to the longest waiter if any, else to the pool."""
@@ -321,7 +319,7 @@ class Ticket:
         if self._fanout is not None:
             self._ctl._release_fanout(self._fanout)
         used = 0 if used_tokens is None else used_tokens
-        self._ctl._refund(self.request.tenant, self.request.cost - used)
+        self._ctl._finish(self.request.tenant, self.request.cost - used)
 
 
 class AdmissionController:
@@ -455,7 +453,8 @@ class AdmissionController:
         if sem.idle:
             del self._fanouts[key]
 
-    def _refund(self, tenant: str, tokens: int) -> None:
+    def _finish(self, tenant: str, tokens: int) -> None:
+        """A ticket of `tenant` ended: one fewer in flight, and `tokens` back to its bucket."""
         n = self._tenant_in_flight.get(tenant, 0) - 1
         if n > 0:
             self._tenant_in_flight[tenant] = n

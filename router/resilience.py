@@ -157,9 +157,13 @@ class TargetHealth:
         if self.state is not HealthState.TERMINAL:
             self._to(HealthState.TERMINAL, reason, now)
 
+    def probe_in(self, now: float) -> float:
+        """Seconds until the next recovery probe is due (0: now)."""
+        return max(0.0, self.probe_interval_s - (now - self._last_probe))
+
     def probe_due(self, now: float) -> bool:
         """Whether a recovery probe should be sent now (terminal, and one interval since the last)."""
-        return self.state is HealthState.TERMINAL and now - self._last_probe >= self.probe_interval_s
+        return self.state is HealthState.TERMINAL and self.probe_in(now) == 0.0
 
     def on_probe(self, ok: bool, now: float) -> None:
         """The result of a recovery probe."""

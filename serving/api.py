@@ -762,8 +762,10 @@ def build_api(
         version="0.1.0",
     )
     for name, served in models.items():
+        # The recovery probe of a terminal target: its backend's (backends without one never recover
+        # by probe, only by a later success).
         probe = getattr(served.backend, "probe", None)
-        if probe is not None and not api.gateway.has_probe(name):
+        if probe is not None:
             api.gateway.register_probe(name, probe)
     app.state.api = api
     app.add_middleware(_JSONBodyByDefault)

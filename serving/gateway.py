@@ -131,10 +131,6 @@ class Gateway:
         """How to check that `model`'s pool answers again (raises if not)."""
         self._probes[model] = probe
 
-    def has_probe(self, model: str) -> bool:
-        """Whether a recovery probe is registered for `model`."""
-        return model in self._probes
-
     def health(self, model: str) -> TargetHealth:
         """The health state machine of `model` (created healthy)."""
         h = self._health.get(model)
@@ -186,7 +182,7 @@ class Gateway:
         probe = self._probes.get(model)
         r = self.resilience
         while h.state is HealthState.TERMINAL:
-            await asyncio.sleep(max(0.0, h.probe_interval_s - (time.monotonic() - h._last_probe)))
+            await asyncio.sleep(h.probe_in(time.monotonic()))
             if not h.probe_due(time.monotonic()):
                 continue
             ok = False

@@ -97,8 +97,6 @@ class OpenAIIngress:
             )
         self._models = models
         self._gateway = Gateway.from_spec(self._spec, self._metrics)
-        for name, served in models.items():
-            self._gateway.register_probe(name, served.backend.probe)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools(), name="pool-watcher")
         logger.info("ingress ready for %s", sorted(models))
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from benchmarks import admission as ba
+from benchmarks.asgi import StreamingASGITransport
 from serving.config import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +145,7 @@ async def _app(scope, receive, send) -> None:
 
 
 async def test_streaming_transport_delivers_chunks_as_sent() -> None:
-    async with httpx.AsyncClient(transport=ba.StreamingASGITransport(_app), base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=StreamingASGITransport(_app), base_url="http://t") as c:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         async with c.stream("POST", "/x", json={}) as r:
@@ -160,7 +161,7 @@ async def test_streaming_transport_delivers_chunks_as_sent() -> None:
 
 async def test_streaming_transport_closing_early_disconnects_the_app() -> None:
     _app.disconnected = False  # type: ignore[attr-defined]
-    async with httpx.AsyncClient(transport=ba.StreamingASGITransport(_app), base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=StreamingASGITransport(_app), base_url="http://t") as c:
         async with c.stream("POST", "/x", json={}) as r:
             async for line in r.aiter_lines():
                 if line:
@@ -172,6 +173,6 @@ async def test_streaming_transport_app_error_before_response() -> None:
     async def broken(scope, receive, send) -> None:
         raise RuntimeError("boom")
 
-    async with httpx.AsyncClient(transport=ba.StreamingASGITransport(broken), base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=StreamingASGITransport(broken), base_url="http://t") as c:
         with pytest.raises(RuntimeError, match="boom"):
             await c.post("/x", json={})

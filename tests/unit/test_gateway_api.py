@@ -161,9 +161,7 @@ async def stack(
     }
     metrics = IngressMetrics()
     gateway = Gateway.from_spec(spec, metrics)
-    for name, b in backends.items():  # as serving.ingress does
-        gateway.register_probe(name, b.probe)
-    app = build_api(models, metrics, gateway)
+    app = build_api(models, metrics, gateway)  # registers each backend's probe
     try:
         transport = httpx.ASGITransport(app=app, root_path=root_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
