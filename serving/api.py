@@ -42,6 +42,8 @@ from serving.openai_protocol import (
     now,
     usage,
 )
+from serving.responses_api import SessionsFrontend, add_responses_routes
+from serving.thinking import ThinkingRun, ThinkTags
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,23 @@ class ServedModel:
     hasher: BlockHasher | None = None
     #: Salt prefix-cache blocks per tenant (engine and router alike).
     salt_tenants: bool = True
+    #: Token ids of the reasoning tags (reasoning models); None: a plain model.
+    tags: ThinkTags | None = None
+    #: Reasoning budget of a request that sets none.
+    default_reasoning_budget: int | None = None
+
+    def open_stream(self, request: GenerateRequest, budget: int | None) -> AsyncIterator[Chunk]:
+        """The backend stream, through a ThinkingRun for reasoning models (budget, token split)."""
+        if self.tags is None:
+            return self.backend.stream(request)
+        budget = budget or self.default_reasoning_budget
+        run = ThinkingRun(self.backend.stream, request, request.sampling.max_tokens, budget, self.tags)
+        return run.chunks()
+
+    def usage(self, last: Chunk) -> dict:
+        """The usage block of a finished request."""
+        reasoning = last.reasoning_tokens if self.tags is not None else None
+        return usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens, reasoning)
 
 
 class ApiError(Exception):
@@ -208,6 +227,7 @@ class OpenAIApi:
         prompt_param: str,
         reasoning_effort: str | None = None,
         tools: bool = False,
+        reasoning_budget: int | None = None,
     ) -> Response:
         """Pick the tier, admit, open a stream along the degradation chain, and answer."""
         g = self.gateway
@@ -242,6 +262,13 @@ class OpenAIApi:
             type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
             raise ApiError(e.status, str(e), type_, e.param) from None
         primary = self.model(res.model)
+        if reasoning_budget is not None and primary.tags is None:
+            raise ApiError(
+                400,
+                f"max_reasoning_tokens: model `{primary.name}` is not a reasoning model; omit it",
+                "invalid_request_error",
+                "max_reasoning_tokens",
+            )
         prompt_ids = await prompt_for(primary)
         max_tokens = self._max_tokens(primary, body, len(prompt_ids), prompt_param)
         reserved = body.requested_max_tokens() or min(max_tokens, g.default_reserved_tokens)
@@ -256,7 +283,9 @@ class OpenAIApi:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         start = time.perf_counter()
         try:
-            opened = await self._open(rid, body, headers, tenant, res, ticket, prompt_for, max_tokens)
+            opened = await self._open(
+                rid, body, headers, tenant, res, ticket, prompt_for, max_tokens, reasoning_budget
+            )
         except Rejected as e:
             ticket.release(None)
             raise self._rejected(e, res.model) from None
@@ -307,6 +336,7 @@ class OpenAIApi:
         ticket: Ticket,
         prompt_for: Callable[[ServedModel], Awaitable[list[int]]],
         max_tokens: int,
+        reasoning_budget: int | None = None,
     ) -> tuple[ServedModel, Chunk, AsyncIterator[Chunk], str]:
         """The first chunk of the first target along the chain that answers (Rejected 503 if none).
 
@@ -363,7 +393,7 @@ class OpenAIApi:
                     tenant=tenant,
                     session_id=session,
                 )
-                stream = served.backend.stream(req)
+                stream = served.open_stream(req, reasoning_budget)
                 err: EngineError | None = None
                 timed_out = False
                 try:
@@ -427,6 +457,8 @@ class OpenAIApi:
         m.prompt_tokens.labels(served.name).inc(last.prompt_tokens)
         m.cached_tokens.labels(served.name).inc(last.cached_tokens)
         m.completion_tokens.labels(served.name).inc(last.completion_tokens)
+        if served.tags is not None:
+            m.reasoning_tokens.labels(served.name).inc(last.reasoning_tokens)
         m.e2e.labels(served.name).observe(time.perf_counter() - start)
         m.requests.labels(served.name, endpoint, str(status)).inc()
 
@@ -473,7 +505,7 @@ class OpenAIApi:
             "created": now(),
             "model": served.name,
             "choices": [choice],
-            "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+            "usage": served.usage(last),
         }
         return JSONResponse(body), last
 
@@ -535,7 +567,7 @@ class OpenAIApi:
                         "created": created,
                         "model": served.name,
                         "choices": [],
-                        "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+                        "usage": served.usage(last),
                     }
                 )
             yield _DONE
@@ -751,9 +783,13 @@ def _check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
 
 
 def build_api(
-    models: dict[str, ServedModel], metrics: IngressMetrics | None = None, gateway: Gateway | None = None
+    models: dict[str, ServedModel],
+    metrics: IngressMetrics | None = None,
+    gateway: Gateway | None = None,
+    sessions: SessionsFrontend | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `models` (`gateway`: auth, tiers, admission; default: none of them)."""
+    """The FastAPI app serving `models` (`gateway`: auth, tiers, admission; default: none of them;
+    `sessions`: /v1/responses, only when given)."""
     metrics = metrics or IngressMetrics()
     api = OpenAIApi(models, metrics, gateway or Gateway.open(list(models), metrics))
     app = FastAPI(
@@ -853,6 +889,7 @@ def build_api(
             "messages",
             reasoning_effort=body.reasoning_effort,
             tools=bool(body.tools),
+            reasoning_budget=body.max_reasoning_tokens,
         )
 
     @app.post("/v1/completions", response_model=None)
@@ -872,5 +909,8 @@ def build_api(
             return ids
 
         return await api.serve("completion", body, request.headers, request.state.tenant, encode, "prompt")
+
+    if sessions is not None:
+        add_responses_routes(app, api, sessions)
 
     return app

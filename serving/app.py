@@ -4,7 +4,8 @@
 and a KubeRay RayService `serveConfigV2`; its `args` are either `{"config": "<path to YAML>"}` or
 `{"spec": {...}}` (the spec inline). The CLI (`tandem up`) calls `build_app_from_spec`.
 
-One engine deployment per model pool, named `<model>-<pool>`, plus the `ingress` deployment.
+One engine deployment per model pool, named `<model>-<pool>`, plus the `ingress` deployment and
+the `sessions` deployment (background session workers, serving.session_server).
 Placement (TP/PP/DP/EP → bundles) comes from `serving.placement`.
 """
 
@@ -30,6 +31,7 @@ from serving.config import (
 from serving.deployments import KV_EVENTS_ANY_PORT, DecodeServer, EngineServer, PrefillServer
 from serving.ingress import IngressDeployment
 from serving.placement import place_pool, placement_options
+from serving.session_server import SessionServer
 
 #: Engine-arg names owned by `parallelism` (one source for each setting).
 _PARALLEL_ARGS = {
@@ -41,6 +43,11 @@ _PARALLEL_ARGS = {
 #: Engine replicas take minutes to load a large model; Ray's 30 s default health timeout is short.
 HEALTH_CHECK_TIMEOUT_S = 60.0
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+#: Session workers: light actors (they stream tokens and write checkpoints), checked often so that a
+#: dead one is replaced quickly (its sessions are resumed when their leases lapse either way).
+SESSION_SERVER_CPUS = 0.1
+SESSION_SERVER_MAX_ONGOING = 256
+SESSION_HEALTH_PERIOD_S = 2.0
 
 
 def deployment_name(model: ModelSpec, pool: PoolSpec) -> str:
@@ -214,13 +221,27 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 model.name, source, pool.engine, engine_args_for(pool, model), pool.pool_name, pool.role
             )
     server = spec.server
+    sessions = None
+    if spec.sessions.enabled:
+        sessions = (
+            serve.deployment(SessionServer)
+            .options(
+                name="sessions",
+                num_replicas=spec.sessions.workers,
+                max_ongoing_requests=SESSION_SERVER_MAX_ONGOING,
+                health_check_period_s=SESSION_HEALTH_PERIOD_S,
+                graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+                ray_actor_options={"num_cpus": SESSION_SERVER_CPUS},
+            )
+            .bind(spec.model_dump(mode="json"), engines)
+        )
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress",
         num_replicas=server.ingress_replicas,
         max_ongoing_requests=server.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0.5},
     )
-    return ingress.bind(spec.model_dump(mode="json"), engines)
+    return ingress.bind(spec.model_dump(mode="json"), engines, sessions)
 
 
 def build_app(args: dict[str, Any]) -> Application:

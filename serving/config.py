@@ -12,6 +12,7 @@ Shape::
     auth:     API keys (hashed) -> tenants
     admission: per-tenant token buckets, fan-out width, priorities, pool limits, wait queue
     resilience: retry budget, backoff, health state machine of each target
+    sessions: background reasoning sessions (/v1/responses): workers, durable store, webhooks
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,12 +30,20 @@ DEFAULT_MODEL_DIR = "~/.cache/tandem/models"
 #: Scheme prefix of a model source that names a locally built tiny model.
 LOCAL_SOURCE_PREFIX = "local:"
 
+#: Where durable local state (the session store) lives (overridden by $TANDEM_STATE_DIR).
+DEFAULT_STATE_DIR = "~/.local/state/tandem"
+
 _NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 def default_model_dir() -> str:
     """$TANDEM_MODEL_DIR, else DEFAULT_MODEL_DIR (not expanded)."""
     return os.environ.get("TANDEM_MODEL_DIR", DEFAULT_MODEL_DIR)
+
+
+def default_state_path(name: str) -> str:
+    """`name` under $TANDEM_STATE_DIR, else DEFAULT_STATE_DIR (not expanded)."""
+    return str(Path(os.environ.get("TANDEM_STATE_DIR", DEFAULT_STATE_DIR)) / name)
 
 
 class SpecError(ValueError):
@@ -274,6 +283,20 @@ class RouterSpec(_Spec):
     )
 
 
+class ReasoningSpec(_Spec):
+    """How a reasoning model marks its thinking (Qwen3 / DeepSeek-R1 style tags).
+
+    Both tags must be single tokens of the model's vocabulary: budgets are counted in tokens and
+    the closing tag is forced as a token when the budget runs out.
+    """
+
+    start_tag: str = Field("<think>", min_length=1, description="Token that opens the reasoning block.")
+    end_tag: str = Field("</think>", min_length=1, description="Token that closes the reasoning block.")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="Reasoning budget of a request that sets none (None: no budget)."
+    )
+
+
 class ModelSpec(_Spec):
     """A served model: its name in the API, where its weights are, and its pools."""
 
@@ -293,6 +316,11 @@ class ModelSpec(_Spec):
         default_factory=Disaggregation, description="Prefill/decode settings (P/D pools only)."
     )
     router: RouterSpec = Field(default_factory=RouterSpec, description="Replica choice (cache-aware).")
+    reasoning: ReasoningSpec | None = Field(
+        None,
+        description="The model thinks in a tagged block (`<think>…</think>`): reasoning budgets, "
+        "hidden reasoning and split token accounting apply. None: a plain model.",
+    )
 
     @model_validator(mode="after")
     def _pools_consistent(self) -> ModelSpec:
@@ -525,6 +553,70 @@ class ResilienceSpec(_Spec):
     )
 
 
+class SessionStoreSpec(_Spec):
+    """Where background sessions are kept.
+
+    `sqlite` (default) is one file: every ingress and session worker must see the same file, so it
+    suits one node (local use, or a cluster whose sessions run on the head node with a volume).
+    `custom` loads `class_path` (`module:Class`, implementing serving.session_store.SessionStore),
+    called with `options` plus ttl_s / max_sessions_per_tenant / max_bytes_per_tenant: a Redis or
+    Postgres store for clusters.
+    """
+
+    kind: Literal["sqlite", "custom"] = Field("sqlite", description="sqlite or custom.")
+    path: str = Field(
+        default_factory=lambda: default_state_path("sessions.db"),
+        description=f"SQLite file ($TANDEM_STATE_DIR, else {DEFAULT_STATE_DIR}).",
+    )
+    class_path: str | None = Field(None, description="`module:Class` of a custom store.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of a custom store.")
+
+    @model_validator(mode="after")
+    def _custom_has_class(self) -> SessionStoreSpec:
+        if self.kind == "custom" and not self.class_path:
+            raise ValueError("class_path: required when kind is custom (`module:Class`)")
+        return self
+
+
+class WebhookSpec(_Spec):
+    """A tenant's completion webhook (Standard Webhooks: HMAC-SHA256 signed, retried)."""
+
+    tenant: str = Field(pattern=_NAME_RE, description="Tenant whose sessions are reported.")
+    url: str = Field(pattern=r"^https?://", description="Endpoint that receives the POST.")
+    secret_env: str | None = Field(None, description="Environment variable holding the signing secret.")
+    secret_file: str | None = Field(None, description="File holding the signing secret (a mounted Secret).")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookSpec:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret_env or secret_file")
+        return self
+
+
+class SessionsSpec(_Spec):
+    """Background reasoning sessions (`/v1/responses`): workers, durability, bounds."""
+
+    enabled: bool = Field(True, description="Serve /v1/responses with session workers.")
+    workers: int = Field(1, ge=1, description="Session worker replicas (detached actors).")
+    max_active_per_worker: int = Field(32, ge=1, description="Sessions one worker generates at once.")
+    store: SessionStoreSpec = Field(default_factory=SessionStoreSpec, description="The durable log.")
+    checkpoint_tokens: int = Field(16, ge=1, description="Checkpoint after this many new tokens...")
+    checkpoint_interval_s: float = Field(0.25, gt=0, description="...or after this long, if sooner.")
+    lease_s: float = Field(
+        10.0, gt=0, description="A worker's hold on a session; another worker takes over after it lapses."
+    )
+    sweep_interval_s: float = Field(1.0, gt=0, description="How often a worker looks for orphaned sessions.")
+    cancel_poll_s: float = Field(0.2, gt=0, description="How often a worker checks for cancel requests.")
+    stream_poll_s: float = Field(0.05, gt=0, description="How often a stream reader checks for new events.")
+    max_attempts: int = Field(
+        5, ge=1, description="Engine attempts in a row without progress before a session fails."
+    )
+    ttl_s: float = Field(7 * 86400.0, gt=0, description="How long a session is kept after it was created.")
+    max_sessions_per_tenant: int = Field(1000, ge=1, description="Stored sessions per tenant.")
+    max_bytes_per_tenant: int = Field(256 * 2**20, ge=1, description="Stored bytes per tenant.")
+    webhooks: list[WebhookSpec] = Field(default_factory=list, description="Completion webhooks by tenant.")
+
+
 class ServerSpec(_Spec):
     """Where the API listens, and how `tandem up` runs Ray locally."""
 
@@ -554,6 +646,7 @@ class ServingSpec(_Spec):
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys -> tenants.")
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec, description="Admission control.")
     resilience: ResilienceSpec = Field(default_factory=ResilienceSpec, description="Retries and health.")
+    sessions: SessionsSpec = Field(default_factory=SessionsSpec, description="Background sessions.")
 
     @model_validator(mode="after")
     def _references(self) -> ServingSpec:
@@ -601,6 +694,9 @@ class ServingSpec(_Spec):
         for i, limit in enumerate(self.admission.pool_limits):
             if limit.model not in names:
                 raise ValueError(f"admission.pool_limits[{i}].model: unknown model {limit.model!r}")
+        hooks = [w.tenant for w in self.sessions.webhooks]
+        if len(set(hooks)) != len(hooks):
+            raise ValueError("sessions.webhooks: one webhook per tenant")
         tenants = [t.name for t in self.admission.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError("admission.tenants: duplicate tenant names")

@@ -18,7 +18,10 @@ from serving.config import ServingSpec, parse_spec
 from serving.engines.base import Chunk, EngineError, GenerateRequest
 from serving.gateway import Gateway
 from serving.metrics import IngressMetrics
+from serving.responses_api import SessionsFrontend
+from serving.sessions import open_store
 from serving.streaming import coalesce
+from serving.thinking import reasoning_tags
 from serving.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,20 @@ class HandleBackend:
                 gen.cancel()
 
 
+#: How long the ingress waits for a session worker to take a new session (the sweep takes it otherwise).
+NOTIFY_WAIT_S = 2.0
+
+
+def _notifier(handle: DeploymentHandle) -> Any:
+    async def call(session_id: str) -> bool:
+        return await handle.start.remote(session_id)
+
+    async def notify(session_id: str) -> bool:
+        return await asyncio.wait_for(call(session_id), NOTIFY_WAIT_S)
+
+    return notify
+
+
 class OpenAIIngress:
     """Ray Serve ingress. Built per replica: tokenizers load here, once.
 
@@ -77,7 +94,12 @@ class OpenAIIngress:
         engines: model name → handle of the engine deployment serving it.
     """
 
-    async def __init__(self, spec: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+    async def __init__(
+        self,
+        spec: dict[str, Any],
+        engines: dict[str, DeploymentHandle],
+        sessions: DeploymentHandle | None = None,
+    ) -> None:
         self._spec: ServingSpec = parse_spec(spec)
         self._metrics = IngressMetrics()
         models: dict[str, ServedModel] = {}
@@ -94,8 +116,15 @@ class OpenAIIngress:
                 backend=HandleBackend(handle),
                 hasher=BlockHasher(info.block_size),
                 salt_tenants=model.router.tenant_salt,
+                tags=reasoning_tags(self._spec, name, tokenizer),
+                default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
             )
         self._models = models
+        self._sessions: SessionsFrontend | None = None
+        if sessions is not None:
+            self._sessions = SessionsFrontend(
+                open_store(self._spec.sessions), _notifier(sessions), self._spec.sessions.stream_poll_s
+            )
         self._gateway = Gateway.from_spec(self._spec, self._metrics)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools(), name="pool-watcher")
         logger.info("ingress ready for %s", sorted(models))
@@ -128,7 +157,7 @@ class OpenAIIngress:
         await self._gateway.close()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_api(self._models, self._metrics, self._gateway)
+        return build_api(self._models, self._metrics, self._gateway, self._sessions)
 
 
 # Late-bound FastAPI app: built after __init__, so the routes close over this replica's state

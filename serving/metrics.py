@@ -68,6 +68,18 @@ class IngressMetrics:
         self.completion_tokens = Counter(
             "tandem_completion_tokens", "Generated tokens.", ["model"], registry=r
         )
+        self.reasoning_tokens = Counter(
+            "tandem_reasoning_tokens",
+            "Generated tokens inside the reasoning block (part of tandem_completion_tokens).",
+            ["model"],
+            registry=r,
+        )
+        self.sessions = Counter(
+            "tandem_sessions",
+            "Background sessions (/v1/responses) created, by model.",
+            ["model"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "tandem_client_disconnects",
             "Streams the client abandoned (engine request aborted).",

@@ -120,6 +120,11 @@ class ChatCompletionRequest(_SamplingBody):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
         None, description="Used to pick a tier for `model: auto` (routing.rules)."
     )
+    max_reasoning_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Reasoning budget (reasoning models): at this many reasoning tokens the "
+        "closing tag is forced and the answer follows. Counts within max_tokens.",
+    )
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> ChatCompletionRequest:
@@ -151,19 +156,104 @@ class CompletionRequest(_SamplingBody):
         return self
 
 
+_EFFORTS = Literal["none", "minimal", "low", "medium", "high"]
+
+
+class ReasoningParams(_Body):
+    """`reasoning` of a Responses request."""
+
+    effort: _EFFORTS | None = Field(None, description="Used to pick a tier for `model: auto`.")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Reasoning budget: the closing tag is forced at this many reasoning tokens."
+    )
+    summary: Literal["auto", "concise", "detailed", "full"] | None = Field(
+        None,
+        description="Reasoning is hidden by default. auto/concise/detailed: an extractive summary "
+        "(first and last sentences); full: the whole reasoning text.",
+    )
+
+
+class InputText(_Body):
+    """A text content part of a Responses input message."""
+
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(_Body):
+    """One input message of a Responses request."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponsesRequest(_Body):
+    """POST /v1/responses (a subset of the OpenAI Responses API)."""
+
+    model: str = Field(min_length=1, description="Served model name or `auto`.")
+    input: str | list[InputMessage] = Field(description="A user message, or a list of messages.")
+    instructions: str | None = Field(None, description="A system message put before the input.")
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Most tokens generated in all (reasoning included)."
+    )
+    reasoning: ReasoningParams | None = None
+    background: bool = Field(False, description="Run detached from this request; poll or stream it later.")
+    stream: bool = False
+    store: bool = Field(True, description="Must be true: every response is stored (sessions).")
+    previous_response_id: str | None = Field(None, description="Continue that response's conversation.")
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs echoed back.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_empty(cls, v: str | list[InputMessage]) -> str | list[InputMessage]:
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (
+            len(v) > 16 or any(len(k) > 64 for k in v) or any(len(x) > 512 for x in v.values())
+        ):
+            raise ValueError("at most 16 keys of 64 characters, values of 512 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _stored(self) -> ResponsesRequest:
+        if not self.store:
+            raise ValueError("store: responses are always stored here; omit it or set it to true")
+        return self
+
+    def sampling(self, max_tokens: int) -> SamplingOptions:
+        return SamplingOptions(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+        )
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:
     """The OpenAI error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict:
-    """OpenAI usage block with cached prompt tokens."""
-    return {
+def usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict:
+    """OpenAI usage block with cached prompt tokens (and reasoning tokens, for reasoning models)."""
+    out = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
 
 
 def now() -> int:

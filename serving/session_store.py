@@ -10,6 +10,13 @@ Appends are idempotent (a chunk or event already stored is ignored, a different 
 so a writer that retries after a crash never duplicates or reorders anything. `SQLiteStore` is the
 default (one file, WAL); the `SessionStore` protocol is what a Redis or Postgres store implements.
 Calls are blocking: run them in a thread from an event loop.
+
+Ownership: a worker `claim`s an unfinished session for a lease and `renew`s it while it runs; it
+writes with `checkpoint` and ends with `finish`, both of which check in the same transaction that it
+still holds the session (else `LeaseLost`, and nothing is written). A session whose holder stopped
+renewing is an orphan (`orphans`) that another worker may claim, resuming from its checkpoints.
+A client's `request_cancel` raises a flag the holder sees through `cancels`; a session nobody holds
+is cancelled on the spot.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sqlite3
 import threading
 import time
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +57,10 @@ class QuotaExceeded(StoreError):
     """The tenant holds as many unfinished sessions (or bytes) as it may."""
 
 
+class LeaseLost(StoreError):
+    """The writer no longer holds the session (another owner claimed it, or it is finished or gone)."""
+
+
 @dataclass(slots=True)
 class SessionRecord:
     """A session's row."""
@@ -62,6 +74,10 @@ class SessionRecord:
     updated: float = 0.0
     expires: float = 0.0
     result: dict[str, Any] | None = None
+    owner: str | None = None
+    lease_until: float = 0.0
+    cancel_requested: bool = False
+    claims: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,22 +94,49 @@ class SessionStore(Protocol):
 
     def create(self, rec: SessionRecord) -> None: ...
     def get(self, session_id: str, tenant: str) -> SessionRecord | None: ...
+    def get_any(self, session_id: str) -> SessionRecord | None: ...
     def set_status(self, session_id: str, status: Status, result: dict[str, Any] | None = None) -> None: ...
     def append_events(self, session_id: str, events: list[Event]) -> None: ...
     def events(self, session_id: str, after: int = -1) -> list[Event]: ...
+    def last_seq(self, session_id: str) -> int: ...
     def append_tokens(self, session_id: str, start: int, ids: list[int]) -> None: ...
     def tokens(self, session_id: str) -> list[int]: ...
     def delete(self, session_id: str, tenant: str) -> bool: ...
     def purge_expired(self, now: float | None = None) -> int: ...
+    def claim(
+        self, session_id: str, owner: str, lease_s: float, now: float | None = None
+    ) -> SessionRecord | None: ...
+    def renew(
+        self, owner: str, session_ids: Iterable[str], lease_s: float, now: float | None = None
+    ) -> set[str]: ...
+    def orphans(self, now: float | None = None, limit: int = 100) -> list[str]: ...
+    def request_cancel(
+        self, session_id: str, tenant: str, now: float | None = None
+    ) -> SessionRecord | None: ...
+    def cancels(self, owner: str) -> set[str]: ...
+    def checkpoint(
+        self, session_id: str, owner: str, token_start: int, token_ids: list[int], events: list[Event]
+    ) -> None: ...
+    def finish(
+        self,
+        session_id: str,
+        owner: str,
+        status: Status,
+        result: dict[str, Any] | None,
+        events: list[Event],
+    ) -> None: ...
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, expires REAL NOT NULL,
-    request TEXT NOT NULL, result TEXT, bytes INTEGER NOT NULL DEFAULT 0
+    request TEXT NOT NULL, result TEXT, bytes INTEGER NOT NULL DEFAULT 0,
+    owner TEXT, lease_until REAL NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
+    claims INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_tenant ON sessions (tenant, created);
+CREATE INDEX IF NOT EXISTS sessions_status ON sessions (status, created);
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
@@ -104,6 +147,23 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
+# Ownership columns, added to a file written before they existed (CREATE TABLE IF NOT EXISTS keeps it).
+_OWNERSHIP_COLUMNS = {
+    "owner": "TEXT",
+    "lease_until": "REAL NOT NULL DEFAULT 0",
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+    "claims": "INTEGER NOT NULL DEFAULT 0",
+}
+_INDEXES = "CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner);"
+
+_RECORD_COLUMNS = (
+    "id, tenant, model, request, status, created, updated, expires, result, "
+    "owner, lease_until, cancel_requested, claims"
+)
+_UNFINISHED = (Status.QUEUED.value, Status.IN_PROGRESS.value)
+_UNFINISHED_SQL = "status IN (?, ?)"
+_MAX_VARS = 500  # ids bound in one statement (SQLite's limit is 999 on old builds)
+
 
 def _pack(ids: list[int]) -> bytes:
     return array("q", ids).tobytes()
@@ -113,6 +173,13 @@ def _unpack(blob: bytes) -> list[int]:
     a = array("q")
     a.frombytes(blob)
     return a.tolist()
+
+
+def _record(row: tuple[Any, ...]) -> SessionRecord:
+    return SessionRecord(
+        row[0], row[1], row[2], json.loads(row[3]), Status(row[4]), row[5], row[6], row[7],
+        json.loads(row[8]) if row[8] else None, row[9], row[10], bool(row[11]), row[12],
+    )  # fmt: skip
 
 
 class SQLiteStore:
@@ -135,6 +202,11 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+        for name, decl in _OWNERSHIP_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {name} {decl}")
+        self._db.executescript(_INDEXES)
         self._lock = threading.Lock()
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions_per_tenant
@@ -155,7 +227,8 @@ class SQLiteStore:
         with self._lock, self._tx():
             self._make_room(rec.tenant, len(request))
             self._db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                "INSERT INTO sessions (id, tenant, model, status, created, updated, expires, request, bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (rec.id, rec.tenant, rec.model, rec.status.value, rec.created, now, rec.expires, request,
                  len(request)),
             )  # fmt: skip
@@ -180,17 +253,20 @@ class SQLiteStore:
     def get(self, session_id: str, tenant: str) -> SessionRecord | None:
         """The session, or None if it does not exist or belongs to another tenant."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, tenant, model, request, status, created, updated, expires, result "
-                "FROM sessions WHERE id = ? AND tenant = ?",
-                (session_id, tenant),
-            ).fetchone()
-        if row is None:
-            return None
-        return SessionRecord(
-            row[0], row[1], row[2], json.loads(row[3]), Status(row[4]), row[5], row[6], row[7],
-            json.loads(row[8]) if row[8] else None,
-        )  # fmt: skip
+            return self._get(session_id, tenant)
+
+    def get_any(self, session_id: str) -> SessionRecord | None:
+        """The session whatever its tenant (for workers, never for clients), or None."""
+        with self._lock:
+            return self._get(session_id)
+
+    def _get(self, session_id: str, tenant: str | None = None) -> SessionRecord | None:
+        query = f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE id = ?"  # noqa: S608
+        args: tuple[str, ...] = (session_id,)
+        if tenant is not None:
+            query, args = query + " AND tenant = ?", (session_id, tenant)
+        row = self._db.execute(query, args).fetchone()
+        return None if row is None else _record(row)
 
     def set_status(self, session_id: str, status: Status, result: dict[str, Any] | None = None) -> None:
         """Move a session to `status` (a finished session does not change again)."""
@@ -242,26 +318,33 @@ class SQLiteStore:
         if not events:
             return
         with self._lock, self._tx():
-            last = self._db.execute(
-                "SELECT COALESCE(MAX(seq), -1) FROM events WHERE session_id = ?", (session_id,)
-            ).fetchone()[0]
-            added = 0
-            for ev in events:
-                data = json.dumps(ev.data)
-                if ev.seq <= last:
-                    row = self._db.execute(
-                        "SELECT type, data FROM events WHERE session_id = ? AND seq = ?", (session_id, ev.seq)
-                    ).fetchone()
-                    if row != (ev.type, data):
-                        raise StoreError(f"event {ev.seq} of {session_id} differs from the stored one")
-                    continue
-                if ev.seq != last + 1:
-                    raise StoreError(f"event {ev.seq} of {session_id} leaves a gap after {last}")
-                self._db.execute(
-                    "INSERT INTO events VALUES (?, ?, ?, ?)", (session_id, ev.seq, ev.type, data)
-                )
-                last, added = ev.seq, added + len(data)
-            self._db.execute("UPDATE sessions SET bytes = bytes + ? WHERE id = ?", (added, session_id))
+            self._append_events(session_id, events)
+
+    def _append_events(self, session_id: str, events: list[Event]) -> None:
+        """`append_events` inside the caller's transaction (an error leaves it to roll back)."""
+        if not events:
+            return
+        last = self._last_seq(session_id)
+        added = 0
+        for ev in events:
+            data = json.dumps(ev.data)
+            if ev.seq <= last:
+                row = self._db.execute(
+                    "SELECT type, data FROM events WHERE session_id = ? AND seq = ?", (session_id, ev.seq)
+                ).fetchone()
+                if row != (ev.type, data):
+                    raise StoreError(f"event {ev.seq} of {session_id} differs from the stored one")
+                continue
+            if ev.seq != last + 1:
+                raise StoreError(f"event {ev.seq} of {session_id} leaves a gap after {last}")
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (session_id, ev.seq, ev.type, data))
+            last, added = ev.seq, added + len(data)
+        self._db.execute("UPDATE sessions SET bytes = bytes + ? WHERE id = ?", (added, session_id))
+
+    def _last_seq(self, session_id: str) -> int:
+        return self._db.execute(
+            "SELECT COALESCE(MAX(seq), -1) FROM events WHERE session_id = ?", (session_id,)
+        ).fetchone()[0]
 
     def events(self, session_id: str, after: int = -1) -> list[Event]:
         """Events numbered after `after`, in order."""
@@ -272,25 +355,36 @@ class SQLiteStore:
             ).fetchall()
         return [Event(r[0], r[1], json.loads(r[2])) for r in rows]
 
+    def last_seq(self, session_id: str) -> int:
+        """The number of the session's last stored event; -1 when it has none."""
+        with self._lock:
+            return self._last_seq(session_id)
+
     def append_tokens(self, session_id: str, start: int, ids: list[int]) -> None:
         """A checkpoint: generated ids[start:start+len(ids)]. It must continue the stored ids exactly;
         a chunk already stored with the same ids is skipped."""
         if not ids:
             return
-        blob = _pack(ids)
         with self._lock, self._tx():
-            have = self._count_tokens(session_id)
-            if start < have:
-                row = self._db.execute(
-                    "SELECT ids FROM tokens WHERE session_id = ? AND start = ?", (session_id, start)
-                ).fetchone()
-                if row is None or row[0] != blob:
-                    raise StoreError(f"tokens at {start} of {session_id} differ from the stored ones")
-                return
-            if start != have:
-                raise StoreError(f"tokens at {start} of {session_id} leave a gap after {have}")
-            self._db.execute("INSERT INTO tokens VALUES (?, ?, ?)", (session_id, start, blob))
-            self._db.execute("UPDATE sessions SET bytes = bytes + ? WHERE id = ?", (len(blob), session_id))
+            self._append_tokens(session_id, start, ids)
+
+    def _append_tokens(self, session_id: str, start: int, ids: list[int]) -> None:
+        """`append_tokens` inside the caller's transaction (an error leaves it to roll back)."""
+        if not ids:
+            return
+        blob = _pack(ids)
+        have = self._count_tokens(session_id)
+        if start < have:
+            row = self._db.execute(
+                "SELECT ids FROM tokens WHERE session_id = ? AND start = ?", (session_id, start)
+            ).fetchone()
+            if row is None or row[0] != blob:
+                raise StoreError(f"tokens at {start} of {session_id} differ from the stored ones")
+            return
+        if start != have:
+            raise StoreError(f"tokens at {start} of {session_id} leave a gap after {have}")
+        self._db.execute("INSERT INTO tokens VALUES (?, ?, ?)", (session_id, start, blob))
+        self._db.execute("UPDATE sessions SET bytes = bytes + ? WHERE id = ?", (len(blob), session_id))
 
     def _count_tokens(self, session_id: str) -> int:
         row = self._db.execute(
@@ -309,6 +403,141 @@ class SQLiteStore:
         for (blob,) in rows:
             out.extend(_unpack(blob))
         return out
+
+    # -- ownership ----------------------------------------------------------------------------------
+
+    def claim(
+        self, session_id: str, owner: str, lease_s: float, now: float | None = None
+    ) -> SessionRecord | None:
+        """Take an unfinished session for `lease_s` seconds: one nobody holds, one whose lease ran out
+        (before `now`), or one `owner` already holds (which just extends its lease). A queued session
+        moves to in_progress; `claims` counts the times it changed hands. Returns the updated record,
+        or None if the session is missing, finished, or held by another owner."""
+        now = time.time() if now is None else now
+        with self._lock, self._tx():
+            row = self._db.execute(
+                "SELECT status, owner, lease_until FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            if row is None or Status(row[0]).finished:
+                return None
+            holder, lease_until = row[1], row[2]
+            live = holder is not None and lease_until >= now
+            if live and holder != owner:
+                return None
+            self._db.execute(
+                "UPDATE sessions SET owner = ?, lease_until = ?, claims = claims + ?, status = ?, "
+                "updated = ? WHERE id = ?",
+                (owner, now + lease_s, 0 if live else 1, Status.IN_PROGRESS.value, time.time(), session_id),
+            )
+            return self._get(session_id)
+
+    def renew(
+        self, owner: str, session_ids: Iterable[str], lease_s: float, now: float | None = None
+    ) -> set[str]:
+        """Extend to `now + lease_s` the leases of those of `session_ids` that `owner` still holds
+        (unfinished, not claimed by another); returns their ids — the others were lost."""
+        now = time.time() if now is None else now
+        ids = list(dict.fromkeys(session_ids))
+        held: set[str] = set()
+        with self._lock, self._tx():
+            for i in range(0, len(ids), _MAX_VARS):
+                chunk = ids[i : i + _MAX_VARS]
+                where = f"owner = ? AND {_UNFINISHED_SQL} AND id IN ({','.join('?' * len(chunk))})"
+                args = (owner, *_UNFINISHED, *chunk)
+                held.update(r[0] for r in self._db.execute(f"SELECT id FROM sessions WHERE {where}", args))  # noqa: S608
+                self._db.execute(f"UPDATE sessions SET lease_until = ? WHERE {where}", (now + lease_s, *args))  # noqa: S608
+        return held
+
+    def orphans(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Ids of unfinished sessions nobody holds (no owner, or a lease that ran out before `now`),
+        the oldest created first: the ones a worker should claim."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM sessions WHERE {_UNFINISHED_SQL} AND (owner IS NULL OR lease_until < ?) "  # noqa: S608
+                "ORDER BY created, id LIMIT ?",
+                (*_UNFINISHED, now, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def request_cancel(self, session_id: str, tenant: str, now: float | None = None) -> SessionRecord | None:
+        """Ask for the tenant's session to be cancelled; None if it has none by that id.
+
+        An unfinished session gets `cancel_requested`, which its holder sees through `cancels`. One no
+        worker will pick up to see it — unowned and still queued, or held under a lease that ran out
+        before `now` — is cancelled here (status cancelled, no owner). A finished session is left as it
+        is. Returns the updated record."""
+        now = time.time() if now is None else now
+        with self._lock, self._tx():
+            rec = self._get(session_id, tenant)
+            if rec is None or rec.status.finished:
+                return rec
+            unheld = (rec.owner is None and rec.status is Status.QUEUED) or (
+                rec.owner is not None and rec.lease_until < now
+            )
+            if unheld:
+                self._db.execute(
+                    "UPDATE sessions SET cancel_requested = 1, status = ?, owner = NULL, lease_until = 0, "
+                    "updated = ? WHERE id = ?",
+                    (Status.CANCELLED.value, time.time(), session_id),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE sessions SET cancel_requested = 1, updated = ? WHERE id = ?",
+                    (time.time(), session_id),
+                )
+            return self._get(session_id)
+
+    def cancels(self, owner: str) -> set[str]:
+        """Ids of the unfinished sessions `owner` holds whose cancellation was requested."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM sessions WHERE owner = ? AND cancel_requested = 1 AND {_UNFINISHED_SQL}",  # noqa: S608
+                (owner, *_UNFINISHED),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def checkpoint(
+        self, session_id: str, owner: str, token_start: int, token_ids: list[int], events: list[Event]
+    ) -> None:
+        """Append a token chunk (as `append_tokens`; no ids, no token write) and events (as
+        `append_events`) in one transaction, if `owner` still holds the session; else raise LeaseLost
+        and write nothing. A StoreError from either append also writes nothing."""
+        with self._lock, self._tx():
+            self._check_owner(session_id, owner)
+            self._append_tokens(session_id, token_start, token_ids)
+            self._append_events(session_id, events)
+
+    def finish(
+        self,
+        session_id: str,
+        owner: str,
+        status: Status,
+        result: dict[str, Any] | None,
+        events: list[Event],
+    ) -> None:
+        """End a session `owner` holds, in one transaction: append `events`, set the finished
+        `status` (ValueError for an unfinished one) and `result` (None keeps the stored one), and
+        release it. LeaseLost, and nothing written, if `owner` no longer holds it."""
+        status = Status(status)
+        if not status.finished:
+            raise ValueError(f"finish needs a finished status, not {status.value}")
+        blob = json.dumps(result) if result is not None else None
+        with self._lock, self._tx():
+            self._check_owner(session_id, owner)
+            self._append_events(session_id, events)
+            self._db.execute(
+                "UPDATE sessions SET status = ?, result = COALESCE(?, result), owner = NULL, "
+                "lease_until = 0, updated = ?, bytes = bytes + ? WHERE id = ?",
+                (status.value, blob, time.time(), len(blob or ""), session_id),
+            )
+
+    def _check_owner(self, session_id: str, owner: str) -> None:
+        row = self._db.execute("SELECT status, owner FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise LeaseLost(f"no session {session_id}")
+        if row[1] != owner or Status(row[0]).finished:
+            raise LeaseLost(f"{owner} does not hold session {session_id} ({row[0]}, held by {row[1]})")
 
     def _tx(self) -> Any:
         return _Transaction(self._db)

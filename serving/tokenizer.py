@@ -31,6 +31,17 @@ class PromptTokenizer:
         """Tokenize a raw completion prompt (with BOS, as the model expects)."""
         return self._tok.encode(text, add_special_tokens=True)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids (special tokens, such as reasoning tags, left out)."""
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        """The id of `token`, which must be a single token of the vocabulary (ValueError otherwise)."""
+        ids = self._tok.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{token!r} is not a single token of this tokenizer (it encodes to {ids})")
+        return ids[0]
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer knows."""

@@ -117,6 +117,8 @@ class Chunk:
     cached_tokens: int = 0
     error: EngineError | None = None
     route: Route | None = None
+    #: Of completion_tokens, those inside the reasoning block (set by serving.thinking).
+    reasoning_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -1,0 +1,99 @@
+"""The session worker deployment: detached Serve replicas that own background sessions.
+
+Each replica runs a `serving.sessions.SessionWorker` over the shared store and calls the model
+deployments through Serve handles, like the ingress does. Serve restarts a replica that dies; its
+sessions are taken over (by it or another replica) when their leases lapse, and resume from their
+checkpoints. The ingress only calls `start` (a hint: workers also sweep the store for orphans).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import WebhookSpec, parse_spec
+from serving.deployments import replica_name
+from serving.ingress import HandleBackend
+from serving.session_store import SessionRecord
+from serving.sessions import SessionModel, SessionWorker, WorkerSettings, open_store
+from serving.thinking import reasoning_tags
+from serving.tokenizer import PromptTokenizer
+from serving.webhooks import WebhookSender, WebhookTarget, completion_event, webhook_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def webhook_target(hook: WebhookSpec) -> WebhookTarget:
+    """The webhook of a tenant, its secret read from the environment or a mounted file."""
+    if hook.secret_env is not None:
+        secret = os.environ.get(hook.secret_env)
+        if not secret:
+            raise ValueError(f"sessions.webhooks[{hook.tenant}]: ${hook.secret_env} is not set")
+    else:
+        secret = Path(hook.secret_file or "").read_text().strip()
+    return webhook_from_config(hook.url, secret)
+
+
+class SessionServer:
+    """A session worker replica.
+
+    Args:
+        spec: the deployment spec as a dict.
+        engines: model name → handle of the engine deployment serving it.
+    """
+
+    async def __init__(self, spec: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+        self._spec = parse_spec(spec)
+        s = self._spec.sessions
+        self._store = open_store(s)
+        models: dict[str, SessionModel] = {}
+        for name, handle in engines.items():
+            path = self._spec.resolve_source(self._spec.model(name))
+            tok = await asyncio.to_thread(PromptTokenizer, path)
+            models[name] = SessionModel(
+                name, HandleBackend(handle).stream, tok, reasoning_tags(self._spec, name, tok)
+            )
+        self._hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
+        self._sender = WebhookSender() if self._hooks else None
+        self._deliveries: set[asyncio.Task] = set()
+        owner = f"{replica_name()}/{uuid.uuid4().hex[:8]}"
+        self._worker = SessionWorker(
+            self._store, models, WorkerSettings.from_spec(s), owner, on_finished=self._finished
+        )
+        self._worker.start()
+        logger.info("session worker %s ready for %s", owner, sorted(models))
+
+    def _finished(self, rec: SessionRecord, obj: dict[str, Any]) -> None:
+        target = self._hooks.get(rec.tenant)
+        if target is None or self._sender is None:
+            return
+        event_id, body = completion_event(rec.id, obj["status"])
+        task = asyncio.get_running_loop().create_task(self._sender.deliver(target, event_id, body))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def start(self, session_id: str) -> bool:
+        """Claim and run a new session here (False: full, or another worker has it)."""
+        return await self._worker.submit(session_id)
+
+    def status(self) -> dict[str, Any]:
+        """This worker's sessions (for tests and operators)."""
+        w = self._worker
+        return {"owner": w.owner, "active": w.active, "resumed": w.resumed, "finished": dict(w.completed)}
+
+    async def check_health(self) -> None:
+        """Serve's health probe: the store must answer."""
+        await asyncio.to_thread(self._store.last_seq, "health-probe")
+
+    async def __del__(self) -> None:
+        await self._worker.close()
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=5)
+        if self._sender is not None:
+            await self._sender.aclose()

@@ -1,0 +1,778 @@
+"""Background reasoning sessions: a worker that owns each session until it is done.
+
+A session is one `/v1/responses` request. The ingress stores it (serving.session_store) and tells a
+worker; from then on the session belongs to a **worker** (a detached Serve replica, see
+serving.deployments.SessionServer), not to any HTTP connection:
+
+- the worker **claims** the session with a lease in the store and renews it while it runs; a worker
+  that dies stops renewing, and any worker's sweep claims the orphan once the lease lapses;
+- it generates through the model's engine deployment in legs (serving.thinking: reasoning budget,
+  forced `</think>`), and **checkpoints** every `checkpoint_tokens` tokens (or `checkpoint_interval_s`):
+  the new token ids and the stream events they produce go to the store in one transaction, fenced by
+  the lease (a worker that lost its lease writes nothing);
+- a claim **resumes** from the log: the stored ids are replayed as prompt (re-prefill) and the
+  events already stored are not produced again, so no token or event is lost or duplicated;
+- readers (the ingress) only ever read the store: polling, resuming a stream from an event number,
+  or waiting for the end all work whatever happens to the ingress or the worker;
+- cancel is a flag in the store; the owner polls it every `cancel_poll_s`, stops the engine call
+  (which aborts the request at the engine) and finishes the session as cancelled.
+
+Events follow the OpenAI Responses streaming format (`response.created`, `response.output_item.added`,
+`response.output_text.delta`, … `response.completed`), numbered by `sequence_number`. Reasoning is
+hidden by default: the reasoning item carries no text unless the request asked for `summary`
+("full": the whole reasoning, streamed as `response.reasoning_text.delta`; "auto" / "concise" /
+"detailed": an extractive summary, its first and last sentences, sent when the reasoning ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serving.engines.base import EngineError, GenerateRequest, SamplingOptions
+from serving.session_store import Event, LeaseLost, SessionRecord, SessionStore, Status
+from serving.thinking import ReasoningState, StreamFn, ThinkingRun, ThinkTags, split_generated
+
+logger = logging.getLogger(__name__)
+
+#: Event types that end a session's stream.
+TERMINAL_EVENTS = frozenset(
+    {"response.completed", "response.incomplete", "response.failed", "response.cancelled"}
+)
+#: `reasoning.summary` values that ask for an extractive summary.
+SUMMARY_MODES = ("auto", "concise", "detailed")
+#: How often a worker deletes finished sessions past their TTL.
+PURGE_PERIOD_S = 300.0
+_SUMMARY_CHARS = {"auto": 400, "concise": 200, "detailed": 1000}
+
+
+class Decoder(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(slots=True)
+class SessionModel:
+    """What a worker needs to generate for one model."""
+
+    name: str
+    stream: StreamFn
+    decoder: Decoder
+    tags: ThinkTags | None = None
+
+
+@dataclass(slots=True)
+class SessionRequest:
+    """The part of a stored request a worker uses (the rest is echoed in the response object)."""
+
+    prompt_ids: list[int]
+    sampling: dict[str, Any]
+    max_output_tokens: int
+    reasoning_budget: int | None = None
+    summary: str | None = None
+    cache_salt: str | None = None
+    block_keys: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, rec: SessionRecord) -> SessionRequest:
+        r = rec.request
+        return cls(
+            prompt_ids=list(r["prompt_ids"]),
+            sampling=dict(r["sampling"]),
+            max_output_tokens=int(r["max_output_tokens"]),
+            reasoning_budget=r.get("reasoning_budget"),
+            summary=r.get("summary"),
+            cache_salt=r.get("cache_salt"),
+            block_keys=list(r.get("block_keys") or []),
+        )
+
+
+# -- response objects -------------------------------------------------------------------------------
+
+
+def response_object(rec: SessionRecord, status: Status | None = None) -> dict[str, Any]:
+    """The OpenAI `response` object of a session: its stored result once finished, else the request
+    echoed with the current status and no output yet."""
+    st = status or rec.status
+    if rec.result is not None and (status is None or status is rec.status):
+        return rec.result
+    r = rec.request
+    return {
+        "id": rec.id,
+        "object": "response",
+        "created_at": int(rec.created),
+        "status": st.value,
+        "background": bool(r.get("background")),
+        "model": rec.model,
+        "instructions": r.get("instructions"),
+        "max_output_tokens": r.get("max_output_tokens_asked"),
+        "metadata": r.get("metadata") or {},
+        "previous_response_id": r.get("previous_response_id"),
+        "reasoning": r.get("reasoning") or {"effort": None, "summary": None, "max_tokens": None},
+        "temperature": r["sampling"].get("temperature"),
+        "top_p": r["sampling"].get("top_p"),
+        "error": None,
+        "incomplete_details": None,
+        "output": [],
+        "usage": None,
+    }
+
+
+def extractive_summary(text: str, max_chars: int) -> str:
+    """The reasoning's first and last sentences, at most `max_chars` (not a model-written summary)."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    sentences = [s.strip() for s in text.replace("? ", "?\n").replace(". ", ".\n").split("\n") if s.strip()]
+    first, last = sentences[0], sentences[-1]
+    half = max(1, (max_chars - 3) // 2)
+    if len(first) + len(last) + 3 > max_chars or first == last:
+        return text[:half] + " … " + text[-half:]
+    return f"{first} … {last}"
+
+
+# -- events -----------------------------------------------------------------------------------------
+
+
+class EventWriter:
+    """Produces a session's numbered stream events from its text so far.
+
+    Its state (what has been sent) is rebuilt from the stored events after a takeover, so a resumed
+    session continues the numbering and the text exactly where the log ends.
+    """
+
+    def __init__(self, response_id: str, has_reasoning: bool, summary: str | None) -> None:
+        self.response_id = response_id
+        self.has_reasoning = has_reasoning
+        self.summary = summary
+        self.seq = 0
+        self.started = False
+        self.reasoning_open = False
+        self.reasoning_done = False
+        self.message_open = False
+        self.reasoning_sent = ""
+        self.answer_sent = ""
+        self.finished = False
+        self.rs_id = "rs_" + response_id.removeprefix("resp_")
+        self.msg_id = "msg_" + response_id.removeprefix("resp_")
+
+    @classmethod
+    def from_events(
+        cls, response_id: str, has_reasoning: bool, summary: str | None, events: list[Event]
+    ) -> EventWriter:
+        w = cls(response_id, has_reasoning, summary)
+        for ev in events:
+            w.seq = ev.seq + 1
+            t = ev.type
+            if t == "response.created":
+                w.started = True
+            elif t == "response.output_item.added":
+                if ev.data["item"]["type"] == "reasoning":
+                    w.reasoning_open = True
+                else:
+                    w.message_open = True
+            elif t == "response.output_item.done" and ev.data["item"]["type"] == "reasoning":
+                w.reasoning_done = True
+            elif t == "response.reasoning_text.delta":
+                w.reasoning_sent += ev.data["delta"]
+            elif t == "response.output_text.delta":
+                w.answer_sent += ev.data["delta"]
+            elif t in TERMINAL_EVENTS:
+                w.finished = True
+        return w
+
+    def _ev(self, type_: str, **data: Any) -> Event:
+        ev = Event(self.seq, type_, {"type": type_, "sequence_number": self.seq, **data})
+        self.seq += 1
+        return ev
+
+    @property
+    def full(self) -> bool:
+        return self.summary == "full"
+
+    def start(self, obj: dict[str, Any]) -> list[Event]:
+        """`response.created` and `response.in_progress` (once per session)."""
+        if self.started:
+            return []
+        self.started = True
+        return [
+            self._ev("response.created", response=obj),
+            self._ev("response.in_progress", response=dict(obj, status="in_progress")),
+        ]
+
+    def reasoning_item(self, text: str, done: bool) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "reasoning", "id": self.rs_id, "summary": []}
+        if done and self.summary in SUMMARY_MODES and text:
+            item["summary"] = [
+                {"type": "summary_text", "text": extractive_summary(text, _SUMMARY_CHARS[self.summary])}
+            ]
+        if self.full:
+            item["content"] = [{"type": "reasoning_text", "text": text}] if done else []
+        if done:
+            item["status"] = "completed"
+        return item
+
+    def message_item(self, text: str, done: bool) -> dict[str, Any]:
+        return {
+            "type": "message",
+            "id": self.msg_id,
+            "status": "completed" if done else "in_progress",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}] if done else [],
+        }
+
+    def _open_reasoning(self) -> list[Event]:
+        if self.reasoning_open or not self.has_reasoning:
+            return []
+        self.reasoning_open = True
+        return [self._ev("response.output_item.added", output_index=0, item=self.reasoning_item("", False))]
+
+    def _close_reasoning(self, reasoning: str) -> list[Event]:
+        if not self.reasoning_open or self.reasoning_done:
+            return []
+        self.reasoning_done = True
+        out = []
+        if self.summary in SUMMARY_MODES and reasoning:
+            summary = self.reasoning_item(reasoning, True)["summary"][0]["text"]
+            common = {"item_id": self.rs_id, "output_index": 0, "summary_index": 0}
+            out.append(self._ev("response.reasoning_summary_text.delta", delta=summary, **common))
+            out.append(self._ev("response.reasoning_summary_text.done", text=summary, **common))
+        if self.full:
+            out.append(
+                self._ev(
+                    "response.reasoning_text.done",
+                    item_id=self.rs_id,
+                    output_index=0,
+                    content_index=0,
+                    text=reasoning,
+                )
+            )
+        out.append(
+            self._ev("response.output_item.done", output_index=0, item=self.reasoning_item(reasoning, True))
+        )
+        return out
+
+    @property
+    def _msg_index(self) -> int:
+        return 1 if self.has_reasoning and self.reasoning_open else 0
+
+    def progress(self, reasoning: str, answer: str, in_answer: bool, final: bool) -> list[Event]:
+        """Events for the text that is new since the last call. `reasoning`/`answer`: the whole texts
+        so far; `in_answer`: the reasoning block is over (or never opened). Unless `final`, a trailing
+        replacement character (a multi-byte character cut between tokens) is held back."""
+        if not final:
+            reasoning, answer = reasoning.rstrip("\ufffd"), answer.rstrip("\ufffd")
+        out: list[Event] = []
+        if not in_answer or reasoning:
+            out += self._open_reasoning()
+        if self.full and self.reasoning_open and not self.reasoning_done:
+            new = reasoning[len(self.reasoning_sent) :]
+            if new:
+                self.reasoning_sent += new
+                out.append(
+                    self._ev(
+                        "response.reasoning_text.delta",
+                        item_id=self.rs_id,
+                        output_index=0,
+                        content_index=0,
+                        delta=new,
+                    )
+                )
+        if not in_answer:
+            return out
+        out += self._close_reasoning(reasoning)
+        idx = self._msg_index
+        if not self.message_open:
+            self.message_open = True
+            out.append(
+                self._ev("response.output_item.added", output_index=idx, item=self.message_item("", False))
+            )
+            out.append(
+                self._ev(
+                    "response.content_part.added",
+                    item_id=self.msg_id,
+                    output_index=idx,
+                    content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": []},
+                )
+            )
+        new = answer[len(self.answer_sent) :]
+        if new:
+            self.answer_sent += new
+            out.append(
+                self._ev(
+                    "response.output_text.delta",
+                    item_id=self.msg_id,
+                    output_index=idx,
+                    content_index=0,
+                    delta=new,
+                )
+            )
+        return out
+
+    def finish(self, reasoning: str, answer: str, obj: dict[str, Any]) -> list[Event]:
+        """The closing events and the terminal one (`response.<status>` with the final object)."""
+        out = self.progress(reasoning, answer, True, final=True) if obj["status"] != "cancelled" else []
+        out += self._close_reasoning(reasoning)
+        if self.message_open:
+            idx, text = self._msg_index, self.answer_sent
+            common = {"item_id": self.msg_id, "output_index": idx, "content_index": 0}
+            out.append(self._ev("response.output_text.done", text=text, **common))
+            out.append(
+                self._ev(
+                    "response.content_part.done",
+                    part={"type": "output_text", "text": text, "annotations": []},
+                    **common,
+                )
+            )
+            out.append(
+                self._ev("response.output_item.done", output_index=idx, item=self.message_item(text, True))
+            )
+        self.finished = True
+        out.append(self._ev(f"response.{obj['status']}", response=obj))
+        return out
+
+
+# -- the worker -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    """A worker's knobs (from config.SessionsSpec: one source for every default)."""
+
+    checkpoint_tokens: int
+    checkpoint_interval_s: float
+    lease_s: float
+    sweep_interval_s: float
+    cancel_poll_s: float
+    max_active: int
+    max_attempts: int
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 10.0
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> WorkerSettings:
+        return cls(
+            checkpoint_tokens=spec.checkpoint_tokens,
+            checkpoint_interval_s=spec.checkpoint_interval_s,
+            lease_s=spec.lease_s,
+            sweep_interval_s=spec.sweep_interval_s,
+            cancel_poll_s=spec.cancel_poll_s,
+            max_active=spec.max_active_per_worker,
+            max_attempts=spec.max_attempts,
+        )
+
+
+class _LegFailed(Exception):
+    def __init__(self, error: EngineError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Active:
+    task: asyncio.Task
+    cancel_requested: bool = False
+    lost: bool = False
+
+
+class SessionWorker:
+    """Claims, runs, checkpoints and finishes sessions (pure asyncio; the Serve wrapper is
+    serving.deployments.SessionServer).
+
+    Args:
+        store: the durable log (calls run in threads).
+        models: model name → what generating for it takes.
+        settings: checkpoint, lease and retry knobs.
+        owner: this worker's unique id (its lease holder name).
+        on_finished: called with the finished record's id, tenant and final object (webhooks).
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        models: dict[str, SessionModel],
+        settings: WorkerSettings,
+        owner: str | None = None,
+        on_finished: Callable[[SessionRecord, dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.settings = settings
+        self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        self._on_finished = on_finished
+        self._active: dict[str, _Active] = {}
+        self._loops: list[asyncio.Task] = []
+        self.resumed = 0
+        self.completed: dict[str, int] = {}
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Start the sweep, lease and cancel loops (on the running event loop)."""
+        s = self.settings
+        self._loops = [
+            asyncio.create_task(self._every(s.sweep_interval_s, self.sweep), name="sessions-sweep"),
+            asyncio.create_task(self._every(s.lease_s / 3, self._renew), name="sessions-lease"),
+            asyncio.create_task(self._every(s.cancel_poll_s, self._poll_cancels), name="sessions-cancel"),
+            asyncio.create_task(self._every(PURGE_PERIOD_S, self._purge), name="sessions-purge"),
+        ]
+
+    async def close(self) -> None:
+        """Stop everything; the sessions still running are handed back to the store (their leases
+        expire at once) for another worker to resume."""
+        for t in self._loops:
+            t.cancel()
+        held = list(self._active)
+        for a in self._active.values():
+            a.lost = True
+            a.task.cancel()
+        await asyncio.gather(*self._loops, *(a.task for a in self._active.values()), return_exceptions=True)
+        self._loops.clear()
+        if held:
+            # Expire our leases now: another worker resumes these sessions at its next sweep.
+            await asyncio.to_thread(self.store.renew, self.owner, held, -1.0)
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    async def _every(self, period: float, fn: Callable[[], Any]) -> None:
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("session worker loop %s failed", getattr(fn, "__name__", fn))
+            await asyncio.sleep(period)
+
+    # -- claiming --
+
+    async def submit(self, session_id: str) -> bool:
+        """Claim `session_id` and run it here; False if it is full, taken or finished."""
+        if session_id in self._active or len(self._active) >= self.settings.max_active:
+            return False
+        rec = await asyncio.to_thread(self.store.claim, session_id, self.owner, self.settings.lease_s)
+        if rec is None:
+            return False
+        if rec.claims > 1:
+            self.resumed += 1
+            logger.info("session %s taken over by %s (claim %d)", session_id, self.owner, rec.claims)
+        task = asyncio.create_task(self._run(rec), name=f"session-{session_id}")
+        self._active[session_id] = _Active(task)
+        task.add_done_callback(lambda _: self._active.pop(session_id, None))
+        return True
+
+    async def sweep(self) -> int:
+        """Claim orphaned sessions (unowned, or their owner's lease lapsed) while there is room."""
+        room = self.settings.max_active - len(self._active)
+        if room <= 0:
+            return 0
+        ids = await asyncio.to_thread(self.store.orphans, None, room)
+        taken = 0
+        for sid in ids:
+            taken += await self.submit(sid)
+        return taken
+
+    async def _renew(self) -> None:
+        ids = list(self._active)
+        if not ids:
+            return
+        held = await asyncio.to_thread(self.store.renew, self.owner, ids, self.settings.lease_s)
+        for sid in set(ids) - held:
+            a = self._active.get(sid)
+            if a is not None:
+                logger.warning("session %s: lease lost by %s; stopping here", sid, self.owner)
+                a.lost = True
+                a.task.cancel()
+
+    async def _purge(self) -> None:
+        n = await asyncio.to_thread(self.store.purge_expired)
+        if n:
+            logger.info("purged %d expired sessions", n)
+
+    async def _poll_cancels(self) -> None:
+        if not self._active:
+            return
+        for sid in await asyncio.to_thread(self.store.cancels, self.owner):
+            a = self._active.get(sid)
+            if a is not None and not a.cancel_requested:
+                a.cancel_requested = True
+                a.task.cancel()
+
+    async def cancel(self, session_id: str) -> bool:
+        """Cancel a session this worker runs (the store's flag is the durable way; this is quicker)."""
+        a = self._active.get(session_id)
+        if a is None:
+            return False
+        a.cancel_requested = True
+        a.task.cancel()
+        return True
+
+    # -- running one session --
+
+    async def _run(self, rec: SessionRecord) -> None:
+        sid = rec.id
+        try:
+            await _SessionRun(self, rec).run()
+        except asyncio.CancelledError:
+            a = self._active.get(sid)
+            if a is not None and a.cancel_requested and not a.lost:
+                return  # finished as cancelled inside
+            raise
+        except LeaseLost:
+            logger.warning("session %s: lease lost by %s", sid, self.owner)
+        except Exception:
+            logger.exception("session %s failed in worker %s", sid, self.owner)
+
+    def _finished(self, rec: SessionRecord, obj: dict[str, Any]) -> None:
+        self.completed[obj["status"]] = self.completed.get(obj["status"], 0) + 1
+        if self._on_finished is not None:
+            try:
+                self._on_finished(rec, obj)
+            except Exception:
+                logger.exception("on_finished hook failed for %s", rec.id)
+
+
+class _SessionRun:
+    """One claim of one session: resume from the log, generate, checkpoint, finish."""
+
+    def __init__(self, worker: SessionWorker, rec: SessionRecord) -> None:
+        self.w = worker
+        self.rec = rec
+        self.req = SessionRequest.from_record(rec)
+        self.model = worker.models.get(rec.model)
+        self.generated: list[int] = []
+        self.stored = 0  # ids already in the store
+        self.last_ckpt = time.monotonic()
+        self.writer: EventWriter | None = None
+        self.cached = 0
+
+    async def run(self) -> None:
+        w, rec = self.w, self.rec
+        store = w.store
+        if self.model is None:
+            await self._finish(Status.FAILED, error=("model_not_served", f"{rec.model} is not served"))
+            return
+        tags = self.model.tags
+        self.generated, events = await asyncio.gather(
+            asyncio.to_thread(store.tokens, rec.id), asyncio.to_thread(store.events, rec.id)
+        )
+        self.stored = len(self.generated)
+        self.writer = EventWriter.from_events(rec.id, tags is not None, self.req.summary, events)
+        if self.writer.finished:
+            return
+        start = self.writer.start(response_object(rec, Status.IN_PROGRESS))
+        if start:
+            await asyncio.to_thread(store.checkpoint, rec.id, w.owner, self.stored, [], start)
+        failures = 0
+        try:
+            while True:
+                progress_at = len(self.generated)
+                run = ThinkingRun(
+                    self.model.stream,
+                    self._request(),
+                    self.req.max_output_tokens,
+                    self.req.reasoning_budget,
+                    tags,
+                    self.generated,
+                )
+                try:
+                    await self._consume(run)
+                except _LegFailed as e:
+                    await self._checkpoint(force=True)
+                    failures = 0 if len(self.generated) > progress_at else failures + 1
+                    if e.error.status < 500 and e.error.status != 429 or failures >= w.settings.max_attempts:
+                        await self._finish(Status.FAILED, error=(e.error.type, e.error.message))
+                        return
+                    delay = random.uniform(
+                        0, min(w.settings.backoff_max_s, w.settings.backoff_base_s * 2**failures)
+                    )
+                    logger.warning(
+                        "session %s: engine call failed (%s); resuming from %d tokens in %.2fs",
+                        rec.id, e.error.message, len(self.generated), delay,
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)
+                    continue
+                break
+        except asyncio.CancelledError:
+            a = w._active.get(rec.id)
+            if a is not None and a.cancel_requested and not a.lost:
+                # Cancelled by the client: the engine call is already closed (aborted) by the
+                # ThinkingRun's finally; record what was generated and end the session.
+                await asyncio.shield(self._cancelled())
+            raise
+        reason = run.finish_reason
+        if reason == "length":
+            await self._finish(Status.INCOMPLETE, incomplete="max_output_tokens")
+        else:
+            await self._finish(Status.COMPLETED)
+
+    async def _cancelled(self) -> None:
+        try:
+            await self._checkpoint(force=True)
+            await self._finish(Status.CANCELLED)
+        except LeaseLost:
+            pass
+
+    def _request(self) -> GenerateRequest:
+        s = dict(self.req.sampling)
+        s["max_tokens"] = self.req.max_output_tokens
+        return GenerateRequest(
+            request_id=f"{self.rec.id}-{self.rec.claims}",
+            prompt_token_ids=self.req.prompt_ids,
+            sampling=SamplingOptions(**s),
+            cache_salt=self.req.cache_salt,
+            block_keys=self.req.block_keys,
+            tenant=self.rec.tenant,
+            session_id=self.rec.id,
+        )
+
+    async def _consume(self, run: ThinkingRun) -> None:
+        it = run.chunks()
+        try:
+            async for chunk in it:
+                if chunk.error is not None:
+                    raise _LegFailed(chunk.error)
+                if chunk.cached_tokens and not self.cached:
+                    self.cached = chunk.cached_tokens
+                self.generated = run.generated
+                if chunk.finish_reason == "abort":
+                    raise _LegFailed(EngineError("the engine aborted the request", 503, "aborted"))
+                if chunk.finish_reason is None:
+                    await self._checkpoint()
+        finally:
+            await it.aclose()
+        self.generated = run.generated
+
+    def _texts(self) -> tuple[str, str, bool]:
+        """(reasoning text, answer text, reasoning over) of the ids generated so far."""
+        assert self.model is not None
+        gen = self.generated
+        tags = self.model.tags
+        r, a = split_generated(self.req.prompt_ids, gen, tags)
+        reasoning_ids = gen[r:a]
+        if tags is not None and reasoning_ids and reasoning_ids[-1] == tags.end:
+            reasoning_ids = reasoning_ids[:-1]
+        state = ReasoningState(self.req.prompt_ids, tags)
+        for t in gen:
+            state.feed(t)
+        closed = state.state == "answer"
+        dec = self.model.decoder
+        reasoning = dec.decode(reasoning_ids) if reasoning_ids else ""
+        answer = dec.decode(gen[a:]) if a < len(gen) else ""
+        return reasoning, answer, closed
+
+    async def _checkpoint(self, force: bool = False) -> None:
+        s = self.w.settings
+        new = len(self.generated) - self.stored
+        due = new >= s.checkpoint_tokens or time.monotonic() - self.last_ckpt >= s.checkpoint_interval_s
+        if new <= 0 or not (due or force):
+            return
+        ids = self.generated[self.stored :]
+        start = self.stored
+        assert self.writer is not None
+
+        def write() -> None:
+            reasoning, answer, closed = self._texts()
+            events = self.writer.progress(reasoning, answer, closed, final=False)
+            self.w.store.checkpoint(self.rec.id, self.w.owner, start, ids, events)
+
+        await asyncio.to_thread(write)
+        self.stored = start + len(ids)
+        self.last_ckpt = time.monotonic()
+
+    def _usage(self) -> dict[str, Any]:
+        tags = self.model.tags if self.model else None
+        r, a = split_generated(self.req.prompt_ids, self.generated, tags)
+        reasoning = a - r - (1 if tags is not None and a > r and self.generated[a - 1] == tags.end else 0)
+        out = len(self.generated)
+        return {
+            "input_tokens": len(self.req.prompt_ids),
+            "input_tokens_details": {"cached_tokens": self.cached},
+            "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": max(0, reasoning)},
+            "total_tokens": len(self.req.prompt_ids) + out,
+        }
+
+    async def _finish(
+        self, status: Status, error: tuple[str, str] | None = None, incomplete: str | None = None
+    ) -> None:
+        rec, w = self.rec, self.w
+        obj = response_object(rec, status)
+        obj = dict(obj, status=status.value)
+        writer = self.writer or EventWriter(rec.id, False, None)
+
+        def write() -> dict[str, Any]:
+            reasoning, answer = ("", "")
+            if self.model is not None and self.generated:
+                reasoning, answer, _ = self._texts()
+            if status is Status.CANCELLED:
+                answer = writer.answer_sent  # what was streamed before the cancel
+            output: list[dict[str, Any]] = []
+            if writer.has_reasoning and (reasoning or writer.reasoning_open):
+                output.append(writer.reasoning_item(reasoning, True))
+            if answer or writer.message_open:
+                output.append(writer.message_item(answer, True))
+            obj.update(
+                output=output,
+                usage=self._usage() if self.model is not None else None,
+                completed_at=int(time.time()),
+                error={"code": error[0], "message": error[1]} if error else None,
+                incomplete_details={"reason": incomplete} if incomplete else None,
+            )
+            events = writer.finish(reasoning, answer, obj)
+            w.store.checkpoint(rec.id, w.owner, self.stored, self.generated[self.stored :], [])
+            w.store.finish(rec.id, w.owner, status, obj, events)
+            return obj
+
+        final = await asyncio.to_thread(write)
+        self.stored = len(self.generated)
+        w._finished(rec, final)
+
+
+def new_response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def cancel_session(store: SessionStore, session_id: str, tenant: str) -> SessionRecord | None:
+    """Ask for a session to be cancelled (blocking; run it in a thread). A session no worker holds
+    is cancelled on the spot, and its stream gets its terminal event here."""
+    rec = store.request_cancel(session_id, tenant)
+    if rec is None or rec.status is not Status.CANCELLED or rec.owner is not None:
+        return rec
+    events = store.events(session_id)
+    if not any(ev.type in TERMINAL_EVENTS for ev in events):
+        obj = dict(response_object(rec, Status.CANCELLED), status="cancelled")
+        seq = events[-1].seq + 1 if events else 0
+        data = {"type": "response.cancelled", "sequence_number": seq, "response": obj}
+        store.append_events(session_id, [Event(seq, "response.cancelled", data)])
+        store.set_status(session_id, Status.CANCELLED, obj)
+    return store.get(session_id, tenant)
+
+
+def open_store(spec: Any) -> SessionStore:
+    """The session store a `config.SessionsSpec` describes."""
+    st = spec.store
+    bounds = {
+        "ttl_s": spec.ttl_s,
+        "max_sessions_per_tenant": spec.max_sessions_per_tenant,
+        "max_bytes_per_tenant": spec.max_bytes_per_tenant,
+    }
+    if st.kind == "sqlite":
+        from pathlib import Path
+
+        from serving.session_store import SQLiteStore
+
+        return SQLiteStore(Path(st.path).expanduser(), **bounds)
+    import importlib
+
+    module, _, name = st.class_path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**st.options, **bounds)
