@@ -210,6 +210,7 @@ class ThinkingRun:
                 sampling=sampling,
             )
             leg_finish: str | None = None
+            before = len(self.generated)
             stream = self._stream(leg)
             try:
                 async for chunk in stream:
@@ -223,7 +224,9 @@ class ThinkingRun:
                         self.state.feed(t)
                     self.generated.extend(chunk.token_ids)
                     leg_finish = chunk.finish_reason
-                    go_on = leg_finish == "length" and len(self.generated) < self.max_tokens
+                    # A leg cut short that made progress is continued (an engine that stops a leg
+                    # with nothing generated, e.g. at its context limit, ends the run).
+                    go_on = leg_finish == "length" and before < len(self.generated) < self.max_tokens
                     if leg_finish is not None and not go_on:
                         self.finish_reason = leg_finish
                         yield self._chunk(chunk, leg_finish)

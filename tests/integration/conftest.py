@@ -40,7 +40,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack() -> Stack:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     import ray
     from ray import serve
 
@@ -51,7 +51,12 @@ def stack() -> Stack:
     server = base.server.model_copy(update={"port": free_port(), "dashboard_port": free_port()})
     # Tenants with small limits for the admission tests (auth is off locally: x-tandem-tenant picks one).
     admission = base.admission.model_copy(update={"tenants": TEST_TENANTS})
-    spec = base.model_copy(update={"server": server, "admission": admission})
+    # The session log in this run's own directory (not the user's ~/.local/state/tandem).
+    store = base.sessions.store.model_copy(
+        update={"path": str(tmp_path_factory.mktemp("state") / "sessions.db")}
+    )
+    sessions = base.sessions.model_copy(update={"store": store})
+    spec = base.model_copy(update={"server": server, "admission": admission, "sessions": sessions})
     _build_models(Path(spec.model_dir).expanduser(), None, force=False)
     # Logical CPUs only: room for the second app some tests deploy next to the main one.
     start_local_ray(spec, num_cpus=8)
