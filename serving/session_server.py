@@ -20,11 +20,10 @@ from ray.serve.handle import DeploymentHandle
 from serving.config import WebhookSpec, parse_spec
 from serving.deployments import replica_name
 from serving.ingress import HandleBackend
-from serving.session_store import SessionRecord
 from serving.sessions import SessionModel, SessionWorker, WorkerSettings, open_store
 from serving.thinking import reasoning_tags
 from serving.tokenizer import PromptTokenizer
-from serving.webhooks import WebhookSender, WebhookTarget, completion_event, webhook_from_config
+from serving.webhooks import CompletionNotifier, WebhookSender, WebhookTarget, webhook_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +58,14 @@ class SessionServer:
             models[name] = SessionModel(
                 name, HandleBackend(handle).stream, tok, reasoning_tags(self._spec, name, tok)
             )
-        self._hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
-        self._sender = WebhookSender() if self._hooks else None
-        self._deliveries: set[asyncio.Task] = set()
+        hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
+        self._notifier = CompletionNotifier(hooks, WebhookSender()) if hooks else None
         owner = f"{replica_name()}/{uuid.uuid4().hex[:8]}"
         self._worker = SessionWorker(
-            self._store, models, WorkerSettings.from_spec(s), owner, on_finished=self._finished
+            self._store, models, WorkerSettings.from_spec(s), owner, on_finished=self._notifier
         )
         self._worker.start()
         logger.info("session worker %s ready for %s", owner, sorted(models))
-
-    def _finished(self, rec: SessionRecord, obj: dict[str, Any]) -> None:
-        target = self._hooks.get(rec.tenant)
-        if target is None or self._sender is None:
-            return
-        event_id, body = completion_event(rec.id, obj["status"])
-        task = asyncio.get_running_loop().create_task(self._sender.deliver(target, event_id, body))
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
 
     async def start(self, session_id: str) -> bool:
         """Claim and run a new session here (False: full, or another worker has it)."""
@@ -93,7 +82,5 @@ class SessionServer:
 
     async def __del__(self) -> None:
         await self._worker.close()
-        if self._deliveries:
-            await asyncio.wait(self._deliveries, timeout=5)
-        if self._sender is not None:
-            await self._sender.aclose()
+        if self._notifier is not None:
+            await self._notifier.aclose()

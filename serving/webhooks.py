@@ -302,3 +302,40 @@ class WebhookSender:
             )
             await self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class CompletionNotifier:
+    """Calls the tenant's webhook when one of its sessions finishes (the `on_finished` hook of
+    serving.sessions.SessionWorker). Deliveries run as background tasks; `aclose` waits for them.
+
+    Args:
+        targets: tenant → its webhook.
+        sender: delivers with retries.
+    """
+
+    def __init__(self, targets: Mapping[str, WebhookTarget], sender: WebhookSender) -> None:
+        self.targets = dict(targets)
+        self.sender = sender
+        self.results: list[DeliveryResult] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    def __call__(self, rec: Any, obj: Mapping[str, Any]) -> None:
+        target = self.targets.get(rec.tenant)
+        if target is None:
+            return
+        event_id, body = completion_event(rec.id, obj["status"])
+        task = asyncio.get_running_loop().create_task(self._deliver(target, event_id, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, target: WebhookTarget, event_id: str, body: bytes) -> None:
+        result = await self.sender.deliver(target, event_id, body)
+        self.results.append(result)
+        if not result.delivered:
+            logger.warning("webhook %s not delivered after %d attempts", event_id, result.attempts)
+
+    async def aclose(self, wait_s: float = 5.0) -> None:
+        """Wait up to `wait_s` for deliveries in flight, then close the sender."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=wait_s)
+        await self.sender.aclose()
