@@ -76,6 +76,8 @@ class EngineBackend:
         done = False
         try:
             async for chunk in self._engine.generate(request):
+                # A finished request needs no abort, even if the consumer stops reading here.
+                done = done or chunk.finish_reason is not None
                 yield chunk
             done = True
         finally:

@@ -48,6 +48,8 @@ class HandleBackend:
         done = False
         try:
             async for chunk in gen:
+                # A finished request needs no cancel, even if the consumer stops reading here.
+                done = done or chunk.finish_reason is not None
                 yield chunk
             done = True
         except BackPressureError as e:

@@ -226,11 +226,12 @@ class ResponsesRequest(_Body):
             raise ValueError("at most 16 keys of 64 characters, values of 512 characters")
         return v
 
-    @model_validator(mode="after")
-    def _stored(self) -> ResponsesRequest:
-        if not self.store:
-            raise ValueError("store: responses are always stored here; omit it or set it to true")
-        return self
+    @field_validator("store")
+    @classmethod
+    def _stored(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("responses are always stored here; omit it or set it to true")
+        return v
 
     def sampling(self, max_tokens: int) -> SamplingOptions:
         return SamplingOptions(

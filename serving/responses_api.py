@@ -111,10 +111,18 @@ def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFronten
                         state["ended"] = True
                         return
                 idle = 0 if evs else idle + 1
-                if idle and idle % 100 == 0 and await asyncio.to_thread(store.get, rid, tenant) is None:
-                    state["ended"] = True
-                    yield _sse_event({"type": "error", "code": "not_found", "message": f"{rid} was deleted"})
-                    return
+                if idle == 1 or idle and idle % 20 == 0:
+                    # Nothing new: is the session gone, or over (a reader already past its end)?
+                    rec = await asyncio.to_thread(store.get, rid, tenant)
+                    if rec is None:
+                        state["ended"] = True
+                        yield _sse_event(
+                            {"type": "error", "code": "not_found", "message": f"{rid} was deleted"}
+                        )
+                        return
+                    if rec.status.finished and not await asyncio.to_thread(store.events, rid, after):
+                        state["ended"] = True
+                        return
                 await asyncio.sleep(sessions.poll_s)
 
         async def on_close() -> None:

@@ -213,8 +213,9 @@ class SQLiteStore:
         self.max_bytes = max_bytes_per_tenant
 
     def close(self) -> None:
-        """Close the database."""
-        self._db.close()
+        """Close the database (after any call in flight in another thread)."""
+        with self._lock:
+            self._db.close()
 
     # -- sessions ---------------------------------------------------------------------------------
 

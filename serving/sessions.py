@@ -315,9 +315,10 @@ class EventWriter:
             )
         return out
 
-    def finish(self, reasoning: str, answer: str, obj: dict[str, Any]) -> list[Event]:
-        """The closing events and the terminal one (`response.<status>` with the final object)."""
-        out = self.progress(reasoning, answer, True, final=True) if obj["status"] != "cancelled" else []
+    def close(self, reasoning: str, answer: str, in_answer: bool, cancelled: bool) -> list[Event]:
+        """The events that end the output: the last text (unless `cancelled`: what was sent stays
+        the answer), then the open items closed. No item is opened that has no text to carry."""
+        out = [] if cancelled else self.progress(reasoning, answer, in_answer, final=True)
         out += self._close_reasoning(reasoning)
         if self.message_open:
             idx, text = self._msg_index, self.answer_sent
@@ -333,9 +334,21 @@ class EventWriter:
             out.append(
                 self._ev("response.output_item.done", output_index=idx, item=self.message_item(text, True))
             )
-        self.finished = True
-        out.append(self._ev(f"response.{obj['status']}", response=obj))
         return out
+
+    def output(self, reasoning: str) -> list[dict[str, Any]]:
+        """The response's `output` items, as the events gave them (call after `close`)."""
+        items: list[dict[str, Any]] = []
+        if self.reasoning_open:
+            items.append(self.reasoning_item(reasoning, True))
+        if self.message_open:
+            items.append(self.message_item(self.answer_sent, True))
+        return items
+
+    def terminal(self, obj: dict[str, Any]) -> Event:
+        """`response.<status>` with the final object: the session's last event."""
+        self.finished = True
+        return self._ev(f"response.{obj['status']}", response=obj)
 
 
 # -- the worker -------------------------------------------------------------------------------------
@@ -407,6 +420,7 @@ class SessionWorker:
         self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
         self._on_finished = on_finished
         self._active: dict[str, _Active] = {}
+        self._claiming: set[str] = set()
         self._loops: list[asyncio.Task] = []
         self.resumed = 0
         self.completed: dict[str, int] = {}
@@ -456,9 +470,15 @@ class SessionWorker:
 
     async def submit(self, session_id: str) -> bool:
         """Claim `session_id` and run it here; False if it is full, taken or finished."""
-        if session_id in self._active or len(self._active) >= self.settings.max_active:
+        busy = len(self._active) + len(self._claiming)
+        if session_id in self._active or session_id in self._claiming or busy >= self.settings.max_active:
             return False
-        rec = await asyncio.to_thread(self.store.claim, session_id, self.owner, self.settings.lease_s)
+        # Reserve the slot before the claim's await: a notify and a sweep may submit at once.
+        self._claiming.add(session_id)
+        try:
+            rec = await asyncio.to_thread(self.store.claim, session_id, self.owner, self.settings.lease_s)
+        finally:
+            self._claiming.discard(session_id)
         if rec is None:
             return False
         if rec.claims > 1:
@@ -471,7 +491,7 @@ class SessionWorker:
 
     async def sweep(self) -> int:
         """Claim orphaned sessions (unowned, or their owner's lease lapsed) while there is room."""
-        room = self.settings.max_active - len(self._active)
+        room = self.settings.max_active - len(self._active) - len(self._claiming)
         if room <= 0:
             return 0
         ids = await asyncio.to_thread(self.store.orphans, None, room)
@@ -553,14 +573,13 @@ class _SessionRun:
         self.last_ckpt = time.monotonic()
         self.writer: EventWriter | None = None
         self.cached = 0
+        self.done = False
+        self._pending: asyncio.Future | None = None
 
     async def run(self) -> None:
         w, rec = self.w, self.rec
         store = w.store
-        if self.model is None:
-            await self._finish(Status.FAILED, error=("model_not_served", f"{rec.model} is not served"))
-            return
-        tags = self.model.tags
+        tags = self.model.tags if self.model is not None else None
         self.generated, events = await asyncio.gather(
             asyncio.to_thread(store.tokens, rec.id), asyncio.to_thread(store.events, rec.id)
         )
@@ -570,7 +589,10 @@ class _SessionRun:
             return
         start = self.writer.start(response_object(rec, Status.IN_PROGRESS))
         if start:
-            await asyncio.to_thread(store.checkpoint, rec.id, w.owner, self.stored, [], start)
+            await self._write(lambda: store.checkpoint(rec.id, w.owner, self.stored, [], start))
+        if self.model is None:
+            await self._finish(Status.FAILED, error=("model_not_served", f"{rec.model} is not served"))
+            return
         failures = 0
         try:
             while True:
@@ -615,11 +637,28 @@ class _SessionRun:
             await self._finish(Status.COMPLETED)
 
     async def _cancelled(self) -> None:
+        if self.done:
+            return
         try:
             await self._checkpoint(force=True)
             await self._finish(Status.CANCELLED)
         except LeaseLost:
             pass
+
+    async def _write(self, fn: Callable[[], Any]) -> Any:
+        """Run a store write in a thread, one at a time. The write is shielded: a cancel (client
+        cancel, lost lease) does not leave it half-seen — the next write waits for it first, and
+        what it records about progress is updated by the write itself."""
+        prev = self._pending
+
+        async def write() -> Any:
+            if prev is not None:
+                await asyncio.gather(prev, return_exceptions=True)
+            return await asyncio.to_thread(fn)
+
+        # Queued before any await, so a cancel cannot fall between the previous write and this one.
+        self._pending = asyncio.ensure_future(write())
+        return await asyncio.shield(self._pending)
 
     def _request(self) -> GenerateRequest:
         s = dict(self.req.sampling)
@@ -683,10 +722,10 @@ class _SessionRun:
             reasoning, answer, closed = self._texts()
             events = self.writer.progress(reasoning, answer, closed, final=False)
             self.w.store.checkpoint(self.rec.id, self.w.owner, start, ids, events)
+            self.stored = start + len(ids)
+            self.last_ckpt = time.monotonic()
 
-        await asyncio.to_thread(write)
-        self.stored = start + len(ids)
-        self.last_ckpt = time.monotonic()
+        await self._write(write)
 
     def _usage(self) -> dict[str, Any]:
         tags = self.model.tags if self.model else None
@@ -704,37 +743,42 @@ class _SessionRun:
     async def _finish(
         self, status: Status, error: tuple[str, str] | None = None, incomplete: str | None = None
     ) -> None:
+        """Write the end of the session (shielded: a cancel arriving now cannot cut it in half)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            final = await self._write(lambda: self._finish_sync(status, error, incomplete))
+        except asyncio.CancelledError:
+            # Cancelled while the end was being written: see the write through, report it, stop.
+            assert self._pending is not None
+            final = await asyncio.shield(self._pending)
+            self.w._finished(self.rec, final)
+            raise
+        self.w._finished(self.rec, final)
+
+    def _finish_sync(
+        self, status: Status, error: tuple[str, str] | None, incomplete: str | None
+    ) -> dict[str, Any]:
         rec, w = self.rec, self.w
-        obj = response_object(rec, status)
-        obj = dict(obj, status=status.value)
         writer = self.writer or EventWriter(rec.id, False, None)
-
-        def write() -> dict[str, Any]:
-            reasoning, answer = ("", "")
-            if self.model is not None and self.generated:
-                reasoning, answer, _ = self._texts()
-            if status is Status.CANCELLED:
-                answer = writer.answer_sent  # what was streamed before the cancel
-            output: list[dict[str, Any]] = []
-            if writer.has_reasoning and (reasoning or writer.reasoning_open):
-                output.append(writer.reasoning_item(reasoning, True))
-            if answer or writer.message_open:
-                output.append(writer.message_item(answer, True))
-            obj.update(
-                output=output,
-                usage=self._usage() if self.model is not None else None,
-                completed_at=int(time.time()),
-                error={"code": error[0], "message": error[1]} if error else None,
-                incomplete_details={"reason": incomplete} if incomplete else None,
-            )
-            events = writer.finish(reasoning, answer, obj)
-            w.store.checkpoint(rec.id, w.owner, self.stored, self.generated[self.stored :], [])
-            w.store.finish(rec.id, w.owner, status, obj, events)
-            return obj
-
-        final = await asyncio.to_thread(write)
+        reasoning, answer, closed = "", "", False
+        if self.model is not None and self.generated:
+            reasoning, answer, closed = self._texts()
+        events = writer.close(reasoning, answer, closed, cancelled=status is Status.CANCELLED)
+        obj = dict(response_object(rec, status), status=status.value)
+        obj.update(
+            output=writer.output(reasoning),
+            usage=self._usage() if self.model is not None else None,
+            completed_at=int(time.time()),
+            error={"code": error[0], "message": error[1]} if error else None,
+            incomplete_details={"reason": incomplete} if incomplete else None,
+        )
+        events.append(writer.terminal(obj))
+        w.store.checkpoint(rec.id, w.owner, self.stored, self.generated[self.stored :], [])
         self.stored = len(self.generated)
-        w._finished(rec, final)
+        w.store.finish(rec.id, w.owner, status, obj, events)
+        return obj
 
 
 def new_response_id() -> str:
