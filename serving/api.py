@@ -106,17 +106,25 @@ class ServedModel:
     #: Reasoning budget of a request that sets none.
     default_reasoning_budget: int | None = None
 
-    def open_stream(self, request: GenerateRequest, budget: int | None) -> AsyncIterator[Chunk]:
-        """The backend stream, through a ThinkingRun for reasoning models (budget, token split)."""
-        if self.tags is None:
+    def open_stream(
+        self, request: GenerateRequest, budget: int | None, chat: bool = True
+    ) -> AsyncIterator[Chunk]:
+        """The backend stream; for chat with a reasoning model, through a ThinkingRun: the budget, the
+        reasoning token count, and `text` (the answer) split from `reasoning_text`. A text
+        completion is raw text: nothing is split or hidden."""
+        if self.tags is None or not chat:
             return self.backend.stream(request)
         budget = budget or self.default_reasoning_budget
-        run = ThinkingRun(self.backend.stream, request, request.sampling.max_tokens, budget, self.tags)
+        # The answer and the reasoning are decoded here from the ids, split at the tags.
+        text = getattr(self.tokenizer, "decode_stream", None)
+        run = ThinkingRun(
+            self.backend.stream, request, request.sampling.max_tokens, budget, self.tags, text=text
+        )
         return run.chunks()
 
-    def usage(self, last: Chunk) -> dict:
-        """The usage block of a finished request."""
-        reasoning = last.reasoning_tokens if self.tags is not None else None
+    def usage(self, last: Chunk, chat: bool = True) -> dict:
+        """The usage block of a finished request (reasoning tokens: chat with a reasoning model)."""
+        reasoning = last.reasoning_tokens if self.tags is not None and chat else None
         return usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens, reasoning)
 
 
@@ -306,7 +314,9 @@ class OpenAIApi:
         else:
             last = first
             try:
-                resp, last = await self._collect(kind, rid, served, first, stream, start, endpoint)
+                resp, last = await self._collect(
+                    kind, rid, served, first, stream, start, endpoint, _include_reasoning(body)
+                )
             finally:
                 m.in_flight.labels(served.name).dec()
                 ticket.release(last.prompt_tokens + last.completion_tokens)
@@ -395,7 +405,7 @@ class OpenAIApi:
                     tenant=tenant,
                     session_id=session,
                 )
-                stream = served.open_stream(req, reasoning_budget)
+                stream = served.open_stream(req, reasoning_budget, isinstance(body, ChatCompletionRequest))
                 err: EngineError | None = None
                 timed_out = False
                 try:
@@ -473,9 +483,11 @@ class OpenAIApi:
         stream: AsyncIterator[Chunk],
         start: float,
         endpoint: str,
+        include_reasoning: bool = False,
     ) -> tuple[Response, Chunk]:
         """The whole answer as one JSON body, and the last chunk (its token counts)."""
         parts = [first.text]
+        thoughts = [first.reasoning_text]
         last = first
         try:
             async for chunk in stream:
@@ -484,18 +496,17 @@ class OpenAIApi:
                     err = chunk.error
                     return _error_response(err.status, err.message, err.type), last
                 parts.append(chunk.text)
+                thoughts.append(chunk.reasoning_text)
                 last = chunk
         finally:
             await stream.aclose()
         text = "".join(parts)
         finish = last.finish_reason or "length"
         if kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if include_reasoning and served.tags is not None:
+                message["reasoning_content"] = "".join(thoughts)
+            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -507,7 +518,7 @@ class OpenAIApi:
             "created": now(),
             "model": served.name,
             "choices": [choice],
-            "usage": served.usage(last),
+            "usage": served.usage(last, kind == "chat"),
         }
         return JSONResponse(body), last
 
@@ -526,9 +537,13 @@ class OpenAIApi:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         m = self.metrics
 
+        show_reasoning = _include_reasoning(body) and served.tags is not None
+
         def frame(chunk: Chunk, first_frame: bool) -> dict:
             if kind == "chat":
                 delta: dict[str, Any] = {"content": chunk.text}
+                if show_reasoning and chunk.reasoning_text:
+                    delta["reasoning_content"] = chunk.reasoning_text
                 if first_frame:
                     delta["role"] = "assistant"
                 choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}
@@ -569,7 +584,7 @@ class OpenAIApi:
                         "created": created,
                         "model": served.name,
                         "choices": [],
-                        "usage": served.usage(last),
+                        "usage": served.usage(last, kind == "chat"),
                     }
                 )
             yield _DONE
@@ -675,6 +690,10 @@ DISAGG_HEADER = "x-tandem-disagg"
 #: Response header: how the request was served (mode, prefill replica, decode replica).
 ROUTE_HEADER = "x-tandem-route"
 _DISAGG_VALUES = ("on", "off", "auto")
+
+
+def _include_reasoning(body: Any) -> bool:
+    return bool(getattr(body, "include_reasoning", False))
 
 
 def _disagg_header(headers: Any) -> str:

@@ -125,6 +125,11 @@ class ChatCompletionRequest(_SamplingBody):
         description="Reasoning budget (reasoning models): at this many reasoning tokens the "
         "closing tag is forced and the answer follows. Counts within max_tokens.",
     )
+    include_reasoning: bool = Field(
+        False,
+        description="Reasoning models: return the reasoning text in `reasoning_content` (hidden by "
+        "default; `content` is the answer only).",
+    )
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> ChatCompletionRequest:

@@ -690,7 +690,7 @@ class _SessionRun:
             await it.aclose()
         self.generated = run.generated
 
-    def _texts(self) -> tuple[str, str, bool]:
+    def _texts(self, final: bool = False) -> tuple[str, str, bool]:
         """(reasoning text, answer text, reasoning over) of the ids generated so far."""
         assert self.model is not None
         gen = self.generated
@@ -704,7 +704,10 @@ class _SessionRun:
             state.feed(t)
         closed = state.state == "answer"
         dec = self.model.decoder
-        reasoning = dec.decode(reasoning_ids) if reasoning_ids else ""
+        w = self.writer
+        # Hidden reasoning is never decoded: only `full` streams it and a summary needs it once.
+        shown = w is not None and (w.full or w.summary in SUMMARY_MODES and (final or not w.reasoning_done))
+        reasoning = dec.decode(reasoning_ids) if reasoning_ids and shown else ""
         answer = dec.decode(gen[a:]) if a < len(gen) else ""
         return reasoning, answer, closed
 
@@ -764,7 +767,7 @@ class _SessionRun:
         writer = self.writer or EventWriter(rec.id, False, None)
         reasoning, answer, closed = "", "", False
         if self.model is not None and self.generated:
-            reasoning, answer, closed = self._texts()
+            reasoning, answer, closed = self._texts(final=True)
         events = writer.close(reasoning, answer, closed, cancelled=status is Status.CANCELLED)
         obj = dict(response_object(rec, status), status=status.value)
         obj.update(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from serving.engines.base import Chunk, GenerateRequest
 
@@ -111,6 +111,12 @@ def _last_index(ids: list[int], token: int) -> int:
 StreamFn = Callable[[GenerateRequest], AsyncIterator[Chunk]]
 
 
+class TextFeed(Protocol):
+    """An incremental decoder (serving.tokenizer.TextStream)."""
+
+    def feed(self, ids: list[int]) -> str: ...
+
+
 class ThinkingRun:
     """Generates `request` (prompt + already `generated` ids) up to `max_tokens` generated tokens in all,
     with at most `budget` reasoning tokens.
@@ -127,6 +133,10 @@ class ThinkingRun:
         budget: reasoning tokens allowed (None: no budget).
         tags: the model's reasoning tags (None: not a reasoning model; budget must then be None).
         generated: ids already generated (a resumed run); they are replayed as prompt.
+        text: makes an incremental decoder. When given, each chunk's `text` is the answer text of
+            its tokens and `reasoning_text` the reasoning text, split exactly at the tag tokens
+            (decoded here from the ids, not taken from the engine). Without it, `text` is the
+            engine's, reasoning and answer alike.
     """
 
     def __init__(
@@ -137,6 +147,7 @@ class ThinkingRun:
         budget: int | None = None,
         tags: ThinkTags | None = None,
         generated: list[int] | None = None,
+        text: Callable[[], TextFeed] | None = None,
     ) -> None:
         if budget is not None and tags is None:
             raise ValueError("a reasoning budget needs the model's reasoning tags")
@@ -154,6 +165,8 @@ class ThinkingRun:
         self.forced = 0
         self.finish_reason: str | None = None
         self._cached: int | None = None
+        self._answer_text = text() if text is not None else None
+        self._reasoning_text = text() if text is not None else None
 
     @property
     def reasoning_tokens(self) -> int:
@@ -167,6 +180,25 @@ class ThinkingRun:
             completion_tokens=len(self.generated),
             cached_tokens=self._cached or 0,
             reasoning_tokens=self.state.reasoning_tokens,
+        )
+
+    def _feed(self, chunk: Chunk) -> Chunk:
+        """Advance the reasoning state over the chunk's tokens (and split its text, if decoding)."""
+        if self._answer_text is None or self._reasoning_text is None:
+            for t in chunk.token_ids:
+                self.state.feed(t)
+            return chunk
+        tags = self.tags
+        reasoning: list[int] = []
+        answer: list[int] = []
+        for t in chunk.token_ids:
+            inside = self.state.state == "reasoning"
+            self.state.feed(t)
+            if tags is not None and t in (tags.start, tags.end):
+                continue
+            (reasoning if inside else answer).append(t)
+        return dataclasses.replace(
+            chunk, text=self._answer_text.feed(answer), reasoning_text=self._reasoning_text.feed(reasoning)
         )
 
     def _leg_cap(self) -> int:
@@ -220,8 +252,7 @@ class ThinkingRun:
                         return
                     if self._cached is None:
                         self._cached = chunk.cached_tokens
-                    for t in chunk.token_ids:
-                        self.state.feed(t)
+                    chunk = self._feed(chunk)
                     self.generated.extend(chunk.token_ids)
                     leg_finish = chunk.finish_reason
                     # A leg cut short that made progress is continued (an engine that stops a leg

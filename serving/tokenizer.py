@@ -7,6 +7,23 @@ from typing import Any
 from serving.openai_protocol import ChatMessage
 
 
+class TextStream:
+    """Text of ids fed a few at a time, exactly as decoding them all at once would give it: a
+    multi-byte character cut between tokens is held back until it is complete (the `tokenizers`
+    library's DecodeStream, as vLLM's detokenizer uses)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def feed(self, ids: list[int]) -> str:
+        """The text the new `ids` complete."""
+        parts = [self._stream.step(self._tok, i) for i in ids]
+        return "".join(p for p in parts if p)
+
+
 class PromptTokenizer:
     """The model's own tokenizer and chat template (Hugging Face format, loaded from `path`).
 
@@ -34,6 +51,10 @@ class PromptTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids (special tokens, such as reasoning tags, left out)."""
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def decode_stream(self) -> TextStream:
+        """An incremental decoder of generated ids (special tokens left out)."""
+        return TextStream(self._tok._tokenizer)
 
     def token_id(self, token: str) -> int:
         """The id of `token`, which must be a single token of the vocabulary (ValueError otherwise)."""

@@ -119,6 +119,8 @@ class Chunk:
     route: Route | None = None
     #: Of completion_tokens, those inside the reasoning block (set by serving.thinking).
     reasoning_tokens: int = 0
+    #: The reasoning text of this chunk, when serving.thinking splits it from `text` (the answer).
+    reasoning_text: str = ""
 
 
 @dataclass(slots=True)
