@@ -27,6 +27,7 @@ hidden by default: the reasoning item carries no text unless the request asked f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -47,6 +48,8 @@ TERMINAL_EVENTS = frozenset(
 )
 #: `reasoning.summary` values that ask for an extractive summary.
 SUMMARY_MODES = ("auto", "concise", "detailed")
+#: Takeovers after which a session is failed rather than resumed again (its workers keep dying).
+MAX_CLAIMS = 10
 #: How often a worker deletes finished sessions past their TTL.
 PURGE_PERIOD_S = 300.0
 _SUMMARY_CHARS = {"auto": 400, "concise": 200, "detailed": 1000}
@@ -548,8 +551,11 @@ class SessionWorker:
             raise
         except LeaseLost:
             logger.warning("session %s: lease lost by %s", sid, self.owner)
-        except Exception:
+        except Exception as e:
+            # A fault here would fail again on every takeover: end the session as failed instead.
             logger.exception("session %s failed in worker %s", sid, self.owner)
+            with contextlib.suppress(Exception):
+                await _SessionRun(self, rec).fail("internal_error", f"{type(e).__name__}: {e}")
 
     def _finished(self, rec: SessionRecord, obj: dict[str, Any]) -> None:
         self.completed[obj["status"]] = self.completed.get(obj["status"], 0) + 1
@@ -593,6 +599,12 @@ class _SessionRun:
         if self.model is None:
             await self._finish(Status.FAILED, error=("model_not_served", f"{rec.model} is not served"))
             return
+        if rec.claims > MAX_CLAIMS:
+            # Every worker that took it died with it (e.g. out of memory): stop trying.
+            await self._finish(
+                Status.FAILED, error=("too_many_takeovers", f"the session was resumed {rec.claims - 1} times")
+            )
+            return
         failures = 0
         try:
             while True:
@@ -635,6 +647,18 @@ class _SessionRun:
             await self._finish(Status.INCOMPLETE, incomplete="max_output_tokens")
         else:
             await self._finish(Status.COMPLETED)
+
+    async def fail(self, code: str, message: str) -> None:
+        """End the session as failed with what the store holds (after an unexpected fault)."""
+        store = self.w.store
+        self.generated, events = await asyncio.gather(
+            asyncio.to_thread(store.tokens, self.rec.id), asyncio.to_thread(store.events, self.rec.id)
+        )
+        self.stored = len(self.generated)
+        has_tags = self.model is not None and self.model.tags is not None
+        self.writer = EventWriter.from_events(self.rec.id, has_tags, self.req.summary, events)
+        if not self.writer.finished:
+            await self._finish(Status.FAILED, error=(code, message))
 
     async def _cancelled(self) -> None:
         if self.done:
@@ -767,7 +791,12 @@ class _SessionRun:
         writer = self.writer or EventWriter(rec.id, False, None)
         reasoning, answer, closed = "", "", False
         if self.model is not None and self.generated:
-            reasoning, answer, closed = self._texts(final=True)
+            try:
+                reasoning, answer, closed = self._texts(final=True)
+            except Exception:  # failing because decoding fails: end with what was sent
+                if status is not Status.FAILED:
+                    raise
+                reasoning, answer, closed = writer.reasoning_sent, writer.answer_sent, writer.message_open
         events = writer.close(reasoning, answer, closed, cancelled=status is Status.CANCELLED)
         obj = dict(response_object(rec, status), status=status.value)
         obj.update(
