@@ -43,9 +43,8 @@ _PARALLEL_ARGS = {
 #: Engine replicas take minutes to load a large model; Ray's 30 s default health timeout is short.
 HEALTH_CHECK_TIMEOUT_S = 60.0
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
-#: Session workers: light actors (they stream tokens and write checkpoints), checked often so that a
-#: dead one is replaced quickly (its sessions are resumed when their leases lapse either way).
-SESSION_SERVER_CPUS = 0.1
+#: Session workers are checked often so that a dead one is replaced quickly (its sessions are resumed
+#: when their leases lapse either way).
 SESSION_SERVER_MAX_ONGOING = 256
 SESSION_HEALTH_PERIOD_S = 2.0
 
@@ -231,7 +230,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 max_ongoing_requests=SESSION_SERVER_MAX_ONGOING,
                 health_check_period_s=SESSION_HEALTH_PERIOD_S,
                 graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
-                ray_actor_options={"num_cpus": SESSION_SERVER_CPUS},
+                ray_actor_options={"num_cpus": spec.sessions.cpus_per_worker},
             )
             .bind(spec.model_dump(mode="json"), engines)
         )

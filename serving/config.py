@@ -598,6 +598,9 @@ class SessionsSpec(_Spec):
 
     enabled: bool = Field(True, description="Serve /v1/responses with session workers.")
     workers: int = Field(1, ge=1, description="Session worker replicas (detached actors).")
+    cpus_per_worker: float = Field(
+        0.1, ge=0, description="CPUs reserved per worker (light: it streams tokens and writes checkpoints)."
+    )
     max_active_per_worker: int = Field(32, ge=1, description="Sessions one worker generates at once.")
     store: SessionStoreSpec = Field(default_factory=SessionStoreSpec, description="The durable log.")
     checkpoint_tokens: int = Field(16, ge=1, description="Checkpoint after this many new tokens...")
