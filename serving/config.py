@@ -556,25 +556,38 @@ class ResilienceSpec(_Spec):
 class SessionStoreSpec(_Spec):
     """Where background sessions are kept.
 
-    `sqlite` (default) is one file: every ingress and session worker must see the same file, so it
-    suits one node (local use, or a cluster whose sessions run on the head node with a volume).
-    `custom` loads `class_path` (`module:Class`, implementing serving.session_store.SessionStore),
-    called with `options` plus ttl_s / max_sessions_per_tenant / max_bytes_per_tenant: a Redis or
-    Postgres store for clusters.
+    - `sqlite` (default): one file. Every ingress and session worker must see the same file, so it
+      suits one node (local use, or a cluster whose ingress and workers share a node and a volume).
+    - `redis`: a Redis server (one primary, AOF persistence for durability) that every node
+      reaches: the store for a cluster. `url`, or `url_env` naming the variable that holds it
+      (a URL with a password belongs in a Secret).
+    - `custom`: `class_path` (`module:Class`, implementing serving.session_store.SessionStore),
+      called with `options` plus ttl_s / max_sessions_per_tenant / max_bytes_per_tenant.
     """
 
-    kind: Literal["sqlite", "custom"] = Field("sqlite", description="sqlite or custom.")
+    kind: Literal["sqlite", "redis", "custom"] = Field("sqlite", description="sqlite, redis or custom.")
     path: str = Field(
         default_factory=lambda: default_state_path("sessions.db"),
         description=f"SQLite file ($TANDEM_STATE_DIR, else {DEFAULT_STATE_DIR}).",
     )
+    url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis URL (kind redis), e.g. redis://host:6379/0.",
+    )
+    url_env: str | None = Field(None, description="Environment variable holding the Redis URL (kind redis).")
+    prefix: str = Field("tandem:", min_length=1, description="Prefix of every Redis key (kind redis).")
     class_path: str | None = Field(None, description="`module:Class` of a custom store.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of a custom store.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of a custom store (or of the Redis client)."
+    )
 
     @model_validator(mode="after")
-    def _custom_has_class(self) -> SessionStoreSpec:
+    def _kind_has_its_fields(self) -> SessionStoreSpec:
         if self.kind == "custom" and not self.class_path:
             raise ValueError("class_path: required when kind is custom (`module:Class`)")
+        if self.kind == "redis" and (self.url is None) == (self.url_env is None):
+            raise ValueError("url: give exactly one of url or url_env when kind is redis")
         return self
 
 

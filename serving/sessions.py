@@ -847,6 +847,15 @@ def open_store(spec: Any) -> SessionStore:
         from serving.session_store import SQLiteStore
 
         return SQLiteStore(Path(st.path).expanduser(), **bounds)
+    if st.kind == "redis":
+        import os
+
+        from serving.session_store_redis import RedisStore
+
+        url = st.url if st.url is not None else os.environ.get(st.url_env or "")
+        if not url:
+            raise ValueError(f"sessions.store.url_env: ${st.url_env} is not set")
+        return RedisStore(url, prefix=st.prefix, **st.options, **bounds)
     import importlib
 
     module, _, name = st.class_path.partition(":")

@@ -1,6 +1,7 @@
-"""The session worker (serving.sessions) over a real SQLite store and the FakeEngine: budgets and usage,
-hidden/summarised/full reasoning, the event log, takeover after a graceful or abrupt stop, lease
-fencing, cancellation, engine errors and retries, claiming limits and the on_finished hook."""
+"""The session worker (serving.sessions) over each store backend (SQLite, real Redis) and the
+FakeEngine: budgets and usage, hidden/summarised/full reasoning, the event log, takeover after a
+graceful or abrupt stop, lease fencing, cancellation, engine errors and retries, claiming limits
+and the on_finished hook."""
 
 from __future__ import annotations
 
@@ -47,9 +48,19 @@ from tests.unit.sessions_harness import (
 )
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = new_store(tmp_path)
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    """The worker runs over either backend: a SQLite file, or a real redis-server (tests/unit/conftest.py)."""
+    if request.param == "redis":
+        import redis
+
+        from serving.session_store_redis import RedisStore
+
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        s = RedisStore(url, ttl_s=3600, max_sessions_per_tenant=100, max_bytes_per_tenant=10**8)
+    else:
+        s = new_store(tmp_path)
     yield s
     close_store(s)
 
