@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 from collections.abc import Sequence
@@ -54,3 +55,14 @@ def machine_info(**versions: str) -> dict[str, Any]:
         "torch": torch.__version__,
         **versions,
     }
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with NaN/inf floats as None (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj

@@ -90,7 +90,7 @@ from typing import Any
 import httpx
 
 from benchmarks.asgi import StreamingASGITransport
-from benchmarks.common import BenchmarkError, load_average, machine_info, percentile
+from benchmarks.common import BenchmarkError, finite, load_average, machine_info, percentile
 from benchmarks.overhead import _child_pids, _wait_for_exit, pool_env
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
@@ -795,17 +795,6 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _finite(obj: Any) -> Any:
-    """`obj` with NaN/inf floats as None (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -845,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(result), flush=True)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(_finite(result), indent=2) + "\n")
+        Path(json_path).write_text(json.dumps(finite(result), indent=2) + "\n")
         print(f"results written to {json_path}")
     return 0
 

@@ -243,16 +243,7 @@ class OpenAIApi:
         g = self.gateway
         task = headers.get(TASK_HEADER)
         task_id = headers.get(TASK_ID_HEADER) or None
-        try:
-            rank = g.priority_rank(headers.get(PRIORITY_HEADER))
-        except ValueError:
-            raise ApiError(
-                400,
-                f"header {PRIORITY_HEADER}: {headers.get(PRIORITY_HEADER)!r} is not one of "
-                "interactive, standard, batch",
-                "invalid_request_error",
-                PRIORITY_HEADER,
-            ) from None
+        rank = self.priority_rank(headers)
         prompts: dict[str, list[int]] = {}
 
         async def prompt_for(served: ServedModel) -> list[int]:
@@ -322,6 +313,19 @@ class OpenAIApi:
                 ticket.release(last.prompt_tokens + last.completion_tokens)
         resp.headers[ROUTE_HEADER] = route
         return resp
+
+    def priority_rank(self, headers: Any) -> int:
+        """The request's priority class (`x-tandem-priority`, capped by the tenant's); 400 if unknown."""
+        try:
+            return self.gateway.priority_rank(headers.get(PRIORITY_HEADER))
+        except ValueError:
+            raise ApiError(
+                400,
+                f"header {PRIORITY_HEADER}: {headers.get(PRIORITY_HEADER)!r} is not one of "
+                "interactive, standard, batch",
+                "invalid_request_error",
+                PRIORITY_HEADER,
+            ) from None
 
     def _rejected(self, e: Rejected, model: str) -> ApiError:
         self.metrics.rejections.labels(e.reason, model).inc()

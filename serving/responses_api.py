@@ -87,7 +87,6 @@ class _EventStream(StreamingResponse):
 def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFrontend) -> None:
     """Register the /v1/responses routes on `app`."""
     from serving.api import (
-        PRIORITY_HEADER,
         TASK_HEADER,
         TASK_ID_HEADER,
         ApiError,
@@ -193,15 +192,7 @@ def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFronten
         effort = body.reasoning.effort if body.reasoning else None
         asked = body.max_output_tokens
         task = headers.get(TASK_HEADER)
-        try:
-            rank = g.priority_rank(headers.get(PRIORITY_HEADER))
-        except ValueError:
-            raise ApiError(
-                400,
-                f"header {PRIORITY_HEADER}: not one of interactive, standard, batch",
-                "invalid_request_error",
-                PRIORITY_HEADER,
-            ) from None
+        rank = api.priority_rank(headers)
         try:
             shape = None
             if g.tiers.needs_shape(body.model, task):
