@@ -39,6 +39,39 @@ def webhook_target(hook: WebhookSpec) -> WebhookTarget:
     return webhook_from_config(hook.url, secret)
 
 
+class _SessionMetrics:
+    """Finished sessions and their tokens as Ray metrics (exported as `ray_tandem_sessions_finished_total`
+    and `ray_tandem_session_tokens_total`; `ray.serve.metrics` adds the deployment/replica labels).
+    The ingress's `tandem_*_tokens_total` count chat and text completions; these count sessions."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter
+
+        self._finished = Counter(
+            "tandem_sessions_finished",
+            description="Background sessions that ended, by model and status.",
+            tag_keys=("model", "status"),
+        )
+        self._tokens = Counter(
+            "tandem_session_tokens",
+            description="Tokens of finished sessions: input, cached, output, reasoning (by kind).",
+            tag_keys=("model", "kind"),
+        )
+
+    def __call__(self, rec: Any, obj: dict[str, Any]) -> None:
+        self._finished.inc(1, {"model": rec.model, "status": obj["status"]})
+        u = obj.get("usage") or {}
+        counts = {
+            "input": u.get("input_tokens", 0),
+            "cached": (u.get("input_tokens_details") or {}).get("cached_tokens", 0),
+            "output": u.get("output_tokens", 0),
+            "reasoning": (u.get("output_tokens_details") or {}).get("reasoning_tokens", 0),
+        }
+        for kind, n in counts.items():
+            if n:
+                self._tokens.inc(n, {"model": rec.model, "kind": kind})
+
+
 class SessionServer:
     """A session worker replica.
 
@@ -61,11 +94,17 @@ class SessionServer:
         hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
         self._notifier = CompletionNotifier(hooks, WebhookSender()) if hooks else None
         owner = f"{replica_name()}/{uuid.uuid4().hex[:8]}"
+        self._metrics = _SessionMetrics()
         self._worker = SessionWorker(
-            self._store, models, WorkerSettings.from_spec(s), owner, on_finished=self._notifier
+            self._store, models, WorkerSettings.from_spec(s), owner, on_finished=self._finished
         )
         self._worker.start()
         logger.info("session worker %s ready for %s", owner, sorted(models))
+
+    def _finished(self, rec: Any, obj: dict[str, Any]) -> None:
+        self._metrics(rec, obj)
+        if self._notifier is not None:
+            self._notifier(rec, obj)
 
     async def start(self, session_id: str) -> bool:
         """Claim and run a new session here (False: full, or another worker has it)."""
