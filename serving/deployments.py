@@ -142,6 +142,40 @@ async def _data_parallel_args(
     return args, (address, port), actor
 
 
+class _EngineGauges:
+    """The engine's load as Ray metrics, refreshed with the routing stats (every `stats_period_s`).
+
+    `ray.serve.metrics` adds the `deployment`, `replica` and `application` labels; Ray's metrics agent
+    exports them as `ray_tandem_engine_*`.
+    """
+
+    def __init__(self, role: str) -> None:
+        from ray.serve.metrics import Gauge
+
+        self._kv = Gauge(
+            "tandem_engine_kv_cache_usage",
+            description="Fraction of the engine's KV-cache blocks in use (0 to 1).",
+            tag_keys=("role",),
+        )
+        self._running = Gauge(
+            "tandem_engine_running_requests",
+            description="Requests the engine is running.",
+            tag_keys=("role",),
+        )
+        self._waiting = Gauge(
+            "tandem_engine_waiting_requests",
+            description="Requests waiting in the engine's queue.",
+            tag_keys=("role",),
+        )
+        for g in (self._kv, self._running, self._waiting):
+            g.set_default_tags({"role": role})
+
+    def record(self, s: EngineStats) -> None:
+        self._kv.set(s.kv_usage)
+        self._running.set(s.running)
+        self._waiting.set(s.waiting)
+
+
 class EngineServer:
     """Serves one model from one engine (colocated role; base of the P/D roles).
 
@@ -171,6 +205,7 @@ class EngineServer:
         args, self._dp_address, self._dp_rendezvous = await _data_parallel_args(args, _gang())
         self._engine = make_engine(EngineKind(engine), model_name, model_path, args, role=self._role)
         await self._engine.start()
+        self._gauges = _EngineGauges(self._role.value)
         logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
 
     def _route(self, request: GenerateRequest) -> Route:
@@ -187,6 +222,9 @@ class EngineServer:
     def record_routing_stats(self) -> dict[str, Any]:
         """Load snapshot for the request router (Ray Serve calls this every stats period)."""
         s = self._engine.stats()
+        gauges = getattr(self, "_gauges", None)
+        if gauges is not None:
+            gauges.record(s)
         return {
             "role": self._role.value,
             "running": s.running,

@@ -1,0 +1,60 @@
+{{/* Names, labels and the image. */}}
+
+{{- define "tandem.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Full name of the release's objects. At most 40 characters: KubeRay appends suffixes to the RayService
+name (`-xxxxx` for the cluster, `-serve-svc`, `-<group>-worker-xxxxx` for pods).
+*/}}
+{{- define "tandem.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tandem.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tandem.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tandem.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tandem.labels" -}}
+helm.sh/chart: {{ include "tandem.chart" . }}
+{{ include "tandem.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* The Service KubeRay creates in front of the ready Serve proxies (port name `serve`). */}}
+{{- define "tandem.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "tandem.fullname" .) -}}
+{{- end -}}
+
+{{/* Image reference: repository@digest, else repository:tag (tag defaults to appVersion). */}}
+{{- define "tandem.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the API key hashes are mounted on every Ray pod, and the file the spec reads. */}}
+{{- define "tandem.keysDir" -}}/etc/tandem/keys{{- end -}}
+{{- define "tandem.keysFile" -}}{{ include "tandem.keysDir" . }}/keys.yaml{{- end -}}
+
+{{- define "tandem.keysSecretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-api-keys" (include "tandem.fullname" .)) -}}
+{{- end -}}

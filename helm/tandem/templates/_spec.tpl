@@ -1,0 +1,75 @@
+{{/*
+The Tandem spec as deployed, and the Ray Serve config that carries it.
+
+A few ServingSpec defaults (serving/config.py) are repeated here because the chart sizes pods and
+volumes from them: server.port 8000, sessions.enabled true, sessions.store.kind sqlite, and the pool
+defaults in _gpu_groups.tpl. tests/k8s render the chart and compare with serving.config / serving.placement,
+so a drift fails a test.
+*/}}
+
+{{- define "tandem.servePort" -}}
+{{- dig "server" "port" 8000 .Values.tandem | int -}}
+{{- end -}}
+
+{{/* The session store as the chart needs it: {enabled, kind, urlEnv}. */}}
+{{- define "tandem.sessionStore" -}}
+{{- $store := dig "sessions" "store" dict .Values.tandem -}}
+enabled: {{ dig "sessions" "enabled" true .Values.tandem }}
+kind: {{ get $store "kind" | default "sqlite" }}
+urlEnv: {{ get $store "url_env" | default "" | quote }}
+{{- end -}}
+
+{{/* Names of the spec's `local:<name>` models (built in the pod by an init container). */}}
+{{- define "tandem.localModels" -}}
+{{- $names := list -}}
+{{- range $m := (get .Values.tandem "models" | default list) -}}
+{{- $source := get $m "source" | default "" -}}
+{{- if hasPrefix "local:" $source -}}
+{{- $names = append $names (trimPrefix "local:" $source) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "names" ($names | uniq)) -}}
+{{- end -}}
+
+{{/*
+.Values.tandem plus what the chart owns: the API listens on 0.0.0.0, auth reads the mounted keys file,
+and (when not set) local models and the SQLite session store live on the chart's volumes.
+*/}}
+{{- define "tandem.spec" -}}
+{{- $spec := deepCopy .Values.tandem -}}
+{{- $server := get $spec "server" | default dict -}}
+{{- $_ := set $server "host" "0.0.0.0" -}}
+{{- $_ := set $spec "server" $server -}}
+{{- if .Values.auth.enabled -}}
+{{- if not (or .Values.auth.keys .Values.auth.existingSecret) -}}
+{{- fail "auth.keys (or auth.existingSecret) is required when auth.enabled is true: run `tandem key new --tenant NAME` and put the {tenant, sha256} entries here (or name a Secret holding them in auth.existingSecret)" -}}
+{{- end -}}
+{{- $_ := set $spec "auth" (dict "enabled" true "keys_file" (include "tandem.keysFile" .)) -}}
+{{- else if .Values.auth.allowRemoteUnauthenticated -}}
+{{- $_ := set $spec "auth" (dict "enabled" false "allow_remote_unauthenticated" true) -}}
+{{- else -}}
+{{- fail "auth.enabled is false: the API would be open to anyone on the pod network. Keep auth on (auth.keys or auth.existingSecret), or set auth.allowRemoteUnauthenticated: true" -}}
+{{- end -}}
+{{- if and (fromYaml (include "tandem.localModels" .)).names (not (hasKey $spec "model_dir")) -}}
+{{- $_ := set $spec "model_dir" .Values.localModels.dir -}}
+{{- end -}}
+{{- $store := fromYaml (include "tandem.sessionStore" .) -}}
+{{- if and $store.enabled (eq $store.kind "sqlite") -}}
+{{- $sessions := get $spec "sessions" | default dict -}}
+{{- $sqlite := get $sessions "store" | default dict -}}
+{{- if not (hasKey $sqlite "path") -}}
+{{- $_ := set $sqlite "path" (printf "%s/sessions.db" .Values.state.dir) -}}
+{{- $_ := set $sessions "store" $sqlite -}}
+{{- $_ := set $spec "sessions" $sessions -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $spec -}}
+{{- end -}}
+
+{{/* serveConfigV2: one application, `serving.app:build_app` with the spec inline. */}}
+{{- define "tandem.serveConfig" -}}
+{{- $app := dict "name" "tandem" "route_prefix" "/" "import_path" "serving.app:build_app" -}}
+{{- $_ := set $app "args" (dict "spec" (fromYaml (include "tandem.spec" .))) -}}
+{{- $http := dict "host" "0.0.0.0" "port" (include "tandem.servePort" . | int) -}}
+{{- toYaml (dict "http_options" $http "applications" (list $app)) -}}
+{{- end -}}

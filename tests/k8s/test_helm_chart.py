@@ -1,0 +1,664 @@
+"""The Helm chart (helm/tandem): lint, render, validate what it renders, and unit cases named as sentences.
+
+Rendered objects are checked by yamllint, by kubernetes-validate (built-in kinds), by the KubeRay CRD's
+schema made strict on unknown fields (the RayService), and the embedded serveConfigV2 by Ray Serve's own
+schema and Tandem's spec parser. helm comes from PATH, else from ../shared/tools/install-helm.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+from serving.auth import load_keys_file
+from serving.config import load_spec, parse_spec
+from serving.placement import plan
+from tests.k8s.helm import (
+    CHART,
+    K8S_VERSION,
+    REPO,
+    SCHEMA_FILE,
+    VALUES_FILES,
+    Helm,
+    HelmError,
+    PodPlan,
+    deployed_spec,
+    expected_pods,
+    find_helm,
+    group_name,
+    kinds,
+    one,
+    pod_specs,
+    rayservice_schema,
+    restated_defaults,
+    schema_text,
+    serve_config,
+    values_schema,
+    worker_groups,
+)
+
+KEYS = [{"tenant": "acme", "sha256": "a" * 64}, {"tenant": "batch-jobs", "sha256": "b" * 64}]
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+BUILTIN_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "Ingress",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "Secret",
+    "Service",
+}
+#: Every optional object switched on (validated like the values files themselves).
+ALL_OPTIONS = {
+    "monitoring": {"enabled": True, "ingressMetrics": {"enabled": True}},
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "hosts": ["api.example.com"],
+        "tls": [{"secretName": "api-tls", "hosts": ["api.example.com"]}],
+    },
+    "networkPolicy": {"serveFrom": {"namespaces": ["ingress-nginx"], "cidrs": ["10.0.0.0/8"]}},
+    "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+    "extraVolumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": "weights"}}],
+    "extraVolumeMounts": [{"name": "weights", "mountPath": "/weights"}],
+    "imagePullSecrets": [{"name": "registry"}],
+    "podSecurityContext": {"fsGroup": 1000},
+    "containerSecurityContext": {"allowPrivilegeEscalation": False},
+}
+#: (name, values files, --set-json values) of every rendering that the validators check.
+RENDERINGS = [(f, [f], {}) for f in VALUES_FILES] + [
+    ("values-8b-70b.yaml + every option", ["values-8b-70b.yaml"], ALL_OPTIONS),
+    (
+        "values-local-cpu.yaml + inline keys",
+        ["values-local-cpu.yaml"],
+        {"auth": {"existingSecret": "", "keys": KEYS}},
+    ),
+]
+CLUSTER_CONFIGS = {
+    "values-8b-70b.yaml": "configs/cluster-8b-70b.yaml",
+    "values-moe-dp-ep.yaml": "configs/cluster-moe-dp-ep.yaml",
+}
+YAMLLINT = YamlLintConfig(
+    "extends: default\n"
+    "rules:\n"
+    "  line-length: disable\n"
+    "  document-start: disable\n"
+    "  indentation: {spaces: consistent, indent-sequences: whatever}\n"
+    "  braces: {max-spaces-inside: 1}\n"
+)
+
+
+@pytest.fixture(scope="session")
+def helm() -> Helm:
+    return Helm(find_helm())
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: Helm) -> dict[str, str]:
+    """The text of every rendering in RENDERINGS, by name."""
+    return {name: helm.template_text(files, set_) for name, files, set_ in RENDERINGS}
+
+
+def docs_of(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def gpu_spec(*pools: dict[str, Any], sessions: bool = False) -> dict[str, Any]:
+    """A one-model spec with `pools` (GPU pools on H100 unless they say otherwise)."""
+    return {
+        "models": [{"name": "m", "source": "org/m", "pools": [{"accelerator": "H100", **p} for p in pools]}],
+        "sessions": {"enabled": sessions},
+    }
+
+
+def render(helm: Helm, tandem: dict[str, Any], **values: Any) -> list[dict[str, Any]]:
+    """The chart with a spec of its own and inline keys (plus `values`)."""
+    return helm.template(set_={"auth": {"keys": KEYS}, "tandem": tandem, **values})
+
+
+def render_error(helm: Helm, files: tuple[str, ...] | list[str] = (), **values: Any) -> str:
+    with pytest.raises(HelmError) as err:
+        helm.template(files, values)
+    return str(err.value)
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+# --- Every values file -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_every_values_file_passes_helm_lint_strict(helm: Helm, values_file: str) -> None:
+    out = helm.lint([values_file])
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RENDERINGS])
+def test_rendered_yaml_passes_yamllint(rendered: dict[str, str], name: str) -> None:
+    problems = [f"{p.line}:{p.column} {p.rule}: {p.desc}" for p in linter.run(rendered[name], YAMLLINT)]
+    assert problems == []
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in CHART.glob("*.yaml")))
+def test_the_charts_own_yaml_passes_yamllint(path: str) -> None:
+    problems = [
+        f"{p.line}:{p.column} {p.rule}: {p.desc}" for p in linter.run((CHART / path).read_text(), YAMLLINT)
+    ]
+    assert problems == []
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RENDERINGS])
+def test_builtin_kinds_are_valid_kubernetes_objects(rendered: dict[str, str], name: str) -> None:
+    docs = docs_of(rendered[name])
+    builtin = [d for d in docs if d["kind"] in BUILTIN_KINDS]
+    assert builtin, "nothing to validate"
+    for doc in builtin:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert set(kinds(docs)) - BUILTIN_KINDS <= {"RayService", "PodMonitor"}
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RENDERINGS])
+def test_rayservice_matches_the_kuberay_crd_schema_with_no_unknown_fields(
+    rendered: dict[str, str], name: str
+) -> None:
+    rayservice = one(docs_of(rendered[name]), "RayService")
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(rayservice, rayservice_schema("v1"))
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RENDERINGS])
+def test_serve_config_is_a_ray_serve_deploy_config_carrying_a_valid_tandem_spec(
+    rendered: dict[str, str], name: str
+) -> None:
+    docs = docs_of(rendered[name])
+    config = serve_config(docs)
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("tandem", "/", "serving.app:build_app")
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    spec = parse_spec(deployed_spec(docs), origin=name)
+    assert spec.server.host == "0.0.0.0"
+    assert spec.auth.enabled and spec.auth.keys_file == "/etc/tandem/keys/keys.yaml"
+
+
+@pytest.mark.parametrize("values_file", sorted(CLUSTER_CONFIGS))
+def test_cluster_values_deploy_exactly_the_spec_of_their_config_file(helm: Helm, values_file: str) -> None:
+    deployed = parse_spec(deployed_spec(helm.template([values_file])))
+    assert deployed == load_spec(REPO / CLUSTER_CONFIGS[values_file])
+
+
+def test_local_cpu_values_deploy_the_local_spec_on_the_pod_network_with_keys(helm: Helm) -> None:
+    deployed = parse_spec(deployed_spec(helm.template(["values-local-cpu.yaml"])))
+    local = load_spec(REPO / "configs/local.yaml")
+    expected = local.model_copy(
+        update={
+            "server": local.server.model_copy(update={"host": "0.0.0.0"}),
+            "auth": deployed.auth,
+            "model_dir": "/var/lib/tandem/models",
+            "sessions": local.sessions.model_copy(
+                update={
+                    "store": local.sessions.store.model_copy(
+                        update={"path": "/var/lib/tandem/state/sessions.db"}
+                    )
+                }
+            ),
+        }
+    )
+    assert deployed == expected
+    assert deployed.auth.enabled and deployed.auth.keys_file == "/etc/tandem/keys/keys.yaml"
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_values_files_state_no_spec_default(values_file: str) -> None:
+    spec = yaml.safe_load((CHART / values_file).read_text())["tandem"]
+    assert restated_defaults(spec) == []
+
+
+def test_values_schema_embeds_the_current_deployment_spec_schema() -> None:
+    assert SCHEMA_FILE.read_text() == schema_text(values_schema()), (
+        "values.schema.json is stale: run `python -m tests.k8s.helm --write-schema`"
+    )
+
+
+def test_chart_app_version_is_the_tandem_version() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert APP_VERSION == project["version"]
+
+
+# --- GPU pools -> worker groups --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_each_gpu_pool_gets_a_worker_group_with_the_gpus_serving_placement_asks_for(
+    helm: Helm, values_file: str
+) -> None:
+    docs = helm.template([values_file])
+    spec = parse_spec(deployed_spec(docs))
+    groups = worker_groups(docs)
+    gpu = [p for p in plan(spec) if p.gpus_per_replica > 0]
+    assert sorted(groups) == sorted(group_name(p) for p in gpu)
+    for p in gpu:
+        pool = next(q for q in spec.model(p.model).pools if q.pool_name == p.pool)
+        g = groups[group_name(p)]
+        per_pod = CHART_DEFAULTS["accelerators"][p.accelerator]["gpusPerPod"]
+        container = g["template"]["spec"]["containers"][0]
+        assert g["rayStartParams"]["num-gpus"] == str(per_pod)
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(per_pod)
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == str(per_pod)
+        reps = (pool.replicas.min, pool.replicas.start, pool.replicas.max)
+        pods = expected_pods(p, reps, pool.parallelism.pp, per_pod)
+        assert (g["minReplicas"], g["replicas"], g["maxReplicas"]) == (pods.min, pods.start, pods.max)
+        # Enough GPUs for the pool at its largest, and not a pod more than that needs.
+        assert g["maxReplicas"] * per_pod >= p.total_gpus
+        assert (g["maxReplicas"] - 1) * per_pod < p.total_gpus
+
+
+def test_gpu_worker_groups_of_the_8b_70b_cluster_have_the_documented_pod_counts(helm: Helm) -> None:
+    groups = worker_groups(helm.template(["values-8b-70b.yaml"]))
+    counts = {n: (g["minReplicas"], g["replicas"], g["maxReplicas"]) for n, g in groups.items()}
+    assert counts == {
+        "llama-3-1-8b-instruct-awq-colocated": (2, 2, 8),
+        "llama-3-3-70b-instruct-prefill": (1, 1, 2),
+        "llama-3-3-70b-instruct-decode": (1, 1, 4),
+    }
+
+
+def pool(
+    tp: int = 1, pp: int = 1, dp: int = 1, reps: tuple[int, int | None, int] = (1, None, 1), **kw: Any
+) -> dict[str, Any]:
+    """A pool's spec: parallelism, replicas (min, initial, max) and other fields."""
+    replicas = {"min": reps[0], "max": reps[2]} | ({"initial": reps[1]} if reps[1] is not None else {})
+    return {"parallelism": {"tp": tp, "pp": pp, "dp": dp, "ep": dp > 1}, "replicas": replicas, **kw}
+
+
+# (case, pool, accelerator, worker pods (min, start, max)); H100 pods have 8 GPUs, L4 pods 1.
+POD_CASES = [
+    ("a pool of spec defaults has one one-GPU replica", {}, "H100", (1, 1, 1)),
+    ("tp 4 packs two replicas per 8-GPU pod", pool(tp=4, reps=(0, None, 5)), "H100", (0, 1, 3)),
+    ("pp stages may spill onto the next pod", pool(tp=4, pp=2, reps=(1, None, 3)), "H100", (1, 1, 3)),
+    ("vllm dp ranks are replicas of tp GPUs", pool(tp=2, dp=8, reps=(2, None, 2)), "H100", (4, 4, 4)),
+    (
+        "sglang keeps its dp ranks in one replica",
+        pool(tp=2, dp=4, reps=(2, None, 2), engine="sglang"),
+        "H100",
+        (2, 2, 2),
+    ),
+    ("initial replicas size the starting pods", pool(reps=(1, 3, 9)), "L4", (1, 3, 9)),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "spec_pool", "accelerator", "pods"), POD_CASES, ids=[c[0] for c in POD_CASES]
+)
+def test_worker_group_pods_follow_the_pool_parallelism_and_replica_bounds(
+    helm: Helm, case: str, spec_pool: dict[str, Any], accelerator: str, pods: tuple[int, int, int]
+) -> None:
+    docs = render(helm, gpu_spec({**spec_pool, "accelerator": accelerator}))
+    spec = parse_spec(deployed_spec(docs))
+    (p,) = plan(spec)
+    (g,) = worker_groups(docs).values()
+    assert g["groupName"] == group_name(p) == "m-colocated"
+    assert (g["minReplicas"], g["replicas"], g["maxReplicas"]) == pods
+    per_pod = CHART_DEFAULTS["accelerators"][accelerator]["gpusPerPod"]
+    parsed = spec.models[0].pools[0]
+    reps = (parsed.replicas.min, parsed.replicas.start, parsed.replicas.max)
+    assert expected_pods(p, reps, parsed.parallelism.pp, per_pod) == PodPlan(*pods)
+    assert g["maxReplicas"] * per_pod >= p.total_gpus
+
+
+def test_cpu_pools_get_no_worker_group(helm: Helm) -> None:
+    docs = helm.template(["values-local-cpu.yaml"])
+    assert worker_groups(docs) == {}
+    assert all(p.gpus_per_replica == 0 for p in plan(parse_spec(deployed_spec(docs))))
+
+
+def test_worker_groups_select_their_accelerators_nodes_and_tolerate_gpu_taints(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    for name, g in worker_groups(docs).items():
+        pod = g["template"]["spec"]
+        product = "NVIDIA-L4" if "8b" in name else "NVIDIA-H100-80GB-HBM3"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": product}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    head = pod_specs(docs)["head"]
+    assert "tolerations" not in head and "nodeSelector" not in head
+
+
+def test_worker_groups_advertise_the_accelerator_type_resource_placement_requests(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    groups = worker_groups(docs)
+    for p in plan(parse_spec(deployed_spec(docs))):
+        # The autoscaler's format: a JSON object in an extra pair of quotes, backslash-escaped.
+        raw = groups[group_name(p)]["rayStartParams"]["resources"]
+        advertised = json.loads(raw[1:-1].replace("\\", ""))
+        wanted = {k for b in p.bundles for k in b if k.startswith("accelerator_type:")}
+        assert wanted == set(advertised) == {f"accelerator_type:{p.accelerator}"}
+
+
+def test_head_group_has_no_gpus_and_exposes_serve_dashboard_and_metrics_ports(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (container,) = head["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+def test_the_serve_port_follows_the_spec_server_port(helm: Helm) -> None:
+    docs = render(helm, {**gpu_spec({}), "server": {"port": 9000}})
+    assert serve_config(docs)["http_options"]["port"] == 9000
+    for pod in pod_specs(docs).values():
+        ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+        assert ports["serve"] == 9000
+
+
+def test_autoscaler_runs_in_tree_with_the_v2_autoscaler(helm: Helm) -> None:
+    cluster = one(helm.template(["values-8b-70b.yaml"]), "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+    assert cluster["autoscalerOptions"]["imagePullPolicy"] == "IfNotPresent"
+    local = one(helm.template(["values-local-cpu.yaml"]), "RayService")["spec"]["rayClusterConfig"]
+    assert local["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in local
+
+
+def test_upgrades_start_a_new_cluster_by_default(helm: Helm) -> None:
+    spec = one(helm.template(["values-8b-70b.yaml"]), "RayService")["spec"]
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+
+
+# --- Images ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_every_container_image_is_pinned_to_the_app_version_and_pulled_if_not_present(
+    helm: Helm, values_file: str
+) -> None:
+    for pod in pod_specs(helm.template([values_file])).values():
+        for c in containers(pod):
+            repo, tag = c["image"].rsplit(":", 1)
+            assert tag == APP_VERSION and repo in ("tandem", "tandem-cpu")
+            assert c["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_an_image_digest_replaces_the_tag(helm: Helm) -> None:
+    digest = "sha256:" + "c" * 64
+    docs = helm.template(["values-8b-70b.yaml"], {"image": {"digest": digest}})
+    assert {c["image"] for pod in pod_specs(docs).values() for c in containers(pod)} == {f"tandem@{digest}"}
+
+
+def test_the_latest_image_tag_is_refused_by_the_values_schema(helm: Helm) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], **{"image": {"tag": "latest"}})
+    assert "/image/tag" in err
+
+
+# --- API keys, Redis, state ----------------------------------------------------------------------------
+
+
+def test_inline_keys_become_a_secret_mounted_where_the_spec_reads_them(helm: Helm, tmp_path: Path) -> None:
+    docs = render(helm, gpu_spec({}))
+    secret = one(docs, "Secret", "tandem-api-keys")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(secret["stringData"]["keys.yaml"])
+    assert [k.model_dump() for k in load_keys_file(str(keys_file))] == KEYS
+    assert deployed_spec(docs)["auth"] == {"enabled": True, "keys_file": "/etc/tandem/keys/keys.yaml"}
+    for pod in pod_specs(docs).values():
+        volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+        assert volume["secret"] == {
+            "secretName": "tandem-api-keys",
+            "items": [{"key": "keys.yaml", "path": "keys.yaml"}],
+        }
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert {"name": "api-keys", "mountPath": "/etc/tandem/keys", "readOnly": True} in mounts
+
+
+def test_an_existing_keys_secret_is_mounted_instead_of_the_charts_own(helm: Helm) -> None:
+    docs = helm.template(
+        ["values-8b-70b.yaml"], {"auth": {"existingSecret": "prod-keys", "existingSecretKey": "hashes"}}
+    )
+    assert "Secret" not in kinds(docs)
+    for pod in pod_specs(docs).values():
+        volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+        assert volume["secret"] == {
+            "secretName": "prod-keys",
+            "items": [{"key": "hashes", "path": "keys.yaml"}],
+        }
+
+
+def test_auth_on_without_keys_fails_saying_what_to_set(helm: Helm) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], auth={"existingSecret": ""})
+    assert "auth.keys (or auth.existingSecret) is required when auth.enabled is true" in err
+    assert "tandem key new --tenant NAME" in err
+
+
+def test_auth_off_is_refused_unless_remote_unauthenticated_access_is_allowed(helm: Helm) -> None:
+    err = render_error(helm, ["values-local-cpu.yaml"], auth={"enabled": False})
+    assert "auth.allowRemoteUnauthenticated: true" in err
+    docs = helm.template(
+        ["values-local-cpu.yaml"], {"auth": {"enabled": False, "allowRemoteUnauthenticated": True}}
+    )
+    assert deployed_spec(docs)["auth"] == {"enabled": False, "allow_remote_unauthenticated": True}
+    assert parse_spec(deployed_spec(docs)).auth.enabled is False
+    assert "Secret" not in kinds(docs)
+    assert all(v["name"] != "api-keys" for v in pod_specs(docs)["head"]["volumes"])
+
+
+def test_the_redis_url_reaches_every_ray_container_from_the_named_secret(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    for pod in pod_specs(docs).values():
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["TANDEM_REDIS_URL"]["valueFrom"] == {
+            "secretKeyRef": {"name": "tandem-redis", "key": "url"}
+        }
+
+
+def test_a_redis_store_without_its_secret_fails_saying_what_to_set(helm: Helm) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], redis={"existingSecret": ""})
+    assert "redis.existingSecret is required" in err and "$TANDEM_REDIS_URL" in err
+
+
+def test_sqlite_sessions_next_to_gpu_worker_pods_fail_saying_to_use_redis(helm: Helm) -> None:
+    err = render_error(helm, **{"auth": {"keys": KEYS}, "tandem": gpu_spec({}, sessions=True)})
+    assert "tandem.sessions.store.kind is sqlite" in err and "kind: redis" in err
+
+
+def test_local_cpu_keeps_sqlite_sessions_and_built_models_on_the_head_pod(helm: Helm) -> None:
+    docs = helm.template(["values-local-cpu.yaml"], {"state": {"existingClaim": "tandem-state"}})
+    spec = deployed_spec(docs)
+    assert spec["sessions"]["store"]["path"] == "/var/lib/tandem/state/sessions.db"
+    assert spec["model_dir"] == "/var/lib/tandem/models"
+    head = pod_specs(docs)["head"]
+    volumes = {v["name"]: v for v in head["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "tandem-state"}
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/tandem/state" and mounts["local-models"] == "/var/lib/tandem/models"
+    (init,) = head["initContainers"]
+    assert init["command"] == [
+        "tandem", "model", "build", "--dir", "/var/lib/tandem/models",
+        "--name", "tiny-intent", "--name", "tiny-reasoning",
+    ]  # fmt: skip
+    assert (
+        one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"]
+        == "4"
+    )
+
+
+# --- Values that are wrong -----------------------------------------------------------------------------
+
+
+def test_an_unknown_values_key_is_a_schema_error(helm: Helm) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], imagee={"tag": "1.0"})
+    assert "additional properties 'imagee' not allowed" in err
+
+
+def test_an_unknown_spec_field_is_a_schema_error_naming_its_place(helm: Helm) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], tandem={"server": {"ingress_replica": 3}})
+    assert "/tandem/server" in err and "ingress_replica" in err
+
+
+@pytest.mark.parametrize("field", [{"server": {"host": "127.0.0.1"}}, {"auth": {"enabled": False}}])
+def test_the_spec_fields_the_chart_owns_are_refused_in_values(helm: Helm, field: dict[str, Any]) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], tandem=field)
+    assert "/tandem" in err and "not allowed" in err
+
+
+def test_a_spec_without_models_is_a_schema_error(helm: Helm) -> None:
+    err = render_error(helm, auth={"keys": KEYS})
+    assert "/tandem" in err and "models" in err
+
+
+def test_a_gpu_type_without_node_settings_fails_saying_what_to_set(helm: Helm) -> None:
+    err = render_error(helm, **{"auth": {"keys": KEYS}, "tandem": gpu_spec({"accelerator": "A10G"})})
+    assert "runs on accelerator A10G, but accelerators.A10G is not set" in err
+
+
+def test_a_replica_larger_than_a_pod_fails_naming_the_pool(helm: Helm) -> None:
+    err = render_error(helm, **{"auth": {"keys": KEYS}, "tandem": gpu_spec({"parallelism": {"tp": 16}})})
+    assert "tandem.models[m].pools[colocated] needs 16 GPUs on one node" in err
+    assert "accelerators.H100.gpusPerPod is 8" in err
+
+
+def test_replicas_reserving_more_cpus_than_a_pod_has_fail(helm: Helm) -> None:
+    pool = {"accelerator": "L4", "cpus_per_replica": 8}
+    err = render_error(helm, **{"auth": {"keys": KEYS}, "tandem": gpu_spec(pool)})
+    assert "reserves 8 CPUs" in err and "accelerators.L4.cpu is 6" in err
+
+
+# --- Optional objects ------------------------------------------------------------------------------------
+
+
+def test_monitoring_is_off_by_default_and_brings_a_pod_monitor_and_the_dashboard(helm: Helm) -> None:
+    assert not {"PodMonitor", "ConfigMap"} & set(kinds(helm.template(["values-8b-70b.yaml"])))
+    docs = helm.template(["values-8b-70b.yaml"], {"monitoring": {"enabled": True}})
+    monitor = one(docs, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "interval": "30s"}]
+    assert monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "tandem",
+        "app.kubernetes.io/instance": "tandem",
+    }
+    dashboard = one(docs, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["tandem.json"]) == json.loads(
+        (CHART / "files/dashboards/tandem.json").read_text()
+    )
+
+
+def test_monitoring_toggles_pick_the_pod_monitor_and_dashboard_separately(helm: Helm) -> None:
+    only_dashboard = helm.template(
+        ["values-8b-70b.yaml"], {"monitoring": {"enabled": True, "podMonitor": {"enabled": False}}}
+    )
+    assert "PodMonitor" not in kinds(only_dashboard) and "ConfigMap" in kinds(only_dashboard)
+    no_dashboard = helm.template(
+        ["values-8b-70b.yaml"],
+        {
+            "monitoring": {
+                "enabled": True,
+                "dashboard": {"enabled": False},
+                "ingressMetrics": {"enabled": True},
+            }
+        },
+    )
+    assert "ConfigMap" not in kinds(no_dashboard)
+    ingress = one(no_dashboard, "PodMonitor", "tandem-ingress")
+    assert ingress["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert ingress["spec"]["podMetricsEndpoints"][0] | {"interval": None} == {
+        "port": "serve",
+        "path": "/metrics",
+        "interval": None,
+    }
+
+
+def test_pod_disruption_budgets_cover_the_head_and_every_gpu_worker_group(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert pdbs["tandem-head"]["maxUnavailable"] == 0
+    assert pdbs["tandem-head"]["selector"]["matchLabels"]["ray.io/node-type"] == "head"
+    for group in worker_groups(docs):
+        assert pdbs[f"tandem-{group}"]["maxUnavailable"] == 1
+        assert pdbs[f"tandem-{group}"]["selector"]["matchLabels"]["ray.io/group"] == group
+    assert len(pdbs) == 1 + len(worker_groups(docs))
+    off = helm.template(["values-8b-70b.yaml"], {"podDisruptionBudget": {"enabled": False}})
+    assert "PodDisruptionBudget" not in kinds(off)
+
+
+def test_the_network_policy_opens_ray_within_the_release_and_the_api_to_allowed_peers(helm: Helm) -> None:
+    docs = helm.template(
+        ["values-8b-70b.yaml"],
+        {
+            "networkPolicy": {
+                "serveFrom": {"sameNamespace": False, "namespaces": ["gw"], "cidrs": ["10.1.0.0/16"]}
+            }
+        },
+    )
+    policy = one(docs, "NetworkPolicy")["spec"]
+    release = {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/instance": "tandem"}
+    assert policy["podSelector"] == {"matchLabels": release}
+    assert policy["policyTypes"] == ["Ingress"]
+    internal, serve, operator, metrics = policy["ingress"]
+    assert internal == {"from": [{"podSelector": {"matchLabels": release}}]}
+    assert serve["ports"] == [{"port": "serve", "protocol": "TCP"}]
+    assert serve["from"] == [
+        {
+            "namespaceSelector": {
+                "matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["gw"]}
+                ]
+            }
+        },
+        {"ipBlock": {"cidr": "10.1.0.0/16"}},
+    ]
+    assert operator["from"][0]["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}
+    }
+    assert {p["port"] for p in operator["ports"]} == {"dashboard", 52365}
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    off = helm.template(["values-8b-70b.yaml"], {"networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(off)
+
+
+def test_the_ingress_routes_every_path_to_the_kuberay_serve_service(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"], ALL_OPTIONS)
+    ingress = one(docs, "Ingress")["spec"]
+    (rule,) = ingress["rules"]
+    (path,) = rule["http"]["paths"]
+    assert rule["host"] == "api.example.com"
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    assert path["backend"]["service"] == {"name": "tandem-serve-svc", "port": {"name": "serve"}}
+    assert ingress["ingressClassName"] == "nginx"
+    assert "Service" not in kinds(docs)  # KubeRay owns the Service; the chart adds none
+
+
+def test_an_ingress_without_hosts_fails_saying_what_to_set(helm: Helm) -> None:
+    err = render_error(helm, ["values-8b-70b.yaml"], ingress={"enabled": True})
+    assert "ingress.hosts is required when ingress.enabled is true" in err
+
+
+def test_release_names_are_cut_to_leave_room_for_kuberay_suffixes(helm: Helm) -> None:
+    long = "a-very-long-release-name-that-goes-on-and-on"
+    text = helm.run("template", long, str(CHART), "-f", str(CHART / "values-8b-70b.yaml"))
+    name = one(docs_of(text), "RayService")["metadata"]["name"]
+    assert len(name) <= 40 and long.startswith(name)
+
+
+def test_every_rendered_pod_carries_the_release_selector_labels(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"], {"podLabels": {"team": "llm"}})
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for t in templates:
+        labels = t["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "tandem" and labels["team"] == "llm"
+    components = [t["metadata"]["labels"]["app.kubernetes.io/component"] for t in templates]
+    assert components == ["ray-head"] + ["ray-worker"] * len(cluster["workerGroupSpecs"])
