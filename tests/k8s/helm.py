@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yamllint.config import YamlLintConfig
 
 from serving.config import ServingSpec, SpecError, parse_spec
 from serving.placement import PoolPlacement
@@ -36,6 +37,25 @@ VALUES_FILES = sorted(p.name for p in CHART.glob("values-*.yaml"))
 #: Kubernetes version the built-in kinds are validated against.
 K8S_VERSION = "1.30"
 RELEASE = "tandem"
+#: The kinds of Kubernetes itself the chart renders (kubernetes-validate checks them).
+BUILTIN_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "Ingress",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "Secret",
+    "Service",
+}
+#: yamllint's rules for what the chart renders (and the plain manifests in k8s/).
+YAMLLINT = YamlLintConfig(
+    "extends: default\n"
+    "rules:\n"
+    "  line-length: disable\n"
+    "  document-start: disable\n"
+    "  indentation: {spaces: consistent, indent-sequences: whatever}\n"
+    "  braces: {max-spaces-inside: 1}\n"
+)
 
 
 class HelmError(RuntimeError):

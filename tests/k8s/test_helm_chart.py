@@ -18,17 +18,18 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 from yamllint import linter
-from yamllint.config import YamlLintConfig
 
 from serving.auth import load_keys_file
 from serving.config import load_spec, parse_spec
 from serving.placement import plan
 from tests.k8s.helm import (
+    BUILTIN_KINDS,
     CHART,
     K8S_VERSION,
     REPO,
     SCHEMA_FILE,
     VALUES_FILES,
+    YAMLLINT,
     Helm,
     HelmError,
     PodPlan,
@@ -50,15 +51,6 @@ from tests.k8s.helm import (
 KEYS = [{"tenant": "acme", "sha256": "a" * 64}, {"tenant": "batch-jobs", "sha256": "b" * 64}]
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
-BUILTIN_KINDS = {
-    "ConfigMap",
-    "Deployment",
-    "Ingress",
-    "NetworkPolicy",
-    "PodDisruptionBudget",
-    "Secret",
-    "Service",
-}
 #: Every optional object switched on (validated like the values files themselves).
 ALL_OPTIONS = {
     "monitoring": {"enabled": True, "ingressMetrics": {"enabled": True}},
@@ -89,14 +81,6 @@ CLUSTER_CONFIGS = {
     "values-8b-70b.yaml": "configs/cluster-8b-70b.yaml",
     "values-moe-dp-ep.yaml": "configs/cluster-moe-dp-ep.yaml",
 }
-YAMLLINT = YamlLintConfig(
-    "extends: default\n"
-    "rules:\n"
-    "  line-length: disable\n"
-    "  document-start: disable\n"
-    "  indentation: {spaces: consistent, indent-sequences: whatever}\n"
-    "  braces: {max-spaces-inside: 1}\n"
-)
 
 
 @pytest.fixture(scope="session")
