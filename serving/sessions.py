@@ -424,6 +424,7 @@ class SessionWorker:
         self._on_finished = on_finished
         self._active: dict[str, _Active] = {}
         self._claiming: set[str] = set()
+        self._stop = asyncio.Event()
         self._loops: list[asyncio.Task] = []
         self.resumed = 0
         self.completed: dict[str, int] = {}
@@ -443,8 +444,10 @@ class SessionWorker:
     async def close(self) -> None:
         """Stop everything; the sessions still running are handed back to the store (their leases
         expire at once) for another worker to resume."""
-        for t in self._loops:
-            t.cancel()
+        # The loops stop after their current round: a lease renewal still running in its thread
+        # must not land after the hand-back below.
+        self._stop.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         held = list(self._active)
         for a in self._active.values():
             a.lost = True
@@ -460,14 +463,15 @@ class SessionWorker:
         return list(self._active)
 
     async def _every(self, period: float, fn: Callable[[], Any]) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 await fn()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("session worker loop %s failed", getattr(fn, "__name__", fn))
-            await asyncio.sleep(period)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), period)
 
     # -- claiming --
 
