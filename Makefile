@@ -42,7 +42,7 @@ run: models
 test: models lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-unit: $(STAMP)
+unit: models
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)

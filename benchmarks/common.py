@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
 import os
 import platform
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -66,3 +70,25 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [finite(v) for v in obj]
     return obj
+
+
+def run_main(
+    argv: list[str] | None,
+    parse_args: Callable[[list[str] | None], tuple[Any, str | None]],
+    run: Callable[[Any], dict[str, Any]],
+    format_report: Callable[[dict[str, Any]], str],
+) -> int:
+    """A benchmark's `main`: parse, run, print the report, write the JSON; 1 on a BenchmarkError."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params, json_path = parse_args(argv)
+    try:
+        result = run(params)
+    except BenchmarkError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    print(format_report(result), flush=True)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(finite(result), indent=2) + "\n")
+        print(f"results written to {json_path}")
+    return 0

@@ -90,7 +90,7 @@ from typing import Any
 import httpx
 
 from benchmarks.asgi import StreamingASGITransport
-from benchmarks.common import BenchmarkError, finite, load_average, machine_info, percentile
+from benchmarks.common import BenchmarkError, load_average, machine_info, percentile, run_main
 from benchmarks.overhead import _child_pids, _wait_for_exit, pool_env
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
@@ -824,19 +824,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params, json_path = parse_args(argv)
-    try:
-        result = run(params)
-    except BenchmarkError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
-    print(format_report(result), flush=True)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(finite(result), indent=2) + "\n")
-        print(f"results written to {json_path}")
-    return 0
+    return run_main(argv, parse_args, run, format_report)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ from router.admission import AdmissionRequest, Rejected
 from router.hashing import tenant_salt
 from router.tiers import RequestShape, TierError
 from serving.openai_protocol import ChatMessage, ResponsesRequest
+from serving.session_events import TERMINAL_EVENTS, new_response_id, response_object
 from serving.session_store import QuotaExceeded, SessionRecord, SessionStore
-from serving.sessions import TERMINAL_EVENTS, cancel_session, new_response_id, response_object
+from serving.sessions import cancel_session
 
 if TYPE_CHECKING:
     from serving.api import OpenAIApi, ServedModel

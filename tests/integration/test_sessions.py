@@ -233,7 +233,7 @@ def test_session_and_log_survive_an_ingress_restart(stack, reference) -> None:
                 if new_name != name:
                     break
         except (httpx.HTTPError, AssertionError):
-            pass
+            pass  # the ingress (or its replica's name) is not back yet: poll again
         assert time.monotonic() < deadline, "the ingress did not come back"
         time.sleep(0.5)
     result = _wait(stack, rid)

@@ -276,7 +276,7 @@ def apply_json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    """A SafeDumper of our own, so the representers registered on it do not change yaml's global one."""
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:

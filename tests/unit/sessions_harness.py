@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from serving.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
+from serving.session_events import TERMINAL_EVENTS
 from serving.session_store import Event, SessionRecord, SQLiteStore, Status
-from serving.sessions import TERMINAL_EVENTS, WorkerSettings
+from serving.sessions import WorkerSettings
 from serving.thinking import StreamFn, ThinkingRun, ThinkTags, split_generated
 
 START, END = 100, 4000
@@ -269,7 +270,7 @@ async def reference_run(
     req = GenerateRequest("reference", list(prompt_ids), SamplingOptions(max_tokens=max_tokens))
     run = ThinkingRun(stream, req, max_tokens, budget, tags)
     async for _ in run.chunks():
-        pass
+        pass  # only the run's final state is wanted
     return run.generated, run.finish_reason
 
 

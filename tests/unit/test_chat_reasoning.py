@@ -105,8 +105,7 @@ def test_text_stream_equals_whole_decode() -> None:
     from serving.tokenizer import PromptTokenizer
 
     path = os.path.join(os.path.expanduser(default_model_dir()), "tiny-reasoning")
-    if not os.path.isdir(path):
-        pytest.skip("tiny-reasoning is not built (make test builds it first)")
+    assert os.path.isdir(path), f"tiny-reasoning is not built at {path}: run `make models` first"
     tok = PromptTokenizer(path)
     ids = tok.encode("Plan: café, naïve, 日本 — then rest.")
     for size in (1, 2, 3, 7):

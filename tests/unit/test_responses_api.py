@@ -17,8 +17,9 @@ from benchmarks.asgi import StreamingASGITransport
 from serving.api import EngineBackend, ServedModel, build_api
 from serving.engines.fake import FakeEngine
 from serving.responses_api import SessionsFrontend
+from serving.session_events import TERMINAL_EVENTS
 from serving.session_store import SQLiteStore, Status
-from serving.sessions import TERMINAL_EVENTS, SessionModel, SessionWorker
+from serving.sessions import SessionModel, SessionWorker
 from tests.unit.sessions_harness import (
     EOS,
     START,

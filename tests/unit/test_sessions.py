@@ -14,14 +14,9 @@ import pytest
 
 from serving.api import EngineBackend
 from serving.engines.fake import FakeEngine
+from serving.session_events import extractive_summary, response_object
 from serving.session_store import Event, LeaseLost, SessionRecord, SQLiteStore, Status
-from serving.sessions import (
-    SessionModel,
-    SessionWorker,
-    cancel_session,
-    extractive_summary,
-    response_object,
-)
+from serving.sessions import SessionModel, SessionWorker, cancel_session
 from serving.thinking import StreamFn
 from tests.unit.sessions_harness import (
     END,
