@@ -29,6 +29,7 @@ from serving.config import (
     parse_spec,
 )
 from serving.deployments import KV_EVENTS_ANY_PORT, DecodeServer, EngineServer, PrefillServer
+from serving.engines.vllm_plugin import POLL_ENV as NIXL_POLL_ENV
 from serving.ingress import IngressDeployment
 from serving.placement import place_pool, placement_options
 from serving.session_server import SessionServer
@@ -165,8 +166,14 @@ def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[s
     if model is not None:
         opts["request_router_config"] = request_router_config(model, pool)
     opts.update(placement_options(placement))
-    if pool.env:
-        opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(pool.env)}
+    env = dict(pool.env)
+    if model is not None and pool.role is not Role.COLOCATED and pool.engine is EngineKind.VLLM:
+        poll_ms = model.disaggregation.nixl_progress_poll_ms
+        if poll_ms:
+            # Read by the vLLM plugin in the engine's worker process (serving/engines/vllm_plugin.py).
+            env.setdefault(NIXL_POLL_ENV, str(poll_ms * 1000))
+    if env:
+        opts["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if reps.min == reps.max:
         opts["num_replicas"] = placement.max_replicas
     else:

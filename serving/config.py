@@ -230,6 +230,14 @@ class Disaggregation(_Spec):
         TransferBackend.NIXL,
         description="KV transfer backend: nixl (vLLM NixlConnector, SGLang nixl) or mooncake (SGLang).",
     )
+    nixl_progress_poll_ms: int = Field(
+        5,
+        ge=0,
+        description="vLLM + NIXL: the UCX progress thread waits this long in poll() between "
+        "wake-ups it was not signalled for (a transfer wakes it at once). 0 is NIXL's own setting, "
+        "a busy loop that keeps one host core per engine busy even when idle "
+        "(serving/engines/vllm_plugin.py).",
+    )
 
 
 class RouterPolicy(StrEnum):
