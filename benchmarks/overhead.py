@@ -1,85 +1,81 @@
-"""How much latency Tandem adds over calling the same vLLM engine directly, measured in one run.
+"""Tandem vs `vllm serve` on the same model, engine args and core binding, in one run.
 
     python -m benchmarks.overhead [--config configs/local.yaml] [--model tiny-intent]
-        [--concurrency 1,16] [--requests N | N1,N2] [--prompt-tokens 128] [--max-tokens 64]
-        [--json FILE] [--port P]
+        [--concurrency 1,16,64] [--num-prompts 200] [--own-requests 64]
+        [--prompt-tokens 128] [--max-tokens 64] [--json FILE]
 
 Method
 ------
-The same prompt set (distinct prompts, one per request; warm-up prompts differ from all of them)
-is sent twice, one phase after the other, at each concurrency level as a closed loop of `c`
-workers (each worker sends its next request when the previous one has finished):
+Two servers, one after the other, on the same machine:
 
-1. **direct**: in this process, with the pool's `env` from the spec applied to `os.environ`, a
-   `VLLMEngine` is built exactly as an engine replica builds it (same weights, same
-   `engine_args_for(pool)`) and driven through `engine.generate(GenerateRequest(...))` with
-   token ids prepared beforehand by the model's own tokenizer and chat template
-   (`serving.tokenizer.PromptTokenizer`, which is what the ingress uses). The engine is then shut
-   down and its process is waited for before phase 2.
-2. **tandem**: a local Ray cluster (`start_local_ray`) serves the Tandem app built from the spec,
-   trimmed to the chosen model; the same prompts go as streaming `POST /v1/chat/completions`
-   through one shared `httpx.AsyncClient`.
+1. **vllm serve**: vLLM's own OpenAI server (`python -m benchmarks.vllm_cli serve`, the `vllm`
+   CLI under the CPU build) on the model's weights with the engine args of the model's serving
+   pool (`serving.app.engine_args_for`, without the P/D and KV-event settings: a colocated engine)
+   and the pool's `env` (so the same `VLLM_CPU_OMP_THREADS_BIND` core).
+2. **tandem**: `tandem up` (as `make run` does: its own Ray cluster, the spec's data plane) on the
+   spec trimmed to the model and its tiers. A P/D model keeps its prefill and decode pools and, with
+   `--disagg on` (the default for a P/D model), every request is disaggregated.
 
-Both phases use greedy sampling and `ignore_eos`, so every request generates exactly
-`--max-tokens` tokens and both phases do the same engine work. An *output event* is an engine
-chunk with non-empty text (direct) or an SSE frame with non-empty `delta.content` (tandem). TTFT
-is the time from sending a request to its first output event; ITL is each gap between successive
-output events of one request (all gaps of a level are pooled for its percentiles). "added" is
-tandem minus direct, at p50 and at p99. The goal is added TTFT <= 3 ms at p50 and <= 10 ms at p99.
+Each server gets, at every concurrency level, `vllm bench serve` (vLLM's load generator, a
+separate process: `--dataset-name random --random-input-len P --random-output-len T --ignore-eos`,
+`--max-concurrency c`, `--num-prompts N`, 8 warm-up requests; chat for a colocated model,
+`/v1/completions` for a reasoning model, whose chat stream hides the reasoning), then this script's
+own streaming client (closed loop, `--own-requests` distinct chat/text prompts, greedy,
+`ignore_eos`). While `vllm bench serve` runs, the CPU seconds of every process of the server are
+read (psutil, user + system) and divided by the output tokens of the level: **µs of CPU per
+output token**, per kind of process. "Outside the engine" is every process but vLLM's engine core
+and its worker (for `vllm serve`: its API server process, which also runs vLLM's AsyncLLM front end;
+for Tandem: HAProxy or the Serve proxy, the ingress, the engine replica with its AsyncLLM, and Ray's
+own processes). That figure sizes ingress replicas on a GPU node: tokens/s one core can carry.
 
-A breakdown of the mean TTFT is printed as well: the ingress's own TTFT histogram (sum/count from
-its `/metrics`, read before and after each level) measures from the Ray handle call to the first
-engine chunk, which splits the added time into "ingress -> engine replica" (Ray handle hop and
-the replica's generator) and "client <-> ingress" (HTTP client, Serve proxy, FastAPI, prompt
-tokenization, SSE encoding). And for each level, the cores each kind of process kept busy (CPU
-seconds from psutil over the level's wall time: engine core, Serve proxy, ingress, ...) show
-where the CPU went, which on a small machine is usually where the added latency comes from.
+Goals (issue 13): at c=1, TTFT p50 within 5 ms and p99 within 15 ms of `vllm serve`; at c=16 and
+c=64, output tok/s >= 0.8 x and TTFT p50 <= 1.5 x `vllm serve`.
 
 Caveats
 -------
-* The tandem path includes everything a client sees: HTTP and SSE encoding/parsing (the client
-  runs in this process), the Serve HTTP proxy actor, the ingress replica (validation,
-  tokenization in a thread, SSE frames) and two Ray actor hops (proxy -> ingress,
-  ingress -> engine replica). The direct path has none of these, nor tokenization (its prompts
-  are tokenized before the clock starts; the local tokenization time is reported separately).
-* On a small machine (2 cores) the proxy, the ingress, Ray's own processes (GCS, raylet,
-  dashboard) and the benchmark client compete with the engine for CPU, which slows the engine's
-  steps too: on such a machine "added" is an upper bound of what the serving layers cost on a
-  machine with spare cores. Load averages are recorded before each phase.
-* The phases run one after the other, so other load on the machine may differ between them.
-* With few requests per level, p99 TTFT is close to the maximum and noisy; ITL pools many gaps.
-* Tandem ITL is measured after HTTP chunking: frames that arrive in one read show as a near-zero
-  gap followed by a longer one, so tandem ITL percentiles can be lower than direct ones at p50.
+* Two cores: the client, the server's front end and the engine share them, so any CPU the serving
+  layers use is taken from the engine. Idle vLLM CPU engines no longer spin (see benchmarks/idle.py)
+  but a P/D stack runs two engines on two cores.
+* TPOT is vLLM's: (E2E - TTFT) / (output tokens - 1), a mean per request; ITL is the gap between
+  stream messages. Tandem's replicas send a stream at most once per `stream_flush_ms` (default
+  20 ms) after its first token, so its ITL is lumpier than its TPOT; `vllm serve` sends every token.
+* The servers run one after the other, so other load on the machine may differ between them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
+import contextlib
 import itertools
 import json
 import logging
 import os
-import re
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from benchmarks.common import BenchmarkError, int_list, load_average, machine_info, percentile
-from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
+from benchmarks.common import BenchmarkError, int_list, load_average, machine_info, percentile, run_main
+from serving.config import ModelSpec, Role, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
 
-#: The goal: Tandem adds at most this much TTFT (ms) at p50 and at p99.
-GOAL_ADDED_TTFT_MS = MappingProxyType({"p50": 3.0, "p99": 10.0})
+#: Goals: c=1 added TTFT (ms) at p50 / p99; at the loaded levels, tok/s and TTFT p50 ratios.
+GOAL_C1_ADDED_TTFT_MS = {"p50": 5.0, "p99": 15.0}
+GOAL_TOKS_RATIO = 0.8
+GOAL_TTFT_RATIO = 1.5
+_READY_TIMEOUT_S = 300.0
+_BENCH_TIMEOUT_S = 900.0
+#: Processes that are the engine itself (not counted "outside the engine").
+ENGINE_ROLES = frozenset({"vllm engine core", "vllm worker"})
 #: Words of filler text the prompts are built from (repeated to reach --prompt-tokens).
 _FILLER = (
     "a customer writes to support about an order that arrived late and asks whether the "
@@ -89,77 +85,6 @@ _FILLER = (
 _WARMUP_OFFSET = 1_000_000
 _HTTP_TIMEOUT_S = 300.0
 _ENGINE_EXIT_TIMEOUT_S = 30.0
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-@dataclass(frozen=True)
-class Params:
-    """What to run."""
-
-    config: str
-    model: str
-    concurrency: tuple[int, ...]
-    requests: Mapping[int, int]
-    prompt_tokens: int
-    max_tokens: int
-    port: int | None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "model": self.model,
-            "concurrency": list(self.concurrency),
-            "requests": {str(c): n for c, n in self.requests.items()},
-            "prompt_tokens": self.prompt_tokens,
-            "max_tokens": self.max_tokens,
-            "port": self.port,
-        }
-
-
-def requests_per_level(requests: tuple[int, ...] | None, levels: tuple[int, ...]) -> dict[int, int]:
-    """Requests to send at each level: one number for all, one per level, or max(64, 8c)."""
-    if requests is None:
-        return {c: max(64, 8 * c) for c in levels}
-    if len(requests) == 1:
-        return {c: requests[0] for c in levels}
-    if len(requests) != len(levels):
-        raise SystemExit(f"--requests: give one number or {len(levels)} (one per --concurrency level)")
-    return dict(zip(levels, requests, strict=True))
-
-
-def parse_args(argv: list[str] | None) -> tuple[Params, str | None]:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.overhead",
-        description="Latency Tandem adds over calling the same vLLM engine directly.",
-    )
-    p.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
-    p.add_argument("--model", default="tiny-intent", help="model (from the spec) to benchmark")
-    p.add_argument("--concurrency", type=int_list, default=(1, 16), help="levels, e.g. 1,16")
-    p.add_argument(
-        "--requests",
-        type=int_list,
-        default=None,
-        help="requests per level: one number, or one per level (default max(64, 8c))",
-    )
-    p.add_argument("--prompt-tokens", type=int, default=128, help="approximate prompt length")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    p.add_argument("--json", dest="json_path", help="write the results to this file")
-    p.add_argument("--port", type=int, help="HTTP port of the Tandem phase (default: a free one)")
-    a = p.parse_args(argv)
-    if a.prompt_tokens < 1 or a.max_tokens < 2:
-        p.error("--prompt-tokens must be >= 1 and --max-tokens >= 2 (ITL needs two tokens)")
-    levels = tuple(dict.fromkeys(a.concurrency))
-    return Params(
-        config=a.config,
-        model=a.model,
-        concurrency=levels,
-        requests=requests_per_level(a.requests, levels),
-        prompt_tokens=a.prompt_tokens,
-        max_tokens=a.max_tokens,
-        port=a.port,
-    ), a.json_path
 
 
 # --------------------------------------------------------------------------- prompts
@@ -289,6 +214,8 @@ async def closed_loop(send: RequestFn, prompts: list[Prompt], concurrency: int) 
 
 #: Process roles, by a substring of the process's command line (Ray and vLLM set process titles).
 _ROLES = (
+    ("haproxy", "haproxy (serve ingress)"),
+    ("benchmarks.vllm_cli serve", "vllm serve api server"),
     ("ProxyActor", "serve proxy"),
     ("ServeReplica:tandem:ingress", "ingress"),
     ("ServeReplica", "engine replica (AsyncLLM)"),
@@ -330,20 +257,13 @@ def cpu_cores(before: Mapping[int, tuple[str, float]], wall_s: float) -> dict[st
     }
 
 
-async def measured_level(send: RequestFn, prompts: list[Prompt], concurrency: int) -> LevelRun:
-    """`closed_loop`, with the CPU each process role used meanwhile."""
-    before = cpu_snapshot()
-    run = await closed_loop(send, prompts, concurrency)
-    return replace(run, cpu_cores=cpu_cores(before, run.wall_s))
-
-
 def _check_tokens(timing: RequestTiming, max_tokens: int) -> RequestTiming:
     if timing.tokens != max_tokens:
         raise BenchmarkError(f"a request generated {timing.tokens} tokens, expected {max_tokens}")
     return timing
 
 
-# --------------------------------------------------------------------------- phase 1: direct
+# --------------------------------------------------------------------------- processes
 
 
 @contextmanager
@@ -390,58 +310,53 @@ def _child_pids() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-async def _direct_request(engine: Any, prompt: Prompt, max_tokens: int) -> RequestTiming:
-    from serving.engines.base import GenerateRequest, SamplingOptions
-
-    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    request = GenerateRequest(f"bench-{uuid.uuid4().hex}", prompt.token_ids, sampling)
-    clock = StreamClock()
-    tokens = 0
-    async for chunk in engine.generate(request):
-        if chunk.error is not None:
-            raise BenchmarkError(f"engine error: {chunk.error.message}")
-        if chunk.text:
-            clock.event()
-        tokens = chunk.completion_tokens
-    return _check_tokens(clock.timing(tokens), max_tokens)
+# --------------------------------------------------------------------------- parameters
 
 
-async def _direct_levels(
-    spec: ServingSpec, model: ModelSpec, params: Params, prompts: list[Prompt], warmup: list[Prompt]
-) -> dict[int, LevelRun]:
-    from serving.app import engine_args_for
-    from serving.engines.vllm_engine import VLLMEngine
+@dataclass(frozen=True)
+class Params:
+    """What to run."""
 
-    engine = VLLMEngine(model.name, spec.resolve_source(model), engine_args_for(model.pools[0]))
-    await engine.start()
-    try:
+    config: str
+    model: str
+    concurrency: tuple[int, ...]
+    num_prompts: int
+    own_requests: int
+    prompt_tokens: int
+    max_tokens: int
+    disagg: str
 
-        async def send(_: int, prompt: Prompt) -> RequestTiming:
-            return await _direct_request(engine, prompt, params.max_tokens)
-
-        await closed_loop(send, warmup, max(params.concurrency))
-        runs = {}
-        for c in params.concurrency:
-            runs[c] = await measured_level(send, prompts[: params.requests[c]], c)
-            logger.info("direct c=%d: %s", c, _brief(runs[c].summary()))
-        return runs
-    finally:
-        await engine.shutdown()
+    def as_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
-def run_direct(
-    spec: ServingSpec, model: ModelSpec, params: Params, prompts: list[Prompt], warmup: list[Prompt]
-) -> dict[int, LevelRun]:
-    """Phase 1: the engine in this process; its processes are gone when this returns."""
-    before = _child_pids()
-    try:
-        with pool_env(model.pools[0].env):
-            return asyncio.run(_direct_levels(spec, model, params, prompts, warmup))
-    finally:
-        _wait_for_exit(_child_pids() - before)
+def parse_args(argv: list[str] | None) -> tuple[Params, str | None]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
+    p.add_argument("--model", default="tiny-intent", help="model (from the spec) to benchmark")
+    p.add_argument("--concurrency", type=int_list, default=(1, 16, 64), help="levels, e.g. 1,16,64")
+    p.add_argument("--num-prompts", type=int, default=200, help="vllm bench serve prompts per level")
+    p.add_argument("--own-requests", type=int, default=64, help="own-client requests per level (0: none)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (random dataset)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--disagg", choices=("on", "auto"), default="on", help="P/D model: force disaggregation")
+    p.add_argument("--json", dest="json_path", help="write the results to this file")
+    a = p.parse_args(argv)
+    if a.prompt_tokens < 1 or a.max_tokens < 2 or a.num_prompts < 1 or a.own_requests < 0:
+        p.error("--prompt-tokens >= 1, --max-tokens >= 2 (TPOT needs two tokens), --num-prompts >= 1")
+    return Params(
+        config=a.config,
+        model=a.model,
+        concurrency=tuple(dict.fromkeys(a.concurrency)),
+        num_prompts=a.num_prompts,
+        own_requests=a.own_requests,
+        prompt_tokens=a.prompt_tokens,
+        max_tokens=a.max_tokens,
+        disagg=a.disagg,
+    ), a.json_path
 
 
-# --------------------------------------------------------------------------- phase 2: tandem
+# --------------------------------------------------------------------------- servers
 
 
 def free_port() -> int:
@@ -455,25 +370,233 @@ def single_model_spec(spec: ServingSpec, model: ModelSpec, port: int | None) -> 
     """`spec` serving only `model` (and its tiers), on free (or given) ports."""
     server = spec.server.model_copy(update={"port": port or free_port(), "dashboard_port": free_port()})
     tiers = [t for t in spec.tiers if t.model == model.name]
-    return spec.model_copy(update={"server": server, "models": [model], "tiers": tiers})
+    names = {t.name for t in tiers}
+    tiers = [t.model_copy(update={"fallback": [f for f in t.fallback if f in names]}) for t in tiers]
+    routing = spec.routing.model_copy(
+        update={
+            "default_tier": tiers[0].name if tiers else None,
+            "rules": [r for r in spec.routing.rules if r.tier in names],
+        }
+    )
+    return spec.model_copy(update={"server": server, "models": [model], "tiers": tiers, "routing": routing})
 
 
-def _body(model: str, prompt: Prompt, max_tokens: int) -> dict[str, Any]:
+def reference_args(spec: ServingSpec, model: ModelSpec) -> tuple[list[str], dict[str, str]]:
+    """`vllm serve` arguments and environment for the same engine as `model`'s serving pool, colocated."""
+    from serving.app import engine_args_for
+
+    pool = model.serving_pool
+    args = engine_args_for(pool)  # no model: no P/D transfer config, no KV events
+    argv = [spec.resolve_source(model), "--served-model-name", model.name]
+    for key, value in sorted(args.items()):
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict | list):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv, dict(pool.env)
+
+
+@dataclass
+class Server:
+    """A server process (and its tree) under test."""
+
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    marker: str | None = None  # a string in the command line of its detached processes (Ray temp dir)
+
+    def processes(self) -> list[Any]:
+        import psutil
+
+        procs: dict[int, Any] = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            top = psutil.Process(self.proc.pid)
+            for p in [top, *top.children(recursive=True)]:
+                procs[p.pid] = p
+        if self.marker:
+            for p in psutil.process_iter(["cmdline"]):
+                if any(self.marker in a for a in (p.info["cmdline"] or [])):
+                    procs.setdefault(p.pid, p)
+        return list(procs.values())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if self.name == "tandem" else signal.SIGINT)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+def _start(name: str, cmd: list[str], env: Mapping[str, str], url: str, log: Path) -> Server:
+    import httpx
+
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True)  # fmt: skip
+    server = Server(name, proc, url, log)
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchmarkError(f"{name} exited ({proc.returncode}): see {log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return server
+        time.sleep(2)
+    server.stop()
+    raise BenchmarkError(f"{name} did not answer within {_READY_TIMEOUT_S:.0f} s: see {log}")
+
+
+def start_vllm(spec: ServingSpec, model: ModelSpec, workdir: Path) -> Server:
+    argv, env = reference_args(spec, model)
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", *argv, "--host", "127.0.0.1",
+           "--port", str(port), "--disable-log-requests"]  # fmt: skip
+    cmd = [c for c in cmd if c != "--disable-log-requests"]  # not an option in every vLLM version
+    return _start("vllm serve", cmd, {"HF_HUB_OFFLINE": "1", **env}, f"http://127.0.0.1:{port}",
+                  workdir / "vllm-serve.log")  # fmt: skip
+
+
+def start_tandem(spec: ServingSpec, model: ModelSpec, disagg: str, workdir: Path) -> Server:
+    import yaml
+
+    from serving.cli import ray_temp_dir
+
+    if model.disaggregated and disagg == "on":
+        model = model.model_copy(
+            update={"disaggregation": model.disaggregation.model_copy(update={"mode": "on"})}
+        )
+    one = single_model_spec(spec, model, None)
+    path = workdir / "tandem.yaml"
+    path.write_text(yaml.safe_dump(one.model_dump(mode="json", exclude_defaults=True)))
+    port = one.server.port
+    cmd = [sys.executable, "-m", "serving.cli", "up", "--config", str(path), "--port", str(port),
+           "--dashboard-port", str(one.server.dashboard_port)]  # fmt: skip
+    server = _start("tandem", cmd, {"TANDEM_STATE_DIR": str(workdir / "state")},
+                    f"http://127.0.0.1:{port}", workdir / "tandem.log")  # fmt: skip
+    server.marker = ray_temp_dir(port)
+    return server
+
+
+# --------------------------------------------------------------------------- one level
+
+
+def _cpu_seconds(server: Server) -> dict[int, tuple[str, float]]:
+    import psutil
+
+    out = {}
+    for p in server.processes():
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        info = type("P", (), {"pid": p.pid, "info": {"cmdline": cmd}})
+        out[p.pid] = (_role(info), t.user + t.system)
+    return out
+
+
+def _cpu_used(
+    before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]
+) -> dict[str, float]:
+    used: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        used[role] = used.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+    return used
+
+
+def vllm_bench(server: Server, model: ModelSpec, tokenizer_path: str, params: Params, c: int,
+               out: Path) -> dict[str, Any]:  # fmt: skip
+    """One `vllm bench serve` run at concurrency `c`; its result JSON."""
+    chat = model.reasoning is None
+    cmd = [
+        sys.executable, "-m", "benchmarks.vllm_cli", "bench", "serve",
+        "--backend", "openai-chat" if chat else "openai",
+        "--endpoint", "/v1/chat/completions" if chat else "/v1/completions",
+        "--base-url", server.url, "--model", model.name, "--tokenizer", tokenizer_path,
+        "--dataset-name", "random", "--random-input-len", str(params.prompt_tokens),
+        "--random-output-len", str(params.max_tokens), "--ignore-eos",
+        "--num-prompts", str(params.num_prompts), "--max-concurrency", str(c), "--num-warmups", "8",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+        "--disable-tqdm", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BENCH_TIMEOUT_S,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    if proc.returncode != 0 or not out.exists():
+        raise BenchmarkError(
+            f"vllm bench serve failed ({proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+        )
+    result = json.loads(out.read_text())
+    if result.get("failed", 0) or result.get("completed", 0) != params.num_prompts:
+        raise BenchmarkError(f"vllm bench serve: {result.get('failed')} failed of {params.num_prompts}")
+    return result
+
+
+def bench_level(server: Server, model: ModelSpec, tokenizer_path: str, params: Params, c: int,
+                workdir: Path) -> dict[str, Any]:  # fmt: skip
+    before = _cpu_seconds(server)
+    t0 = time.monotonic()
+    r = vllm_bench(
+        server, model, tokenizer_path, params, c, workdir / f"{server.name.replace(' ', '-')}-c{c}.json"
+    )
+    wall = time.monotonic() - t0
+    used = _cpu_used(before, _cpu_seconds(server))
+    tokens = r["total_output_tokens"]
+    per_token = {role: cpu / tokens * 1e6 for role, cpu in sorted(used.items(), key=lambda kv: -kv[1])
+                 if cpu / wall >= 0.005}  # fmt: skip
+    outside = sum(v for role, v in used.items() if role not in ENGINE_ROLES) / tokens * 1e6
     return {
+        "concurrency": c,
+        "completed": r["completed"],
+        "output_tokens_per_s": r["output_throughput"],
+        "ttft_p50_ms": r["p50_ttft_ms"],
+        "ttft_p99_ms": r["p99_ttft_ms"],
+        "tpot_p50_ms": r["p50_tpot_ms"],
+        "itl_p50_ms": r["p50_itl_ms"],
+        "itl_p99_ms": r["p99_itl_ms"],
+        "e2e_p50_ms": r["p50_e2el_ms"],
+        "cpu_us_per_output_token": {k: round(v, 1) for k, v in per_token.items()},
+        "cpu_us_per_output_token_outside_engine": round(outside, 1),
+        "cores": {role: round(cpu / wall, 3) for role, cpu in used.items() if cpu / wall >= 0.005},
+        "load_average": load_average(),
+    }
+
+
+# --------------------------------------------------------------------------- own client
+
+
+def _body(model: str, prompt: Prompt, max_tokens: int, chat: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt.text}],
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
     }
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt.text}]
+    else:
+        body["prompt"] = prompt.text
+    return body
 
 
-async def _tandem_request(client: Any, model: str, prompt: Prompt, max_tokens: int) -> RequestTiming:
+async def stream_request(
+    client: Any, model: str, prompt: Prompt, max_tokens: int, chat: bool = True
+) -> RequestTiming:
+    """One streamed chat (or text) completion; TTFT and the gaps between output events."""
     clock = StreamClock()
     tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=_body(model, prompt, max_tokens)) as r:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with client.stream("POST", path, json=_body(model, prompt, max_tokens, chat)) as r:
         if r.status_code != 200:
             raise BenchmarkError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -486,225 +609,165 @@ async def _tandem_request(client: Any, model: str, prompt: Prompt, max_tokens: i
             if "error" in frame:
                 raise BenchmarkError(f"stream error: {frame['error']}")
             choices = frame.get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content"):
+            if choices and (choices[0].get("delta", {}).get("content") or choices[0].get("text")):
                 clock.event()
             if frame.get("usage"):
                 tokens = frame["usage"]["completion_tokens"]
-                if frame["usage"]["prompt_tokens"] != len(prompt.token_ids):
-                    raise BenchmarkError("the ingress tokenized a prompt differently from this script")
     return _check_tokens(clock.timing(tokens), max_tokens)
 
 
-_METRIC_RE = r'^{name}{{model="{model}"}} ([0-9.eE+-]+)$'
-
-
-async def _ingress_ttft(client: Any, model: str) -> tuple[float, float]:
-    """(sum, count) of the ingress's TTFT histogram for `model`."""
-    text = (await client.get("/metrics")).text
-    out = []
-    for suffix in ("sum", "count"):
-        pattern = _METRIC_RE.format(name=f"tandem_time_to_first_token_seconds_{suffix}", model=model)
-        m = re.search(pattern, text, re.MULTILINE)
-        out.append(float(m.group(1)) if m else float("nan"))
-    return out[0], out[1]
-
-
-@dataclass(frozen=True)
-class TandemRun:
-    """A tandem level: client-side timings, and the ingress's mean TTFT over the same requests."""
-
-    run: LevelRun
-    ingress_ttft_mean_ms: float
-
-
-async def _tandem_levels(
-    url: str, model: str, params: Params, prompts: list[Prompt], warmup: list[Prompt]
-) -> dict[int, TandemRun]:
+async def _own_levels(
+    server: Server, model: ModelSpec, prompts: list[Prompt], params: Params
+) -> dict[int, dict]:
     import httpx
 
-    width = max(params.concurrency)
-    limits = httpx.Limits(max_connections=width + 4, max_keepalive_connections=width + 4)
-    async with httpx.AsyncClient(
-        base_url=url, limits=limits, timeout=_HTTP_TIMEOUT_S, trust_env=False
-    ) as client:
+    chat = model.reasoning is None
+    limits = httpx.Limits(max_connections=max(params.concurrency) + 8)
+    async with httpx.AsyncClient(base_url=server.url, timeout=_HTTP_TIMEOUT_S, limits=limits) as client:
 
         async def send(_: int, prompt: Prompt) -> RequestTiming:
-            return await _tandem_request(client, model, prompt, params.max_tokens)
+            return await stream_request(client, model.name, prompt, params.max_tokens, chat)
 
-        await closed_loop(send, warmup, width)
-        runs = {}
+        await closed_loop(send, prompts[:8], 4)  # warm-up (the last prompts are never measured)
+        out = {}
         for c in params.concurrency:
-            s0, n0 = await _ingress_ttft(client, model)
-            run = await measured_level(send, prompts[: params.requests[c]], c)
-            s1, n1 = await _ingress_ttft(client, model)
-            ingress_ms = (s1 - s0) / (n1 - n0) * 1e3 if n1 > n0 else float("nan")
-            runs[c] = TandemRun(run, ingress_ms)
-            logger.info("tandem c=%d: %s", c, _brief(run.summary()))
-        return runs
+            run = await closed_loop(send, prompts[8 : 8 + params.own_requests], c)
+            s = run.summary()
+            out[c] = {k: s[k] for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "tokens_per_s")}
+        return out
 
 
-def run_tandem(
-    spec: ServingSpec, model: ModelSpec, params: Params, prompts: list[Prompt], warmup: list[Prompt]
-) -> dict[int, TandemRun]:
-    """Phase 2: a local Ray cluster serving the Tandem app for `model`; stopped when this returns."""
-    import ray
-    from ray import serve
-
-    from serving.app import build_app_from_spec
-    from serving.cli import APP_NAME, start_local_ray
-
-    spec = single_model_spec(spec, model, params.port)
-    url = f"http://{spec.server.host}:{spec.server.port}"
-    start_local_ray(spec)
-    try:
-        serve.run(build_app_from_spec(spec), name=APP_NAME, route_prefix="/")
-        return asyncio.run(_tandem_levels(url, model.name, params, prompts, warmup))
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+# --------------------------------------------------------------------------- the run
 
 
-# --------------------------------------------------------------------------- report
+def _serve_and_measure(server: Server, model: ModelSpec, tokenizer_path: str, prompts: list[Prompt],
+                       params: Params, workdir: Path) -> dict[str, Any]:  # fmt: skip
+    levels = []
+    for c in params.concurrency:
+        level = bench_level(server, model, tokenizer_path, params, c, workdir)
+        logger.info("%s c=%d: %.0f tok/s, TTFT p50 %.1f ms", server.name, c, level["output_tokens_per_s"],
+                    level["ttft_p50_ms"])  # fmt: skip
+        levels.append(level)
+    own = asyncio.run(_own_levels(server, model, prompts, params)) if params.own_requests else {}
+    for level in levels:
+        level["own_client"] = own.get(level["concurrency"])
+    return {"levels": levels}
 
 
-def _brief(s: Mapping[str, float]) -> str:
-    return (
-        f"TTFT p50 {s['ttft_p50_ms']:.2f} ms p99 {s['ttft_p99_ms']:.2f} ms, "
-        f"ITL p50 {s['itl_p50_ms']:.2f} ms p99 {s['itl_p99_ms']:.2f} ms, "
-        f"{s['requests_per_s']:.2f} req/s, {s['tokens_per_s']:.1f} tok/s"
-    )
-
-
-def compare_level(direct: LevelRun, tandem: TandemRun) -> dict[str, Any]:
-    """Both phases' figures at one level, the added latency, and the goal verdict."""
-    d, t = direct.summary(), tandem.run.summary()
-    added = {
-        f"{metric}_{q}_ms": t[f"{metric}_{q}_ms"] - d[f"{metric}_{q}_ms"]
-        for metric in ("ttft", "itl")
-        for q in ("p50", "p99")
-    }
-    goal = {q: added[f"ttft_{q}_ms"] <= limit for q, limit in GOAL_ADDED_TTFT_MS.items()}
-    breakdown = {
-        "direct_ttft_mean_ms": d["ttft_mean_ms"],
-        "ingress_ttft_mean_ms": tandem.ingress_ttft_mean_ms,
-        "client_ttft_mean_ms": t["ttft_mean_ms"],
-        "ingress_to_engine_ms": tandem.ingress_ttft_mean_ms - d["ttft_mean_ms"],
-        "client_to_ingress_ms": t["ttft_mean_ms"] - tandem.ingress_ttft_mean_ms,
-    }
-    return {
-        "concurrency": direct.concurrency,
-        "direct": d,
-        "tandem": t,
-        "added": added,
-        "ttft_mean_breakdown": breakdown,
-        "goal_met": goal,
-    }
-
-
-def format_report(levels: list[dict[str, Any]], tokenize_p50_ms: float) -> str:
-    """A readable table per level, the TTFT breakdown, and the goal check."""
-    lines = []
-    head = f"{'':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'req/s':>7} {'tok/s':>8}"
-    for lv in levels:
-        lines += [f"\nconcurrency {lv['concurrency']} ({lv['direct']['requests']} requests; ms)", head]
-        for name in ("direct", "tandem"):
-            s = lv[name]
-            lines.append(
-                f"{name:>8} {s['ttft_p50_ms']:9.2f} {s['ttft_p99_ms']:9.2f} "
-                f"{s['itl_p50_ms']:8.2f} {s['itl_p99_ms']:8.2f} "
-                f"{s['requests_per_s']:7.2f} {s['tokens_per_s']:8.1f}"
+def compare(ref: dict[str, Any], tandem: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per level: Tandem against `vllm serve`, and whether each goal holds."""
+    rows = []
+    for r, t in zip(ref["levels"], tandem["levels"], strict=True):
+        c = r["concurrency"]
+        row: dict[str, Any] = {
+            "concurrency": c,
+            "ttft_added_p50_ms": t["ttft_p50_ms"] - r["ttft_p50_ms"],
+            "ttft_added_p99_ms": t["ttft_p99_ms"] - r["ttft_p99_ms"],
+            "ttft_p50_ratio": t["ttft_p50_ms"] / r["ttft_p50_ms"],
+            "toks_ratio": t["output_tokens_per_s"] / r["output_tokens_per_s"],
+            "tpot_p50_ratio": t["tpot_p50_ms"] / r["tpot_p50_ms"],
+        }
+        if c == 1:
+            row["goal_met"] = (
+                row["ttft_added_p50_ms"] <= GOAL_C1_ADDED_TTFT_MS["p50"]
+                and row["ttft_added_p99_ms"] <= GOAL_C1_ADDED_TTFT_MS["p99"]
             )
-        a = lv["added"]
-        lines.append(
-            f"{'added':>8} {a['ttft_p50_ms']:+9.2f} {a['ttft_p99_ms']:+9.2f} "
-            f"{a['itl_p50_ms']:+8.2f} {a['itl_p99_ms']:+8.2f}"
-        )
-        b = lv["ttft_mean_breakdown"]
-        lines.append(
-            f"  mean TTFT: direct {b['direct_ttft_mean_ms']:.2f}, at ingress "
-            f"{b['ingress_ttft_mean_ms']:.2f}, at client {b['client_ttft_mean_ms']:.2f} -> "
-            f"ingress->engine {b['ingress_to_engine_ms']:+.2f}, "
-            f"client<->ingress {b['client_to_ingress_ms']:+.2f} "
-            f"(of which tokenization ~{tokenize_p50_ms:.2f})"
-        )
-        for name in ("direct", "tandem"):
-            busy = ", ".join(f"{r} {c:.2f}" for r, c in lv[name]["cpu_cores"].items())
-            lines.append(f"  cores busy, {name}: {busy}")
-    lines.append(
-        "\ngoal: added TTFT <= {p50:g} ms at p50 and <= {p99:g} ms at p99".format(**GOAL_ADDED_TTFT_MS)
-    )
-    for lv in levels:
-        a, g = lv["added"], lv["goal_met"]
-        verdict = "MET" if all(g.values()) else "NOT MET"
-        lines.append(
-            f"  c={lv['concurrency']:<4} p50 {a['ttft_p50_ms']:+.2f} ms "
-            f"({'ok' if g['p50'] else 'over'}), p99 {a['ttft_p99_ms']:+.2f} ms "
-            f"({'ok' if g['p99'] else 'over'}): {verdict}"
-        )
-    overall = all(all(lv["goal_met"].values()) for lv in levels)
-    lines.append(f"overall: {'MET' if overall else 'NOT MET'}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- main
+        else:
+            row["goal_met"] = (
+                row["toks_ratio"] >= GOAL_TOKS_RATIO and row["ttft_p50_ratio"] <= GOAL_TTFT_RATIO
+            )
+        rows.append(row)
+    return rows
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Both phases; the full result (what --json writes)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    spec = load_spec(params.config)
+    model = spec.model(params.model)
+    tokenizer_path = spec.resolve_source(model)
     from serving.tokenizer import PromptTokenizer
 
-    spec = load_spec(params.config)
-    try:
-        model = spec.model(params.model)
-    except KeyError:
-        raise SystemExit(
-            f"--model: {params.model!r} is not in {params.config} (models: {[m.name for m in spec.models]})"
-        ) from None
-    if len(model.pools) != 1:
-        raise SystemExit(f"model {model.name!r}: the benchmark needs exactly one (colocated) pool")
-    tokenizer = PromptTokenizer(spec.resolve_source(model))
+    tokenizer = PromptTokenizer(tokenizer_path)
     words = calibrate_words(tokenizer, params.prompt_tokens)
-    prompts = build_prompts(tokenizer, max(params.requests.values()), words)
-    warmup = build_prompts(tokenizer, max(params.concurrency), words, offset=_WARMUP_OFFSET)
-    prompt_lens = [len(p.token_ids) for p in prompts]
-    logger.info("%d prompts of %d-%d tokens", len(prompts), min(prompt_lens), max(prompt_lens))
-
-    load = {"before_direct": load_average()}
-    t0 = time.perf_counter()
-    direct = run_direct(spec, model, params, prompts, warmup)
-    load["before_tandem"] = load_average()
-    tandem = run_tandem(spec, model, params, prompts, warmup)
-    load["after_tandem"] = load_average()
-    levels = [compare_level(direct[c], tandem[c]) for c in params.concurrency]
+    prompts = build_prompts(tokenizer, params.own_requests + 8, words)
+    t0 = time.monotonic()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tandem-overhead-") as tmp:
+        workdir = Path(tmp)
+        for name, start in (
+            ("vllm_serve", lambda: start_vllm(spec, model, workdir)),
+            ("tandem", lambda: start_tandem(spec, model, params.disagg, workdir)),
+        ):
+            server = start()
+            try:
+                results[name] = _serve_and_measure(server, model, tokenizer_path, prompts, params, workdir)
+            finally:
+                server.stop()
+            results[name]["log_tail"] = server.log.read_text()[-2000:] if name == "tandem" else ""
+    roles = (model.pool(Role.PREFILL) is not None) if model.disaggregated else False
     return {
         "params": params.as_json(),
-        "prompt_tokens": {"min": min(prompt_lens), "max": max(prompt_lens)},
-        "tokenize_p50_ms": tokenize_ms(tokenizer, prompts),
-        "goal_added_ttft_ms": dict(GOAL_ADDED_TTFT_MS),
-        "levels": levels,
-        "goal_met": all(all(lv["goal_met"].values()) for lv in levels),
-        "machine": machine_info(ray=importlib.metadata.version("ray")),
-        "load_average": load,
-        "elapsed_s": time.perf_counter() - t0,
+        "model": model.name,
+        "disaggregated": bool(roles),
+        "data_plane": spec.server.data_plane.value,
+        "stream_flush_ms": model.serving_pool.stream_flush_ms,
+        "vllm_serve": results["vllm_serve"],
+        "tandem": results["tandem"],
+        "comparison": compare(results["vllm_serve"], results["tandem"]),
+        "machine": machine_info(),
+        "elapsed_s": round(time.monotonic() - t0, 1),
     }
 
 
+def _fmt(v: float, nd: int = 1) -> str:
+    return f"{v:,.{nd}f}"
+
+
+def _own(o: Mapping[str, float]) -> str:
+    return f"{_fmt(o['ttft_p50_ms'])} / {_fmt(o['ttft_p99_ms'])}, {_fmt(o['tokens_per_s'], 0)}"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    ref, tan, cmp_ = r["vllm_serve"]["levels"], r["tandem"]["levels"], r["comparison"]
+    mode = "P/D (disaggregated)" if r["disaggregated"] else "colocated"
+    lines = [
+        f"{r['model']}: Tandem ({mode}, data plane {r['data_plane']}, stream_flush_ms "
+        f"{r['stream_flush_ms']:g}) vs vllm serve, measured by vllm bench serve",
+        "",
+        "| c | TTFT p50 / p99 vllm serve | TTFT p50 / p99 Tandem | TPOT p50 vllm / Tandem | ITL p50 / p99 "
+        "Tandem | tok/s vllm / Tandem | Tandem / vllm | goal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a, b, c in zip(ref, tan, cmp_, strict=True):
+        lines.append(
+            f"| {a['concurrency']} | {_fmt(a['ttft_p50_ms'])} / {_fmt(a['ttft_p99_ms'])} ms | "
+            f"{_fmt(b['ttft_p50_ms'])} / {_fmt(b['ttft_p99_ms'])} ms | {_fmt(a['tpot_p50_ms'], 2)} / "
+            f"{_fmt(b['tpot_p50_ms'], 2)} ms | {_fmt(b['itl_p50_ms'], 2)} / {_fmt(b['itl_p99_ms'])} ms | "
+            f"{_fmt(a['output_tokens_per_s'], 0)} / {_fmt(b['output_tokens_per_s'], 0)} | "
+            f"{c['toks_ratio']:.2f} | {'met' if c['goal_met'] else 'MISSED'} |"
+        )
+    lines += ["", "CPU per output token (µs), while vllm bench serve ran:", ""]
+    for name, levels in (("vllm serve", ref), ("Tandem", tan)):
+        for lv in levels:
+            parts = ", ".join(f"{k} {v:,.0f}" for k, v in lv["cpu_us_per_output_token"].items())
+            lines.append(
+                f"- {name} c={lv['concurrency']}: outside the engine "
+                f"**{lv['cpu_us_per_output_token_outside_engine']:,.0f}** ({parts})"
+            )
+    own = [
+        (lv["concurrency"], a.get("own_client"), lv.get("own_client")) for lv, a in zip(tan, ref, strict=True)
+    ]
+    if any(o for _, o, _ in own):
+        lines += ["", "Own client (TTFT p50 / p99 ms, tok/s): vllm serve | Tandem", ""]
+        for c, a, b in own:
+            if a and b:
+                lines.append(f"- c={c}: {_own(a)} | {_own(b)}")
+    lines.append(f"\n({r['elapsed_s']:.0f} s in all)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    params, json_path = parse_args(argv)
-    try:
-        result = run(params)
-    except BenchmarkError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
-    print(format_report(result["levels"], result["tokenize_p50_ms"]), flush=True)
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {json_path}")
-    return 0
+    return run_main(argv, parse_args, run, format_report)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Each engine publishes `KVEventBatch`es of `BlockStored` (block hashes now cached
 `BlockRemoved` (evicted) and `AllBlocksCleared` on a ZMQ PUB socket as multipart messages
 `(topic, sequence number, msgpack payload)`. `apply_event` mirrors one event into a `BlockIndex`
 (pure; events are matched by class name so tests can build them without vLLM). `KVEventSubscriber`
-reads one engine's socket in a daemon thread and hands decoded events over a queue; the router
+reads one engine's socket in a daemon thread and hands decoded events (`decode_batch`, no vLLM
+import) over a queue; the router
 drains the queue on its own event loop (`drain`), so the index is only ever touched by one thread.
 A gap in sequence numbers means events were lost: the replica's entries are cleared, since the
 approximate feed refills them and a stale "held" block is worse than a missing one.
@@ -16,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from router.hashing import event_key
@@ -25,6 +27,55 @@ logger = logging.getLogger(__name__)
 
 #: Marker put on the queue when events were lost (sequence gap): clear the replica.
 LOST = object()
+
+
+@dataclass(slots=True)
+class BlockStored:
+    """Blocks now cached on the engine (vLLM `BlockStored`, the fields the index needs)."""
+
+    block_hashes: list[Any]
+
+
+@dataclass(slots=True)
+class BlockRemoved:
+    """Blocks evicted from the engine (vLLM `BlockRemoved`)."""
+
+    block_hashes: list[Any]
+
+
+@dataclass(slots=True)
+class AllBlocksCleared:
+    """The engine's prefix cache was reset (vLLM `AllBlocksCleared`)."""
+
+
+_EVENT_TYPES = {"BlockStored": BlockStored, "BlockRemoved": BlockRemoved}
+
+
+def decode_batch(payload: bytes) -> tuple[int | None, list[Any]]:
+    """The events of one msgpack-encoded vLLM `KVEventBatch`, and its data-parallel rank.
+
+    NOTE(why): vLLM's own decoder (`vllm.distributed.kv_events.KVEventBatch`) would import vLLM,
+    and with it torch, into the ingress (where Ray Serve runs the request router): seconds of CPU
+    holding the GIL on the router's first stats, which stalled the first requests' TTFT by ~3 s.
+    The wire format is msgspec's: the batch is an array `[ts, events, data_parallel_rank?]`
+    (`array_like=True`), each event a map tagged by its class name under "type" (`tag=True`).
+    Event kinds the index does not use are skipped. `tests/unit/test_kv_events.py` checks this
+    against payloads encoded by vLLM's own publisher types.
+    """
+    import msgspec
+
+    raw = msgspec.msgpack.decode(payload)
+    if not isinstance(raw, list) or len(raw) < 2 or not isinstance(raw[1], list):
+        raise ValueError("not a KVEventBatch: expected [ts, events, ...]")
+    rank = raw[2] if len(raw) > 2 else None
+    events: list[Any] = []
+    for ev in raw[1]:
+        kind = ev.get("type") if isinstance(ev, dict) else None
+        if kind == "AllBlocksCleared":
+            events.append(AllBlocksCleared())
+        elif kind in _EVENT_TYPES:
+            events.append(_EVENT_TYPES[kind](list(ev.get("block_hashes") or ())))
+    return rank, events
 
 
 def apply_event(index: BlockIndex, replica: str, event: Any) -> None:
@@ -74,8 +125,15 @@ class KVEventSubscriber:
         return self
 
     def stop(self) -> None:
+        """Ask the thread to stop; it closes its socket within one receive timeout (200 ms).
+
+        Never blocks: the router calls this on its event loop. `join` waits, for tests.
+        """
         self._stop.set()
-        self._thread.join(timeout=2)
+
+    def join(self, timeout: float = 2.0) -> None:
+        """Wait for the thread to end (after `stop`)."""
+        self._thread.join(timeout=timeout)
 
     def drain(self, limit: int = 10_000) -> list[Any]:
         """Events received so far (up to `limit`), in order; never blocks."""
@@ -97,11 +155,8 @@ class KVEventSubscriber:
             self.events.put_nowait(LOST)
 
     def _run(self) -> None:
-        import msgspec
         import zmq
-        from vllm.distributed.kv_events import KVEventBatch
 
-        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
@@ -119,8 +174,8 @@ class KVEventSubscriber:
                     logger.warning("KV events from %s: lost %d batches", self.replica, seq - last_seq - 1)
                     self._put(LOST)
                 last_seq = seq
-                batch = decoder.decode(payload)
-                for ev in batch.events:
+                _rank, events = decode_batch(payload)
+                for ev in events:
                     self._put(ev)
                     self.received += 1
         except Exception:  # noqa: BLE001 - a dead subscriber degrades to the approximate feed

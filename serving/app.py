@@ -218,13 +218,20 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 engine_args_for(dec, model),
                 dec.pool_name,
                 dec.role,
+                dec.stream_flush_ms,
                 prefill=prefill,
                 disaggregation=model.disaggregation.model_dump(mode="json"),
             )
         else:
             pool = model.serving_pool
             engines[model.name] = deploy(EngineServer, pool).bind(
-                model.name, source, pool.engine, engine_args_for(pool, model), pool.pool_name, pool.role
+                model.name,
+                source,
+                pool.engine,
+                engine_args_for(pool, model),
+                pool.pool_name,
+                pool.role,
+                pool.stream_flush_ms,
             )
     server = spec.server
     sessions = None

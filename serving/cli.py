@@ -63,6 +63,9 @@ def start_local_ray(spec: ServingSpec, num_cpus: int | None = None) -> None:
     if spec.server.ray_address is None:
         # A fresh local cluster owned by this process; it stops when this process does.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Read by Serve's controller and replicas at start: set before Ray starts them.
+        for key, value in spec.server.ray_env().items():
+            os.environ.setdefault(key, value)
         ray.init(
             address="local",
             namespace=APP_NAME,

@@ -145,6 +145,14 @@ class PoolSpec(_Spec):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for the replica's process."
     )
+    stream_flush_ms: float = Field(
+        20.0,
+        ge=0,
+        description="A replica sends a stream's tokens at most once per this many ms (the first "
+        "token, the last and errors at once): fewer messages to the ingress at the same TTFT, "
+        "E2E and mean TPOT; tokens in between arrive up to this much later (ITL). 0 sends each "
+        "token as it comes (serving/streaming.py).",
+    )
 
     @property
     def pool_name(self) -> str:
@@ -641,6 +649,20 @@ class SessionsSpec(_Spec):
     webhooks: list[WebhookSpec] = Field(default_factory=list, description="Completion webhooks by tenant.")
 
 
+class DataPlane(StrEnum):
+    """Ray Serve's HTTP ingress and inter-replica transport (see ServerSpec.data_plane)."""
+
+    HAPROXY = "haproxy"
+    PROXY = "proxy"
+
+
+#: Ray's environment variables for each data plane; they must be set before Ray starts.
+DATA_PLANE_ENV: dict[DataPlane, dict[str, str]] = {
+    DataPlane.HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    DataPlane.PROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+}
+
+
 class ServerSpec(_Spec):
     """Where the API listens, and how `tandem up` runs Ray locally."""
 
@@ -654,6 +676,29 @@ class ServerSpec(_Spec):
         None, description="Existing Ray cluster to join; None starts a local one (`tandem up`)."
     )
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port (local Ray).")
+    data_plane: DataPlane = Field(
+        DataPlane.HAPROXY,
+        description="How HTTP reaches the ingress and chunks cross replicas: haproxy (Ray Serve's "
+        "HAProxy ingress straight to the ingress replica, and gRPC between replicas: "
+        "RAY_SERVE_ENABLE_HA_PROXY + RAY_SERVE_THROUGHPUT_OPTIMIZED; measured in benchmarks/overhead.py "
+        "at about half the CPU per token of the default) or proxy (Ray Serve's Python HTTP proxy "
+        "actor and Ray actor calls). Set on the Ray cluster's processes: `tandem up` and the Helm chart "
+        "do; a cluster you start yourself needs the variables of `ray_env()`.",
+    )
+
+    worker_niceness: int = Field(
+        0,
+        ge=-20,
+        le=19,
+        description="Scheduling niceness of Ray's worker processes, where the replicas and their "
+        "engines run (RAY_worker_niceness). Ray's own default, 15, suits batch tasks; a serving "
+        "replica at 15 loses the CPU to anything else on the node (measured on 2 cores: the load "
+        "generator starved the engine, 661 vs 1,078 output tok/s at c=16).",
+    )
+
+    def ray_env(self) -> dict[str, str]:
+        """Environment of every Ray process (head and workers): the data plane and the niceness."""
+        return {**DATA_PLANE_ENV[self.data_plane], "RAY_worker_niceness": str(self.worker_niceness)}
 
 
 class ServingSpec(_Spec):

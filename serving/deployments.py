@@ -186,6 +186,7 @@ class EngineServer:
         engine_args: passed through to the engine.
         pool: pool name (for logs and status).
         role: the pool's role.
+        stream_flush_ms: the pool's `stream_flush_ms` (serving.streaming.coalesce).
     """
 
     async def __init__(
@@ -196,9 +197,11 @@ class EngineServer:
         engine_args: dict[str, Any],
         pool: str,
         role: Role = Role.COLOCATED,
+        stream_flush_ms: float = 0.0,
     ) -> None:
         self._pool = pool
         self._role = Role(role)
+        self._flush_s = stream_flush_ms / 1000.0
         self._replica = replica_name()
         args = _kv_transfer_setup(EngineKind(engine), self._role, engine_args)
         args, self._kv_events = _kv_events_setup(args)
@@ -245,7 +248,7 @@ class EngineServer:
 
     async def _guarded(self, request_id: str, source: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """`source` coalesced; a cancelled stream aborts `request_id` at the engine."""
-        gen = coalesce(source)
+        gen = coalesce(source, self._flush_s)
         try:
             async for chunk in gen:
                 yield chunk
@@ -333,11 +336,12 @@ class DecodeServer(EngineServer):
         engine_args: dict[str, Any],
         pool: str,
         role: Role = Role.DECODE,
+        stream_flush_ms: float = 0.0,
         *,
         prefill: Any,
         disaggregation: dict[str, Any],
     ) -> None:
-        await super().__init__(model_name, model_path, engine, engine_args, pool, role)
+        await super().__init__(model_name, model_path, engine, engine_args, pool, role, stream_flush_ms)
         self._prefill = prefill
         self._d = Disaggregation.model_validate(disaggregation)
         # NOTE: an SGLang decode engine only serves requests whose KV comes from a prefill engine

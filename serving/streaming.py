@@ -4,7 +4,16 @@ Each hop of a stream (engine replica → ingress → HTTP) pays a fixed cost per
 falls behind, sending each token as its own message makes it fall further behind. `coalesce`
 reads the source in a background task and, whenever the consumer asks for the next item, merges
 everything that is already waiting into one chunk: one token per message when the hop keeps up,
-several when it does not. Nothing is delayed to wait for more tokens.
+several when it does not.
+
+With `flush_s > 0` (the engine replica, `PoolSpec.stream_flush_ms`) it also holds tokens for up to
+`flush_s` after the previous message, so that a stream sends at most one message per `flush_s`
+however fast its engine steps. NOTE(why): the hop after the replica (Ray's transport to the
+ingress, then the ingress's SSE framing) costs about the same per message whatever the message
+carries, and a replica's consumer never lags (Ray queues what it is given), so adaptive merging
+alone never merges there: measured on tiny-intent at c=16, the ingress spent ~450 µs of CPU per
+token. The first chunk, a finishing chunk and an error are never held: TTFT and E2E do not move;
+only the spacing of the tokens in between does (ITL up to `flush_s`; TPOT, a mean, does not).
 """
 
 from __future__ import annotations
@@ -34,31 +43,55 @@ def merge(chunks: list[Chunk]) -> Chunk:
     )
 
 
-async def coalesce(source: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+def _urgent(item: object) -> bool:
+    """Sent at once, never held for `flush_s`: the end, an exception, an error or a finishing chunk."""
+    return not isinstance(item, Chunk) or item.error is not None or item.finish_reason is not None
+
+
+async def coalesce(source: AsyncIterator[Chunk], flush_s: float = 0.0) -> AsyncIterator[Chunk]:
     """Yield the chunks of `source`, merging those that arrive while the consumer is busy.
+
+    With `flush_s > 0`, after each message the next one waits until `flush_s` has passed (or an
+    urgent item arrives: see `_urgent`), and carries everything received meanwhile.
 
     Closing the returned iterator cancels the reader and closes `source` (which aborts the
     engine request). Error chunks are never merged: what came before is flushed first.
     """
     queue: asyncio.Queue = asyncio.Queue()
+    urgent = asyncio.Event()
+
+    def put(item: object) -> None:
+        queue.put_nowait(item)
+        if flush_s > 0 and _urgent(item):
+            urgent.set()
 
     async def pump() -> None:
         try:
             async for chunk in source:
-                queue.put_nowait(chunk)
+                put(chunk)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            queue.put_nowait(e)
+            put(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
         else:
-            queue.put_nowait(_END)
+            put(_END)
 
     task = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    sent_at: float | None = None  # the first message is never held
     try:
         while True:
             items = [await queue.get()]
+            if sent_at is not None and not urgent.is_set() and not _urgent(items[0]):
+                wait = sent_at + flush_s - loop.time()
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(urgent.wait(), wait)
             while not queue.empty():
                 items.append(queue.get_nowait())
+            if flush_s > 0:
+                urgent.clear()
+                sent_at = loop.time()
             pending: list[Chunk] = []
             for item in items:
                 if isinstance(item, Chunk) and item.error is None:

@@ -56,7 +56,10 @@ def main(out: str) -> None:
     ray.init(address=cluster.address)
     results: dict = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]], "scenarios": {}}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 0})
+        # A real free port: HAProxy (the default data plane, serving.config.DataPlane) cannot bind 0.
+        from tests.conftest import free_port
+
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         for name, pool in SCENARIOS.items():
             pool = {"engine": "fake", "accelerator": "H100", "cpus_per_replica": 0.1, **pool}
             model = ModelSpec(name=name, source="fake", pools=[pool])

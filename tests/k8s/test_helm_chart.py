@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 from yamllint import linter
 
 from serving.auth import load_keys_file
-from serving.config import load_spec, parse_spec
+from serving.config import DATA_PLANE_ENV, DataPlane, ServerSpec, load_spec, parse_spec
 from serving.placement import plan
 from tests.k8s.helm import (
     BUILTIN_KINDS,
@@ -447,6 +447,35 @@ def test_the_redis_url_reaches_every_ray_container_from_the_named_secret(helm: H
         assert env["TANDEM_REDIS_URL"]["valueFrom"] == {
             "secretKeyRef": {"name": "tandem-redis", "key": "url"}
         }
+
+
+@pytest.mark.parametrize("plane", [None, *DataPlane])
+def test_every_ray_container_gets_the_data_plane_of_the_spec(helm: Helm, plane: DataPlane | None) -> None:
+    """Serve reads its data plane from the environment of every pod: the chart sets it from
+    tandem.server.data_plane, and with none set, the spec's own default."""
+    tandem = gpu_spec({"role": "colocated"})
+    if plane is not None:
+        tandem["server"] = {"data_plane": plane.value}
+    expected = {**DATA_PLANE_ENV[plane or ServerSpec().data_plane], "RAY_worker_niceness": "0"}
+    assert ServerSpec().worker_niceness == 0  # the chart's default is the spec's
+    pods = pod_specs(render(helm, tandem))
+    assert len(pods) >= 2  # the head and a GPU worker group
+    for pod in pods.values():
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert {k: env.get(k) for k in expected} == expected
+
+
+def test_the_worker_niceness_of_the_spec_reaches_every_ray_container(helm: Helm) -> None:
+    tandem = {**gpu_spec({"role": "colocated"}), "server": {"worker_niceness": 5}}
+    for pod in pod_specs(render(helm, tandem)).values():
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["RAY_worker_niceness"] == "5"
+
+
+def test_an_unknown_data_plane_is_refused(helm: Helm) -> None:
+    tandem = {**gpu_spec({"role": "colocated"}), "server": {"data_plane": "envoy"}}
+    with pytest.raises(HelmError, match="data_plane"):
+        render(helm, tandem)
 
 
 def test_a_redis_store_without_its_secret_fails_saying_what_to_set(helm: Helm) -> None:

@@ -56,3 +56,59 @@ def test_subscriber_reads_vllms_zmq_publisher() -> None:
     finally:
         sub.stop()
         pub.shutdown()
+
+
+def test_decoder_matches_vllms_own_encoding() -> None:
+    """`decode_batch` (no vLLM import) reads what vLLM's publisher encodes: every kind, DP rank,
+    int and bytes hashes, and the optional fields vLLM adds."""
+    import msgspec
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    from router.kv_events import decode_batch
+
+    digests = BlockHasher(16).digests(list(range(48)), cache_salt="t")
+    stored = BlockStored(
+        block_hashes=digests, parent_block_hash=None, token_ids=list(range(48)), block_size=16,
+        lora_id=None, medium="GPU", lora_name=None, group_idx=1, session_id="s",
+    )  # fmt: skip
+    events = [stored, BlockRemoved(block_hashes=[7, 9], medium="CPU"), AllBlocksCleared()]
+    for rank in (None, 3):
+        payload = msgspec.msgpack.Encoder().encode(
+            KVEventBatch(ts=1.5, events=events, data_parallel_rank=rank)
+        )
+        got_rank, got = decode_batch(payload)
+        assert got_rank == rank
+        assert [type(e).__name__ for e in got] == ["BlockStored", "BlockRemoved", "AllBlocksCleared"]
+        assert got[0].block_hashes == digests and got[1].block_hashes == [7, 9]
+        # The decoded events feed the index exactly as vLLM's own objects do.
+        mine, theirs = BlockIndex(100), BlockIndex(100)
+        apply_events(mine, "r", got[:1])
+        apply_events(theirs, "r", events[:1])
+        keys = BlockHasher(16).keys(list(range(48)), cache_salt="t")
+        assert mine.match(keys) == theirs.match(keys) == {"r": 3}
+
+
+def test_decoder_rejects_what_is_not_a_batch() -> None:
+    import msgspec
+    import pytest
+
+    from router.kv_events import decode_batch
+
+    with pytest.raises(ValueError, match="KVEventBatch"):
+        decode_batch(msgspec.msgpack.encode({"ts": 1}))
+    # Unknown event kinds (a newer vLLM) are skipped, not fatal.
+    assert decode_batch(msgspec.msgpack.encode([1.0, [{"type": "Future", "x": 1}]])) == (None, [])
+
+
+def test_subscriber_process_never_imports_vllm() -> None:
+    """The router runs in the ingress: reading events must not pull in vLLM (and torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, msgspec\n"
+        "from router.kv_events import decode_batch\n"
+        "decode_batch(msgspec.msgpack.encode([1.0, [{'type': 'BlockStored', 'block_hashes': [1]}]]))\n"
+        "assert 'vllm' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

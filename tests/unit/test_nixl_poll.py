@@ -85,3 +85,14 @@ def test_register_patches_the_installed_nixl(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(vllm_plugin, "_patch_bindings", lambda b, us: seen.append(us) or True)
     vllm_plugin.register()
     assert seen == [3000]
+
+
+def test_the_ray_environment_of_the_spec() -> None:
+    """`tandem up` and the chart start Ray with the data plane and the worker niceness of the spec."""
+    from serving.config import DATA_PLANE_ENV, DataPlane, ServerSpec
+
+    env = ServerSpec().ray_env()
+    assert env == {**DATA_PLANE_ENV[DataPlane.HAPROXY], "RAY_worker_niceness": "0"}
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    proxy = ServerSpec(data_plane="proxy", worker_niceness=15).ray_env()
+    assert proxy["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and proxy["RAY_worker_niceness"] == "15"

@@ -84,3 +84,43 @@ async def test_source_exception_propagates() -> None:
     else:
         raise AssertionError("exception swallowed")
     assert got[0].text == "a"
+
+
+async def test_flush_window_batches_fast_tokens_but_never_the_first_or_last() -> None:
+    """With flush_s, a stream whose engine steps every 1 ms sends about one message per window;
+    the first token goes at once, and the finishing chunk is not held for the window."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    out: list[tuple[float, Chunk]] = []
+    async for c in coalesce(produce(60, delay=0.001), flush_s=0.02):
+        out.append((loop.time() - t0, c))
+    assert [t for _, c in out for t in c.token_ids] == list(range(60))
+    assert out[0][1].token_ids == [0] and out[0][0] < 0.015  # the first token is not held
+    assert len(out) <= 12  # ~60-90 ms of tokens in 20 ms windows, not 60 messages
+    assert out[-1][1].finish_reason == "length" and out[-1][1].completion_tokens == 60
+    gaps = [b - a for (a, _), (b, _) in zip(out[1:], out[2:], strict=False)]
+    assert all(g > 0.012 for g in gaps[:-1])  # the window is kept between held messages
+
+
+async def test_flush_window_does_not_hold_the_finish() -> None:
+    async def two():
+        yield Chunk(text="a", token_ids=[1])
+        await asyncio.sleep(0.002)
+        yield Chunk(text="b", token_ids=[2])
+        await asyncio.sleep(0.002)
+        yield Chunk(text="c", token_ids=[3], finish_reason="stop")
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    out = [c async for c in coalesce(two(), flush_s=5.0)]
+    assert loop.time() - t0 < 1.0  # not 5 s: the finishing chunk ends the wait
+    assert [c.token_ids for c in out] == [[1], [2, 3]] and out[-1].finish_reason == "stop"
+
+
+async def test_flush_window_does_not_hold_an_error() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    out = [c async for c in coalesce(produce(10, delay=0.001, error_at=5), flush_s=5.0)]
+    assert loop.time() - t0 < 1.0
+    assert out[-1].error is not None
+    assert [t for c in out[:-1] for t in c.token_ids] == list(range(5))

@@ -39,8 +39,20 @@ initContainers:
 {{- define "tandem.containerCommon" -}}
 {{- $store := fromYaml (include "tandem.sessionStore" .) -}}
 {{- $redis := and $store.enabled (eq $store.kind "redis") $store.urlEnv -}}
-{{- if or $redis .Values.extraEnv }}
+{{- /* tandem.server.data_plane (serving.config.DataPlane; the default is tested equal to the spec's) */ -}}
+{{- $plane := (((.Values.tandem).server).data_plane) | default "haproxy" -}}
+{{- if not (has $plane (list "haproxy" "proxy")) -}}
+{{- fail (printf "tandem.server.data_plane is %q: use haproxy (Ray Serve's HAProxy ingress and gRPC between replicas) or proxy (Ray Serve's Python HTTP proxy)" $plane) -}}
+{{- end }}
 env:
+  # Ray Serve's data plane (tandem.server.data_plane), read when Serve starts on each pod.
+  - name: RAY_SERVE_ENABLE_HA_PROXY
+    value: {{ ternary "1" "0" (eq $plane "haproxy") | quote }}
+  - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+    value: {{ ternary "1" "0" (eq $plane "haproxy") | quote }}
+  # tandem.server.worker_niceness (Ray's default of 15 starves serving replicas of CPU).
+  - name: RAY_worker_niceness
+    value: {{ (((.Values.tandem).server).worker_niceness) | default 0 | quote }}
   {{- if $redis }}
   - name: {{ $store.urlEnv }}
     valueFrom:
@@ -51,7 +63,6 @@ env:
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
-{{- end }}
 {{- with .Values.containerSecurityContext }}
 securityContext:
   {{- toYaml . | nindent 2 }}
