@@ -52,6 +52,23 @@ def ray_temp_dir(port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"tandem-{os.getuid()}-{port}")
 
 
+def local_haproxy_ports() -> dict[str, str]:
+    """Free ports for the HAProxy data plane's metrics and stats listeners of a local cluster.
+
+    NOTE(why): Serve's HAProxy binds fixed ports (9101 metrics, 8404 stats) on every interface, so a
+    second local cluster on the machine (another `tandem up`, a test cluster) failed to start its
+    proxy. Each local cluster gets its own (a port already set in the environment is kept).
+    """
+    import socket
+
+    def free() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return str(s.getsockname()[1])
+
+    return {"RAY_SERVE_HAPROXY_METRICS_PORT": free(), "RAY_SERVE_HAPROXY_STATS_PORT": free()}
+
+
 def start_local_ray(spec: ServingSpec, num_cpus: int | None = None) -> None:
     """Start (or join, with server.ray_address) Ray, and Serve's HTTP proxy on server.host:port.
 
@@ -64,7 +81,7 @@ def start_local_ray(spec: ServingSpec, num_cpus: int | None = None) -> None:
         # A fresh local cluster owned by this process; it stops when this process does.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Read by Serve's controller and replicas at start: set before Ray starts them.
-        for key, value in spec.server.ray_env().items():
+        for key, value in {**spec.server.ray_env(), **local_haproxy_ports()}.items():
             os.environ.setdefault(key, value)
         ray.init(
             address="local",

@@ -59,7 +59,7 @@ def test_up_serves_then_stops_cleanly() -> None:
             [sys.executable, "-m", "serving.cli", "status", "--dashboard", f"http://127.0.0.1:{dash}"],
             capture_output=True,
             text=True,
-            timeout=180,  # the idle P/D engines keep both cores busy (see README)
+            timeout=180,  # a CLI starting next to a loaded 2-core stack can be slow
         )
         assert status.returncode == 0 and "tiny-reasoning-decode" in status.stdout
 

@@ -14,6 +14,10 @@ import tempfile
 import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# This cluster runs next to the test session's own: its HAProxy needs listeners of its own.
+from serving.cli import local_haproxy_ports  # noqa: E402
+
+os.environ.update(local_haproxy_ports())
 
 GPUS_PER_NODE = 8
 SCENARIOS: dict[str, dict] = {

@@ -164,7 +164,7 @@ def test_tandem_status_shows_pools_and_replicas(stack) -> None:
         [sys.executable, "-m", "serving.cli", "status", "--dashboard", stack.dashboard],
         capture_output=True,
         text=True,
-        timeout=180,  # the idle P/D engines keep both cores busy (see README)
+        timeout=180,  # a CLI starting next to a loaded 2-core stack can be slow
     )
     assert out.returncode == 0, out.stderr
     for dep in ("ingress", "tiny-intent-colocated", "tiny-reasoning-prefill", "tiny-reasoning-decode"):
