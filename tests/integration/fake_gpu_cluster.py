@@ -14,10 +14,12 @@ import tempfile
 import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# This cluster runs next to the test session's own: its HAProxy needs listeners of its own.
-from serving.cli import local_haproxy_ports  # noqa: E402
+# Serve's Python proxy here, whatever the test session's cluster uses: each scenario deploys an
+# engine deployment, with Tandem's request router, as its app's ingress, which Serve refuses with
+# the HAProxy data plane (in Tandem the ingress is always OpenAIIngress). Placement is the same.
+from serving.config import DataPlane, ServerSpec  # noqa: E402
 
-os.environ.update(local_haproxy_ports())
+os.environ.update(ServerSpec(data_plane=DataPlane.PROXY).ray_env())
 
 GPUS_PER_NODE = 8
 SCENARIOS: dict[str, dict] = {
@@ -60,10 +62,7 @@ def main(out: str) -> None:
     ray.init(address=cluster.address)
     results: dict = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]], "scenarios": {}}
     try:
-        # A real free port: HAProxy (the default data plane, serving.config.DataPlane) cannot bind 0.
-        from tests.conftest import free_port
-
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": 0})
         for name, pool in SCENARIOS.items():
             pool = {"engine": "fake", "accelerator": "H100", "cpus_per_replica": 0.1, **pool}
             model = ModelSpec(name=name, source="fake", pools=[pool])
