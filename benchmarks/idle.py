@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from benchmarks.common import BenchmarkError, load_average, machine_info, run_main
-from benchmarks.overhead import _role, free_port
+from benchmarks.overhead import cpu_seconds, free_port, stack_processes
 from serving.config import default_config_path
 
 #: The goal for the whole idle stack, in cores.
@@ -44,39 +44,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
     if args.seconds <= 0 or args.settle < 0:
         p.error("--seconds must be > 0 and --settle >= 0")
     return args, args.json
-
-
-def _stack(root: int, marker: str) -> list[Any]:
-    """The processes of the stack: `root`'s tree plus any process whose command line names `marker`."""
-    import psutil
-
-    procs: dict[int, Any] = {}
-    try:
-        top = psutil.Process(root)
-        for p in [top, *top.children(recursive=True)]:
-            procs[p.pid] = p
-    except psutil.NoSuchProcess:
-        return []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(marker in a for a in (p.info["cmdline"] or [])):
-            procs.setdefault(p.pid, p)
-    return list(procs.values())
-
-
-def _cpu(procs: list[Any]) -> dict[int, tuple[str, float]]:
-    import psutil
-
-    out: dict[int, tuple[str, float]] = {}
-    for p in procs:
-        try:
-            with p.oneshot():
-                t = p.cpu_times()
-                info = {"cmdline": p.cmdline()}
-        except psutil.Error:
-            continue
-        proxy = type("P", (), {"pid": p.pid, "info": info})
-        out[p.pid] = (_role(proxy), t.user + t.system + t.children_user + t.children_system)
-    return out
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, lines: list[str]) -> None:
@@ -119,13 +86,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
         time.sleep(args.settle)
         marker = ray_temp_dir(port)
-        procs = _stack(proc.pid, marker)
+        procs = stack_processes(proc.pid, marker)
         load = load_average()
-        before = _cpu(procs)
+        before = cpu_seconds(procs)
         w0 = time.monotonic()
         time.sleep(args.seconds)
         wall = time.monotonic() - w0
-        after = _cpu(procs)
+        after = cpu_seconds(procs)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -59,12 +59,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import BenchmarkError, int_list, load_average, machine_info, percentile, run_main
-from serving.config import ModelSpec, Role, ServingSpec, default_config_path, load_spec
+from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ _FILLER = (
     "shipping fee can be refunded or whether a discount on the next purchase is possible"
 ).split()
 #: Request indices of warm-up prompts start here, so they never share a prefix with measured ones.
-_WARMUP_OFFSET = 1_000_000
 _HTTP_TIMEOUT_S = 300.0
 _ENGINE_EXIT_TIMEOUT_S = 30.0
 
@@ -126,16 +125,6 @@ def build_prompts(tokenizer: Any, count: int, words: int, offset: int = 0) -> li
     return [Prompt(t, _encode(tokenizer, t)) for t in texts]
 
 
-def tokenize_ms(tokenizer: Any, prompts: list[Prompt]) -> float:
-    """Median time (ms) to tokenize one of `prompts` here, as the ingress does for each request."""
-    times = []
-    for p in prompts:
-        t0 = time.perf_counter()
-        _encode(tokenizer, p.text)
-        times.append(time.perf_counter() - t0)
-    return percentile(times, 50) * 1e3
-
-
 # --------------------------------------------------------------------------- measurement
 
 
@@ -174,7 +163,6 @@ class LevelRun:
     concurrency: int
     timings: tuple[RequestTiming, ...]
     wall_s: float
-    cpu_cores: Mapping[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         ttft = [t.ttft for t in self.timings]
@@ -191,7 +179,6 @@ class LevelRun:
             "tokens_per_s": tokens / self.wall_s,
             "completion_tokens": tokens,
             "wall_s": self.wall_s,
-            "cpu_cores": dict(self.cpu_cores),
         }
 
 
@@ -228,33 +215,41 @@ _ROLES = (
 )
 
 
-def _role(proc: Any) -> str:
-    if proc.pid == os.getpid():
-        return "benchmark (client / direct AsyncLLM)"
-    cmd = " ".join(proc.info["cmdline"] or [])
+def _role(cmdline: list[str]) -> str:
+    cmd = " ".join(cmdline)
     return next((role for key, role in _ROLES if key in cmd), "other")
 
 
-def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) used so far by every visible process, with its role."""
+def stack_processes(root: int, marker: str | None = None) -> list[Any]:
+    """`root`'s process tree, plus any process whose command line names `marker` (a Ray temp dir)."""
     import psutil
 
-    snap = {}
-    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
-        times = proc.info["cpu_times"]
-        if times is not None:
-            snap[proc.pid] = (_role(proc), times.user + times.system)
-    return snap
+    procs: dict[int, Any] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(root)
+        for p in [top, *top.children(recursive=True)]:
+            procs[p.pid] = p
+    if marker:
+        for p in psutil.process_iter(["cmdline"]):
+            if any(marker in a for a in (p.info["cmdline"] or [])):
+                procs.setdefault(p.pid, p)
+    return list(procs.values())
 
 
-def cpu_cores(before: Mapping[int, tuple[str, float]], wall_s: float) -> dict[str, float]:
-    """Cores each role kept busy since `before` (CPU seconds / wall seconds), busiest first."""
-    used: dict[str, float] = {}
-    for pid, (role, cpu) in cpu_snapshot().items():
-        used[role] = used.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
-    return {
-        r: round(c / wall_s, 3) for r, c in sorted(used.items(), key=lambda kv: -kv[1]) if c / wall_s >= 0.005
-    }
+def cpu_seconds(procs: list[Any]) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by each of `procs`, with its role."""
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        out[p.pid] = (_role(cmd), t.user + t.system)
+    return out
 
 
 def _check_tokens(timing: RequestTiming, max_tokens: int) -> RequestTiming:
@@ -412,18 +407,7 @@ class Server:
     marker: str | None = None  # a string in the command line of its detached processes (Ray temp dir)
 
     def processes(self) -> list[Any]:
-        import psutil
-
-        procs: dict[int, Any] = {}
-        with contextlib.suppress(psutil.NoSuchProcess):
-            top = psutil.Process(self.proc.pid)
-            for p in [top, *top.children(recursive=True)]:
-                procs[p.pid] = p
-        if self.marker:
-            for p in psutil.process_iter(["cmdline"]):
-                if any(self.marker in a for a in (p.info["cmdline"] or [])):
-                    procs.setdefault(p.pid, p)
-        return list(procs.values())
+        return stack_processes(self.proc.pid, self.marker)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -458,8 +442,7 @@ def start_vllm(spec: ServingSpec, model: ModelSpec, workdir: Path) -> Server:
     argv, env = reference_args(spec, model)
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.vllm_cli", "serve", *argv, "--host", "127.0.0.1",
-           "--port", str(port), "--disable-log-requests"]  # fmt: skip
-    cmd = [c for c in cmd if c != "--disable-log-requests"]  # not an option in every vLLM version
+           "--port", str(port)]  # fmt: skip
     return _start("vllm serve", cmd, {"HF_HUB_OFFLINE": "1", **env}, f"http://127.0.0.1:{port}",
                   workdir / "vllm-serve.log")  # fmt: skip
 
@@ -486,22 +469,6 @@ def start_tandem(spec: ServingSpec, model: ModelSpec, disagg: str, workdir: Path
 
 
 # --------------------------------------------------------------------------- one level
-
-
-def _cpu_seconds(server: Server) -> dict[int, tuple[str, float]]:
-    import psutil
-
-    out = {}
-    for p in server.processes():
-        try:
-            with p.oneshot():
-                t = p.cpu_times()
-                cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        info = type("P", (), {"pid": p.pid, "info": {"cmdline": cmd}})
-        out[p.pid] = (_role(info), t.user + t.system)
-    return out
 
 
 def _cpu_used(
@@ -542,13 +509,13 @@ def vllm_bench(server: Server, model: ModelSpec, tokenizer_path: str, params: Pa
 
 def bench_level(server: Server, model: ModelSpec, tokenizer_path: str, params: Params, c: int,
                 workdir: Path) -> dict[str, Any]:  # fmt: skip
-    before = _cpu_seconds(server)
+    before = cpu_seconds(server.processes())
     t0 = time.monotonic()
     r = vllm_bench(
         server, model, tokenizer_path, params, c, workdir / f"{server.name.replace(' ', '-')}-c{c}.json"
     )
     wall = time.monotonic() - t0
-    used = _cpu_used(before, _cpu_seconds(server))
+    used = _cpu_used(before, cpu_seconds(server.processes()))
     tokens = r["total_output_tokens"]
     per_token = {role: cpu / tokens * 1e6 for role, cpu in sorted(used.items(), key=lambda kv: -kv[1])
                  if cpu / wall >= 0.005}  # fmt: skip
@@ -704,11 +671,10 @@ def run(params: Params) -> dict[str, Any]:
             finally:
                 server.stop()
             results[name]["log_tail"] = server.log.read_text()[-2000:] if name == "tandem" else ""
-    roles = (model.pool(Role.PREFILL) is not None) if model.disaggregated else False
     return {
         "params": params.as_json(),
         "model": model.name,
-        "disaggregated": bool(roles),
+        "disaggregated": model.disaggregated,
         "data_plane": spec.server.data_plane.value,
         "stream_flush_ms": model.serving_pool.stream_flush_ms,
         "vllm_serve": results["vllm_serve"],
