@@ -13,7 +13,7 @@ builds it (same weights, `engine_args_for(pool)`, the pool's `env` applied to `o
 `VLLM_ENABLE_V1_MULTIPROCESSING=0` unless `--engine-multiprocessing`: the vLLM CPU platform then
 keeps the model worker inside the engine-core process instead of starting a separate worker
 process (one engine process, not two, on a 2-core machine). The engine is wrapped in the Tandem
-FastAPI app (`serving.api.build_api`) with a `Gateway.from_spec` built from the spec, exactly as an
+FastAPI app (`serving.http.api.build_api`) with a `Gateway.from_spec` built from the spec, exactly as an
 ingress replica builds it (tokenizer, block hasher, tenant salt), and driven in this process by an
 `httpx.AsyncClient` over an in-process ASGI transport. No Ray, no sockets. The transport streams:
 httpx's own `ASGITransport` (0.28) returns a response only once the app has sent all of it, which
@@ -448,9 +448,9 @@ class Stack:
 
     def client(self, admission: dict[str, Any], tier_slo_s: float | None = None) -> tuple[Any, Any]:
         """An httpx client on a new app whose gateway is built from the spec with `admission`."""
-        from serving.api import build_api
-        from serving.gateway import Gateway
-        from serving.metrics import IngressMetrics
+        from serving.http.api import build_api
+        from serving.http.gateway import Gateway
+        from serving.http.metrics import IngressMetrics
 
         spec = bench_spec(self.spec, self.model, admission, tier_slo_s)
         metrics = IngressMetrics()
@@ -472,9 +472,10 @@ class Stack:
 
 async def start_stack(spec: ServingSpec, model: ModelSpec) -> Stack:
     from router.hashing import BlockHasher
-    from serving.api import EngineBackend, ServedModel
     from serving.app import engine_args_for
-    from serving.engines import make_engine
+    from serving.backends import EngineBackend
+    from serving.http.api import ServedModel
+    from serving.replicas.engines import make_engine
     from serving.tokenizer import PromptTokenizer
 
     pool = model.pools[0]

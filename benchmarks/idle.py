@@ -11,7 +11,7 @@ busy, summed per kind of process (the roles of `benchmarks.overhead`). Then SIGT
 `tandem up` to stop.
 
 The goal (issue 13): the whole idle stack under 0.10 cores. Before the NIXL fix
-(`serving/engines/vllm_plugin.py`) each P/D engine's UCX progress thread alone kept ~1 core busy.
+(`serving/replicas/engines/vllm_plugin.py`) each P/D engine's UCX progress thread alone kept ~1 core busy.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def _prompt_text(index: int, words: int) -> str:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    from serving.openai_protocol import ChatMessage
+    from serving.http.protocol import ChatMessage
 
     return tokenizer.encode_chat([ChatMessage(role="user", content=text)])
 

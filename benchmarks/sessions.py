@@ -11,7 +11,7 @@ One real vLLM engine for the model (a reasoning model: the spec gives it `reason
 in this process from its first pool's engine args and env (for tiny-reasoning: float32,
 `enforce_eager`, the `uni` executor, a 1 GiB KV cache; no KV-transfer connector, the engine runs
 colocated), plus `VLLM_ENABLE_V1_MULTIPROCESSING=0` (the model worker stays inside the engine core).
-It is wrapped in the Tandem API (`serving.api.build_api`, an open gateway: no auth, no admission)
+It is wrapped in the Tandem API (`serving.http.api.build_api`, an open gateway: no auth, no admission)
 with `/v1/responses` served by a `SessionsFrontend` over a `SQLiteStore` in a temporary directory
 and one `SessionWorker` in the same event loop, both with the spec's `sessions` settings except
 `--checkpoint-tokens` (and `--checkpoint-interval` / `--stream-poll` when given). A client in the
@@ -483,13 +483,14 @@ async def start_stack(spec: ServingSpec, model: ModelSpec, params: Params, state
     from dataclasses import replace
 
     from router.hashing import BlockHasher
-    from serving.api import EngineBackend, ServedModel, build_api
     from serving.app import engine_args_for
+    from serving.backends import EngineBackend
     from serving.config import Role
-    from serving.engines import make_engine
-    from serving.responses_api import SessionsFrontend
-    from serving.session_store import SQLiteStore
-    from serving.sessions import SessionModel, SessionWorker, WorkerSettings
+    from serving.http.api import ServedModel, build_api
+    from serving.http.responses import SessionsFrontend
+    from serving.replicas.engines import make_engine
+    from serving.sessions.store import SQLiteStore
+    from serving.sessions.worker import SessionModel, SessionWorker, WorkerSettings
     from serving.thinking import reasoning_tags
     from serving.tokenizer import PromptTokenizer
 

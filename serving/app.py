@@ -5,8 +5,8 @@ and a KubeRay RayService `serveConfigV2`; its `args` are either `{"config": "<pa
 `{"spec": {...}}` (the spec inline). The CLI (`tandem up`) calls `build_app_from_spec`.
 
 One engine deployment per model pool, named `<model>-<pool>`, plus the `ingress` deployment and
-the `sessions` deployment (background session workers, serving.session_server).
-Placement (TP/PP/DP/EP → bundles) comes from `serving.placement`.
+the `sessions` deployment (background session workers, serving.sessions.server).
+Placement (TP/PP/DP/EP → bundles) comes from `serving.replicas.placement`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from serving.config import (
     load_spec,
     parse_spec,
 )
-from serving.deployments import KV_EVENTS_ANY_PORT, DecodeServer, EngineServer, PrefillServer
-from serving.engines.vllm_plugin import POLL_ENV as NIXL_POLL_ENV
-from serving.ingress import IngressDeployment
-from serving.placement import place_pool, placement_options
-from serving.session_server import SessionServer
+from serving.http.ingress import IngressDeployment
+from serving.replicas.deployments import KV_EVENTS_ANY_PORT, DecodeServer, EngineServer, PrefillServer
+from serving.replicas.engines.vllm_plugin import POLL_ENV as NIXL_POLL_ENV
+from serving.replicas.placement import place_pool, placement_options
+from serving.sessions.server import SessionServer
 
 #: Engine-arg names owned by `parallelism` (one source for each setting).
 _PARALLEL_ARGS = {
@@ -91,7 +91,7 @@ def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str,
         return args  # the fake engine takes its own test knobs only
     if pool.engine is EngineKind.SGLANG:
         # SGLang's ServerArgs names. Its data parallelism is DP attention inside one engine: the
-        # engine spans tp x dp GPUs (tp_size) of which each DP rank has tp (see serving.placement).
+        # engine spans tp x dp GPUs (tp_size) of which each DP rank has tp (see serving.replicas.placement).
         if par.tp * par.dp > 1:
             args["tp_size"] = par.tp * par.dp
         if par.pp > 1:
@@ -110,7 +110,7 @@ def engine_args_for(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str,
         args["pipeline_parallel_size"] = par.pp
     if par.dp > 1:
         # Each Serve replica is one DP rank (external load balancing); the rank and the group's
-        # address are filled in by the replica at start (see serving.deployments).
+        # address are filled in by the replica at start (see serving.replicas.deployments).
         args["data_parallel_size"] = par.dp
         args["data_parallel_size_local"] = 1
         args["data_parallel_external_lb"] = True
@@ -155,7 +155,7 @@ def request_router_config(model: ModelSpec, pool: PoolSpec) -> dict[str, Any]:
 
 
 def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str, Any]:
-    """Ray Serve options of the engine deployment of `pool` (placement from serving.placement)."""
+    """Ray Serve options of the engine deployment of `pool` (placement from serving.replicas.placement)."""
     reps = pool.replicas
     placement = place_pool(model or _anonymous(pool), pool)
     opts: dict[str, Any] = {
@@ -170,7 +170,7 @@ def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[s
     if model is not None and pool.role is not Role.COLOCATED and pool.engine is EngineKind.VLLM:
         poll_ms = model.disaggregation.nixl_progress_poll_ms
         if poll_ms:
-            # Read by the vLLM plugin in the engine's worker process (serving/engines/vllm_plugin.py).
+            # Read by the vLLM plugin in the engine worker (serving/replicas/engines/vllm_plugin.py).
             env.setdefault(NIXL_POLL_ENV, str(poll_ms * 1000))
     if env:
         opts["ray_actor_options"]["runtime_env"] = {"env_vars": env}
@@ -195,7 +195,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
 
     A colocated model gets one `EngineServer` deployment. A P/D model gets a `PrefillServer`
     deployment and a `DecodeServer` deployment holding a handle to it: the ingress calls decode,
-    and the decode replica orchestrates the prefill (see serving.deployments).
+    and the decode replica orchestrates the prefill (see serving.replicas.deployments).
     """
     engines = {}
     for model in spec.models:

@@ -206,8 +206,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_key_new(args: argparse.Namespace) -> int:
-    from serving.auth import hash_key, new_key
     from serving.config import ApiKey
+    from serving.http.auth import hash_key, new_key
 
     ApiKey(tenant=args.tenant, sha256="0" * 64)  # validates the tenant name
     key = new_key()
@@ -218,14 +218,14 @@ def cmd_key_new(args: argparse.Namespace) -> int:
 
 
 def cmd_key_hash(args: argparse.Namespace) -> int:
-    from serving.auth import hash_key
+    from serving.http.auth import hash_key
 
     print(hash_key(args.key))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from serving.placement import format_plan, plan
+    from serving.replicas.placement import format_plan, plan
 
     print(format_plan(plan(load_spec(args.config))))
     return 0

@@ -151,7 +151,7 @@ class PoolSpec(_Spec):
         description="A replica sends a stream's tokens at most once per this many ms (the first "
         "token, the last and errors at once): fewer messages to the ingress at the same TTFT, "
         "E2E and mean TPOT; tokens in between arrive up to this much later (ITL). 0 sends each "
-        "token as it comes (serving/streaming.py).",
+        "token as it comes (serving/replicas/streaming.py).",
     )
 
     @property
@@ -244,7 +244,7 @@ class Disaggregation(_Spec):
         description="vLLM + NIXL: the UCX progress thread waits this long in poll() between "
         "wake-ups it was not signalled for (a transfer wakes it at once). 0 is NIXL's own setting, "
         "a busy loop that keeps one host core per engine busy even when idle "
-        "(serving/engines/vllm_plugin.py).",
+        "(serving/replicas/engines/vllm_plugin.py).",
     )
 
 
@@ -577,7 +577,7 @@ class SessionStoreSpec(_Spec):
     - `redis`: a Redis server (one primary, AOF persistence for durability) that every node
       reaches: the store for a cluster. `url`, or `url_env` naming the variable that holds it
       (a URL with a password belongs in a Secret).
-    - `custom`: `class_path` (`module:Class`, implementing serving.session_store.SessionStore),
+    - `custom`: `class_path` (`module:Class`, implementing serving.sessions.store.SessionStore),
       called with `options` plus ttl_s / max_sessions_per_tenant / max_bytes_per_tenant.
     """
 

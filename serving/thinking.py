@@ -13,7 +13,7 @@ budget and an answer still follows:
   partway) is simply continued the same way until `max_tokens`.
 
 The same mechanism resumes a generation from a checkpoint: `generated` given at construction is
-replayed as prompt (re-prefill) and the run continues from there (serving.sessions).
+replayed as prompt (re-prefill) and the run continues from there (serving.sessions.worker).
 
 Token-level rule: the block ends at the **first** closing tag after it opens. Text already sent to
 a client (or stored as a resumable event) cannot be taken back, so a later `</think>` belongs to
@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serving.engines.base import Chunk, GenerateRequest
+from serving.replicas.engines.base import Chunk, GenerateRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.openai_protocol import ChatMessage
+from serving.http.protocol import ChatMessage
 
 
 class TextStream:

@@ -40,8 +40,8 @@ def main(out: str) -> None:
 
     from serving.app import deployment_name, deployment_options, engine_args_for
     from serving.config import ModelSpec
-    from serving.deployments import EngineServer
-    from serving.placement import place_pool
+    from serving.replicas.deployments import EngineServer
+    from serving.replicas.placement import place_pool
 
     tmp = tempfile.mkdtemp(prefix="tandem-fakegpu-")
     # Ray's test cluster writes its address file under the system temp dir: keep it in ours.

@@ -111,7 +111,7 @@ def test_auto_mode_keeps_short_and_cached_prompts_on_decode(stack) -> None:
 
 
 def test_idle_pd_engines_do_not_spin_a_core(stack) -> None:
-    """NIXL's UCX progress thread waits in poll() (serving/engines/vllm_plugin.py): with no request,
+    """NIXL's UCX progress thread waits in poll() (serving/replicas/engines/vllm_plugin.py): with no request,
     no engine process of the P/D pair keeps a core busy (before the fix each used ~1 core)."""
     import psutil
 
@@ -137,7 +137,7 @@ def test_bad_disagg_header_is_a_400_naming_it(stack) -> None:
 
 
 def test_unclaimed_kv_on_the_prefill_engine_is_freed_after_its_lease(stack) -> None:
-    from serving.engines.base import GenerateRequest, SamplingOptions
+    from serving.replicas.engines.base import GenerateRequest, SamplingOptions
 
     pre = stack.engine_handle(MODEL, "prefill")
     lease = stack.spec.model(MODEL).disaggregation.kv_lease_s

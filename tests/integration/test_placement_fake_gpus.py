@@ -1,5 +1,5 @@
 """Placement on a real (local, two-node) Ray cluster with fake H100s: the replicas of each pool are
-scheduled with the bundles and strategies `serving.placement` plans.
+scheduled with the bundles and strategies `serving.replicas.placement` plans.
 
 The cluster runs in a child process (tests/integration/fake_gpu_cluster.py) with its own temp dir,
 separate from the test session's Ray.

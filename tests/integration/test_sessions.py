@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serving.session_store import SQLiteStore, Status
+from serving.sessions.store import SQLiteStore, Status
 from serving.tokenizer import PromptTokenizer
 
 MODEL = "tiny-reasoning"

@@ -23,7 +23,7 @@ import yaml
 from yamllint.config import YamlLintConfig
 
 from serving.config import ServingSpec, SpecError, parse_spec
-from serving.placement import PoolPlacement
+from serving.replicas.placement import PoolPlacement
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "tandem"
@@ -167,7 +167,7 @@ def group_name(p: PoolPlacement) -> str:
 
 @dataclass(frozen=True)
 class PodPlan:
-    """Pods of one worker group, as the chart's README states the rule, from serving.placement's figures."""
+    """Pods of one worker group, as the chart's README states the rule (serving.replicas.placement)."""
 
     min: int
     start: int

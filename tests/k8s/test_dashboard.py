@@ -2,8 +2,8 @@
 
 The set of exported metrics is built from the code wherever it can be:
 
-- the ingress's Prometheus registry: `serving.metrics.IngressMetrics` with the admission collector that
-  `serving.gateway.Gateway` registers on it (families, types and label names as prometheus_client
+- the ingress's Prometheus registry: `serving.http.metrics.IngressMetrics` with the admission collector that
+  `serving.http.gateway.Gateway` registers on it (families, types and label names as prometheus_client
   exposes them: a counter `x` is scraped as `x_total`, a histogram as `x_bucket`, `x_sum`, `x_count`);
 - Ray metrics (`ray.util.metrics` / `ray.serve.metrics`) defined anywhere in `router/` and `serving/`,
   found by parsing the modules. Ray's metrics agent exports them with a `ray_` prefix, and a counter with
@@ -110,8 +110,8 @@ def ingress_families() -> list[Family]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from serving.config import load_spec
-    from serving.gateway import Gateway
-    from serving.metrics import IngressMetrics
+    from serving.http.gateway import Gateway
+    from serving.http.metrics import IngressMetrics
 
     metrics = IngressMetrics()
     Gateway.from_spec(load_spec(ROOT / "configs" / "local.yaml"), metrics)
@@ -121,7 +121,7 @@ def ingress_families() -> list[Family]:
         wrapper = wrappers.get(fam.name)
         labels = wrapper._labelnames if wrapper is not None else getattr(fam, "_labelnames", None)
         assert labels is not None, f"no label names found for {fam.name}"
-        out.append(Family(fam.name, fam.type, frozenset(labels), "serving/metrics.py"))
+        out.append(Family(fam.name, fam.type, frozenset(labels), "serving/http/metrics.py"))
     return out
 
 

@@ -19,9 +19,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from yamllint import linter
 
-from serving.auth import load_keys_file
 from serving.config import DATA_PLANE_ENV, DataPlane, ServerSpec, load_spec, parse_spec
-from serving.placement import plan
+from serving.http.auth import load_keys_file
+from serving.replicas.placement import plan
 from tests.k8s.helm import (
     BUILTIN_KINDS,
     CHART,

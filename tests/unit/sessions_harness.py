@@ -16,10 +16,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from serving.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
-from serving.session_events import TERMINAL_EVENTS
-from serving.session_store import Event, SessionRecord, SQLiteStore, Status
-from serving.sessions import WorkerSettings
+from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
+from serving.sessions.events import TERMINAL_EVENTS
+from serving.sessions.store import Event, SessionRecord, SQLiteStore, Status
+from serving.sessions.worker import WorkerSettings
 from serving.thinking import StreamFn, ThinkingRun, ThinkTags, split_generated
 
 START, END = 100, 4000

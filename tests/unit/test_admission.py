@@ -20,8 +20,8 @@ from router.admission import (
     TokenBucket,
 )
 from serving.config import parse_spec
-from serving.gateway import Gateway
-from serving.metrics import IngressMetrics
+from serving.http.gateway import Gateway
+from serving.http.metrics import IngressMetrics
 
 
 class Clock:

@@ -8,9 +8,10 @@ import json
 import httpx
 import pytest
 
-from serving.api import EngineBackend, ServedModel, build_api
-from serving.engines.fake import FakeEngine
-from serving.metrics import IngressMetrics
+from serving.backends import EngineBackend
+from serving.http.api import ServedModel, build_api
+from serving.http.metrics import IngressMetrics
+from serving.replicas.engines.fake import FakeEngine
 
 
 class WordTokenizer:
@@ -210,7 +211,7 @@ class _RoutedBackend:
         self.seen: list[str] = []
 
     async def stream(self, request):
-        from serving.engines.base import Route
+        from serving.replicas.engines.base import Route
 
         self.seen.append(request.disagg)
         first = True

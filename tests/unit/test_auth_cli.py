@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from serving.auth import Authenticator, AuthError, hash_key, load_keys_file
 from serving.cli import main
 from serving.config import AuthSpec, SpecError
+from serving.http.auth import Authenticator, AuthError, hash_key, load_keys_file
 
 
 def test_key_new_prints_a_key_whose_entry_authenticates(capsys) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from benchmarks import sessions as bsess
 from benchmarks.common import BenchmarkError
-from serving.openai_protocol import ChatCompletionRequest, ResponsesRequest
-from serving.session_store import Event, SessionRecord, SQLiteStore, Status
+from serving.http.protocol import ChatCompletionRequest, ResponsesRequest
+from serving.sessions.store import Event, SessionRecord, SQLiteStore, Status
 
 
 def _params(**kw: object) -> bsess.Params:

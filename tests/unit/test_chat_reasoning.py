@@ -8,8 +8,9 @@ import json
 import httpx
 import pytest
 
-from serving.api import EngineBackend, ServedModel, build_api
-from serving.engines.fake import FakeEngine
+from serving.backends import EngineBackend
+from serving.http.api import ServedModel, build_api
+from serving.replicas.engines.fake import FakeEngine
 from serving.thinking import ThinkTags
 
 START, END = 4000, 100  # apart: the fake engine never emits END by itself here

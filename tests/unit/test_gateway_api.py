@@ -1,4 +1,4 @@
-"""The request path through the gateway over HTTP (serving.api + serving.gateway): API keys and
+"""The request path through the gateway over HTTP (serving.http.api + serving.http.gateway): API keys and
 tenants, 429s with Retry-After, tier choice, degradation along the chain, target health with
 recovery probes, and resources given back when a streaming client leaves."""
 
@@ -16,13 +16,14 @@ import httpx
 import pytest
 
 from router.resilience import HealthState
-from serving.api import EngineBackend, ServedModel, build_api
-from serving.auth import hash_key
+from serving.backends import EngineBackend
 from serving.config import parse_spec
-from serving.engines.base import Chunk, EngineError, GenerateRequest
-from serving.engines.fake import FakeEngine
-from serving.gateway import Gateway
-from serving.metrics import IngressMetrics
+from serving.http.api import ServedModel, build_api
+from serving.http.auth import hash_key
+from serving.http.gateway import Gateway
+from serving.http.metrics import IngressMetrics
+from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest
+from serving.replicas.engines.fake import FakeEngine
 from tests.unit.test_api import WordTokenizer
 
 #: Prompt tokens of `chat()`'s default message with WordTokenizer.

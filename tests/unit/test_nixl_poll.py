@@ -10,8 +10,8 @@ import pytest
 
 from serving.app import deployment_options
 from serving.config import ModelSpec, Role
-from serving.engines import vllm_plugin
-from serving.engines.vllm_plugin import POLL_ENV, _patch_bindings
+from serving.replicas.engines import vllm_plugin
+from serving.replicas.engines.vllm_plugin import POLL_ENV, _patch_bindings
 
 
 def _pd_model(**disagg: Any) -> ModelSpec:

@@ -16,9 +16,9 @@ from ray.exceptions import RayError
 
 from router.pd import PrefixTracker, decide
 from serving.config import EngineKind, Role
-from serving.deployments import DecodeServer
-from serving.engines.base import EngineError, GenerateRequest, KVHandle, SamplingOptions
-from serving.engines.fake import FakeEngine
+from serving.replicas.deployments import DecodeServer
+from serving.replicas.engines.base import EngineError, GenerateRequest, KVHandle, SamplingOptions
+from serving.replicas.engines.fake import FakeEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .EngineServer.__del__. was never awaited")
 
@@ -183,7 +183,7 @@ async def test_fake_engine_is_the_engine_used() -> None:
 
 
 async def test_sglang_decode_always_pulls_from_a_prefill_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.engines.sglang_engine import SGLangEngine
+    from serving.replicas.engines.sglang_engine import SGLangEngine
     from tests.unit.fake_sglang import FakeBootstrapRegistry, fake_engine_cls, install_as_sglang
 
     cls = fake_engine_cls(FakeBootstrapRegistry())

@@ -7,7 +7,7 @@ import pytest
 from serving.app import deployment_options, engine_args_for, kv_transfer_config
 from serving.cli import main
 from serving.config import ModelSpec, SpecError, parse_spec
-from serving.placement import format_plan, place_pool, placement_options, plan
+from serving.replicas.placement import format_plan, place_pool, placement_options, plan
 
 H100 = {"GPU": 1, "accelerator_type:H100": 0.001}
 

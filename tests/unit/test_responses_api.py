@@ -14,12 +14,13 @@ import httpx
 import pytest
 
 from benchmarks.asgi import StreamingASGITransport
-from serving.api import EngineBackend, ServedModel, build_api
-from serving.engines.fake import FakeEngine
-from serving.responses_api import SessionsFrontend
-from serving.session_events import TERMINAL_EVENTS
-from serving.session_store import SQLiteStore, Status
-from serving.sessions import SessionModel, SessionWorker
+from serving.backends import EngineBackend
+from serving.http.api import ServedModel, build_api
+from serving.http.responses import SessionsFrontend
+from serving.replicas.engines.fake import FakeEngine
+from serving.sessions.events import TERMINAL_EVENTS
+from serving.sessions.store import SQLiteStore, Status
+from serving.sessions.worker import SessionModel, SessionWorker
 from tests.unit.sessions_harness import (
     EOS,
     START,

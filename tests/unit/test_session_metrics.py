@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from serving.session_server import _SessionMetrics
+from serving.sessions.server import _SessionMetrics
 
 
 class _Counter:

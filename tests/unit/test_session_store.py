@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from serving.session_store import (
+from serving.sessions.store import (
     Event,
     LeaseLost,
     QuotaExceeded,
@@ -44,7 +44,7 @@ def make_store(request, tmp_path):
         url = request.getfixturevalue("redis_url")
         import redis
 
-        from serving.session_store_redis import RedisStore
+        from serving.sessions.store_redis import RedisStore
 
         with redis.Redis.from_url(url) as client:
             client.flushdb()
@@ -570,7 +570,7 @@ def redis_client(redis_url):
 
 
 def _redis_store(url: str, **kw):
-    from serving.session_store_redis import RedisStore
+    from serving.sessions.store_redis import RedisStore
 
     return RedisStore(url, **{**BOUNDS, **kw})
 
@@ -624,7 +624,7 @@ def test_redis_duplicate_id_is_refused(redis_url, redis_client) -> None:
 def test_redis_leases_use_the_server_clock_when_now_is_not_given(
     redis_url, redis_client, monkeypatch
 ) -> None:
-    import serving.session_store_redis as mod
+    import serving.sessions.store_redis as mod
 
     server_now = float(redis_client.time()[0])
     skewed = _redis_store(redis_url)
@@ -641,15 +641,15 @@ def test_redis_leases_use_the_server_clock_when_now_is_not_given(
 
 def test_open_store_builds_a_redis_store_from_a_custom_spec(redis_url, redis_client) -> None:
     from serving.config import SessionsSpec
-    from serving.session_store_redis import RedisStore
-    from serving.sessions import open_store
+    from serving.sessions.store import open_store
+    from serving.sessions.store_redis import RedisStore
 
     spec = SessionsSpec(
         ttl_s=60,
         max_sessions_per_tenant=5,
         store={
             "kind": "custom",
-            "class_path": "serving.session_store_redis:RedisStore",
+            "class_path": "serving.sessions.store_redis:RedisStore",
             "options": {"url": redis_url, "prefix": "t1:"},
         },
     )
@@ -665,8 +665,8 @@ def test_open_store_builds_a_redis_store_from_kind_redis(
     redis_url, redis_client, monkeypatch, by_env
 ) -> None:
     from serving.config import SessionsSpec
-    from serving.session_store_redis import RedisStore
-    from serving.sessions import open_store
+    from serving.sessions.store import open_store
+    from serving.sessions.store_redis import RedisStore
 
     if by_env:
         monkeypatch.setenv("TEST_TANDEM_REDIS_URL", redis_url)
@@ -684,7 +684,7 @@ def test_kind_redis_needs_exactly_one_url_source(monkeypatch) -> None:
     from pydantic import ValidationError
 
     from serving.config import SessionStoreSpec
-    from serving.sessions import open_store
+    from serving.sessions.store import open_store
 
     with pytest.raises(ValidationError, match="exactly one of url or url_env"):
         SessionStoreSpec(kind="redis")
@@ -759,7 +759,7 @@ def _random_call(rnd: random.Random, now: float) -> tuple[str, tuple, dict]:
 def test_redis_and_sqlite_agree_on_random_operations(seed, redis_url, redis_client, tmp_path) -> None:
     """Differential: the same random calls (bounds, evictions, gaps, races lost, expiries…) on both
     backends give the same results, errors and messages, and leave the same logs and byte counts."""
-    from serving.session_store_redis import RedisStore
+    from serving.sessions.store_redis import RedisStore
 
     for trial in range(seed, seed + 10):
         rnd = random.Random(trial)

@@ -7,11 +7,11 @@ import json
 
 import httpx
 
-from serving.api import EngineBackend
-from serving.engines.fake import FakeEngine
-from serving.session_store import SessionRecord, SQLiteStore, Status
-from serving.sessions import SessionModel, SessionWorker, WorkerSettings
-from serving.webhooks import CompletionNotifier, WebhookSender, WebhookTarget, verify
+from serving.backends import EngineBackend
+from serving.replicas.engines.fake import FakeEngine
+from serving.sessions.store import SessionRecord, SQLiteStore, Status
+from serving.sessions.webhooks import CompletionNotifier, WebhookSender, WebhookTarget, verify
+from serving.sessions.worker import SessionModel, SessionWorker, WorkerSettings
 
 
 class _Decoder:

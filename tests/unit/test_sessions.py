@@ -1,4 +1,4 @@
-"""The session worker (serving.sessions) over each store backend (SQLite, real Redis) and the
+"""The session worker (serving.sessions.worker) over each store backend (SQLite, real Redis) and the
 FakeEngine: budgets and usage, hidden/summarised/full reasoning, the event log, takeover after a
 graceful or abrupt stop, lease fencing, cancellation, engine errors and retries, claiming limits
 and the on_finished hook."""
@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from serving.api import EngineBackend
-from serving.engines.fake import FakeEngine
-from serving.session_events import extractive_summary, response_object
-from serving.session_store import Event, LeaseLost, SessionRecord, SQLiteStore, Status
-from serving.sessions import SessionModel, SessionWorker, cancel_session
+from serving.backends import EngineBackend
+from serving.replicas.engines.fake import FakeEngine
+from serving.sessions.events import extractive_summary, response_object
+from serving.sessions.store import Event, LeaseLost, SessionRecord, SQLiteStore, Status
+from serving.sessions.worker import SessionModel, SessionWorker, cancel_session
 from serving.thinking import StreamFn
 from tests.unit.sessions_harness import (
     END,
@@ -49,7 +49,7 @@ def store(request, tmp_path):
     if request.param == "redis":
         import redis
 
-        from serving.session_store_redis import RedisStore
+        from serving.sessions.store_redis import RedisStore
 
         url = request.getfixturevalue("redis_url")
         redis.Redis.from_url(url).flushdb()

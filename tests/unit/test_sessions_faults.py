@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from serving.api import EngineBackend
-from serving.engines.fake import FakeEngine
-from serving.session_store import Status
-from serving.sessions import MAX_CLAIMS, SessionModel, SessionWorker
+from serving.backends import EngineBackend
+from serving.replicas.engines.fake import FakeEngine
+from serving.sessions.store import Status
+from serving.sessions.worker import MAX_CLAIMS, SessionModel, SessionWorker
 from tests.unit.sessions_harness import (
     TAGS,
     TOK,

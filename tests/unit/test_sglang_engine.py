@@ -1,6 +1,6 @@
 """SGLangEngine against a faithful fake of SGLang's offline Engine (tests/unit/fake_sglang.py).
 
-What only a real SGLang on a GPU can check is listed in serving/engines/sglang_engine.py.
+What only a real SGLang on a GPU can check is listed in serving/replicas/engines/sglang_engine.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from serving.engines.base import Chunk, Engine, GenerateRequest, KVHandle, SamplingOptions
-from serving.engines.sglang_engine import (
+from serving.replicas.engines.base import Chunk, Engine, GenerateRequest, KVHandle, SamplingOptions
+from serving.replicas.engines.sglang_engine import (
     SGLangEngine,
     default_host_ip,
     known_server_args,
@@ -595,7 +595,7 @@ async def test_engine_args_are_checked_at_start_if_sglang_was_not_imported_yet(
 
 
 def test_importing_the_adapter_does_not_import_sglang() -> None:
-    code = "import sys, serving.engines.sglang_engine; assert 'sglang' not in sys.modules, 'sglang imported'"
+    code = "import sys, serving.replicas.engines.sglang_engine; assert 'sglang' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 

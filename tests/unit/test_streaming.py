@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from serving.engines.base import Chunk, EngineError
-from serving.streaming import coalesce
+from serving.replicas.engines.base import Chunk, EngineError
+from serving.replicas.streaming import coalesce
 
 
 async def produce(n: int, delay: float = 0.0, error_at: int | None = None):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from serving.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
-from serving.engines.fake import FakeEngine
+from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
+from serving.replicas.engines.fake import FakeEngine
 from serving.thinking import ReasoningState, ThinkingRun, ThinkTags, split_generated
 
 START, END, EOS = 900, 901, 902

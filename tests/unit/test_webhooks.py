@@ -1,4 +1,4 @@
-"""Completion webhooks (serving.webhooks): Standard Webhooks signing and verification, the event
+"""Completion webhooks (serving.sessions.webhooks): Standard Webhooks signing and verification, the event
 body, and delivery with retries. Retry logic runs against httpx.MockTransport with an injected
 sleep; one test delivers to a real HTTP/1.1 server on a local socket."""
 
@@ -14,7 +14,7 @@ import logging
 import httpx
 import pytest
 
-from serving.webhooks import (
+from serving.sessions.webhooks import (
     DeliveryResult,
     WebhookSender,
     WebhookTarget,
@@ -372,9 +372,9 @@ async def test_failed_attempts_are_logged_without_the_secret(caplog):
     secret = b"do-not-log-me"
     target = WebhookTarget(url="https://user:pw@hooks.example.com/t?token=abc", secret=secret)
     sender, _, _ = mock_sender(lambda req, n: httpx.Response(503), max_attempts=2)
-    with caplog.at_level(logging.WARNING, logger="serving.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="serving.sessions.webhooks"):
         await sender.deliver(target, MSG_ID, BODY)
-    records = [r for r in caplog.records if r.name == "serving.webhooks"]
+    records = [r for r in caplog.records if r.name == "serving.sessions.webhooks"]
     assert len(records) == 2 and all(r.levelno == logging.WARNING for r in records)
     text = caplog.text
     assert MSG_ID in text and "503" in text and "hooks.example.com" in text

@@ -1,7 +1,7 @@
 {{/*
 One Ray worker group per GPU pool of the spec (a pool whose accelerator is not `cpu`).
 
-How pods map to replicas (the placement rules are serving/placement.py's):
+How pods map to replicas (the placement rules are serving/replicas/placement.py's):
 - A pod is one node's worth of GPUs of the pool's accelerator: accelerators.<type>.gpusPerPod.
 - A replica takes tp x pp GPUs (SGLang: tp x pp x dp, its DP ranks live in one engine); a vLLM pool with
   dp > 1 has dp replicas (ranks) per DP group, and `replicas` counts DP groups.
@@ -14,7 +14,7 @@ How pods map to replicas (the placement rules are serving/placement.py's):
   every GPU bundle), so the Ray autoscaler can start a pod for a pending replica from zero.
 
 The pool defaults below mirror serving/config.py (role colocated, engine vllm, accelerator cpu,
-tp = pp = dp = 1, replicas min = max = 1, cpus_per_replica 1); tests/k8s compare with serving.placement.
+tp = pp = dp = 1, replicas min = max = 1, cpus_per_replica 1); tests/k8s compare with serving.replicas.placement.
 */}}
 {{- define "tandem.gpuGroups" -}}
 {{- $groups := list -}}

@@ -3,7 +3,7 @@ The Tandem spec as deployed, and the Ray Serve config that carries it.
 
 A few ServingSpec defaults (serving/config.py) are repeated here because the chart sizes pods and
 volumes from them: server.port 8000, sessions.enabled true, sessions.store.kind sqlite, and the pool
-defaults in _gpu_groups.tpl. tests/k8s render the chart and compare with serving.config / serving.placement,
+defaults in _gpu_groups.tpl. tests/k8s render the chart and compare with serving.config / serving.replicas.placement,
 so a drift fails a test.
 */}}
 

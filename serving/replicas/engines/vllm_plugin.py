@@ -12,7 +12,7 @@ few milliseconds therefore costs nothing per transfer and ~0 CPU when idle.
 
 vLLM loads `vllm.general_plugins` entry points in every engine process, workers included
 (`vllm.plugins.load_general_plugins`), before the KV connector builds its agent. This plugin does
-nothing unless the engine replica set `TANDEM_NIXL_PROGRESS_POLL_US` (serving.deployments does for
+nothing unless the engine replica set `TANDEM_NIXL_PROGRESS_POLL_US` (serving.replicas.deployments does for
 P/D pools, from `disaggregation.nixl_progress_poll_ms` in the spec), so other vLLM users of the
 same environment are unaffected.
 """

@@ -1,6 +1,6 @@
 """The session worker deployment: detached Serve replicas that own background sessions.
 
-Each replica runs a `serving.sessions.SessionWorker` over the shared store and calls the model
+Each replica runs a `serving.sessions.worker.SessionWorker` over the shared store and calls the model
 deployments through Serve handles, like the ingress does. Serve restarts a replica that dies; its
 sessions are taken over (by it or another replica) when their leases lapse, and resume from their
 checkpoints. The ingress only calls `start` (a hint: workers also sweep the store for orphans).
@@ -17,13 +17,14 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from serving.backends import HandleBackend
 from serving.config import WebhookSpec, parse_spec
-from serving.deployments import replica_name
-from serving.ingress import HandleBackend
-from serving.sessions import SessionModel, SessionWorker, WorkerSettings, open_store
+from serving.replicas.deployments import replica_name
+from serving.sessions.store import open_store
+from serving.sessions.webhooks import CompletionNotifier, WebhookSender, WebhookTarget, webhook_from_config
+from serving.sessions.worker import SessionModel, SessionWorker, WorkerSettings
 from serving.thinking import reasoning_tags
 from serving.tokenizer import PromptTokenizer
-from serving.webhooks import CompletionNotifier, WebhookSender, WebhookTarget, webhook_from_config
 
 logger = logging.getLogger(__name__)
 

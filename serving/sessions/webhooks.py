@@ -306,7 +306,7 @@ class WebhookSender:
 
 class CompletionNotifier:
     """Calls the tenant's webhook when one of its sessions finishes (the `on_finished` hook of
-    serving.sessions.SessionWorker). Deliveries run as background tasks; `aclose` waits for them.
+    serving.sessions.worker.SessionWorker). Deliveries run as background tasks; `aclose` waits for them.
 
     Args:
         targets: tenant → its webhook.

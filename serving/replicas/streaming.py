@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from serving.engines.base import Chunk
+from serving.replicas.engines.base import Chunk
 
 _END = object()
 

@@ -97,7 +97,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from serving.engines.base import (
+from serving.replicas.engines.base import (
     Chunk,
     EngineError,
     EngineStats,

@@ -2,7 +2,7 @@
 
 One `Gateway` per ingress replica, built from the deployment spec (`Gateway.from_spec`). It owns
 no I/O of its own except recovery probes, which it runs as tasks on the ingress's event loop.
-The request path that uses it is `serving.api.OpenAIApi.serve`.
+The request path that uses it is `serving.http.api.OpenAIApi.serve`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from router.admission import AdmissionController, Limits
 from router.resilience import HealthState, RetryBudget, TargetHealth
 from router.tiers import TierRouter
-from serving.auth import Authenticator
 from serving.config import AuthSpec, Priority, ResilienceSpec, ServingSpec, TenantLimits
-from serving.metrics import IngressMetrics
+from serving.http.auth import Authenticator
+from serving.http.metrics import IngressMetrics
 
 logger = logging.getLogger(__name__)
 

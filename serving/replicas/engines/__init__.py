@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.config import EngineKind, Role
-from serving.engines.base import Engine
+from serving.replicas.engines.base import Engine
 
 
 def make_engine(
@@ -17,15 +17,15 @@ def make_engine(
 ) -> Engine:
     """Construct (not start) the engine of `kind` for a pool with `role`. Imported lazily."""
     if kind is EngineKind.VLLM:
-        from serving.engines.vllm_engine import VLLMEngine
+        from serving.replicas.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_name, model_path, engine_args)
     if kind is EngineKind.FAKE:
-        from serving.engines.fake import FakeEngine
+        from serving.replicas.engines.fake import FakeEngine
 
         return FakeEngine(model_name, **engine_args)
     if kind is EngineKind.SGLANG:
-        from serving.engines.sglang_engine import SGLangEngine
+        from serving.replicas.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(model_name, model_path, engine_args, role=role.value)
     raise ValueError(f"engine: unknown engine {kind!r}")

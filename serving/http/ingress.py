@@ -1,77 +1,26 @@
-"""The HTTP ingress deployment: the OpenAI API (serving.api) over Ray Serve handles."""
+"""The HTTP ingress deployment: the OpenAI API (serving.http.api) over Ray Serve handles."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from router.hashing import BlockHasher
-from serving.api import ServedModel, build_api
+from serving.backends import HandleBackend
 from serving.config import ServingSpec, parse_spec
-from serving.engines.base import Chunk, EngineError, GenerateRequest
-from serving.gateway import Gateway
-from serving.metrics import IngressMetrics
-from serving.responses_api import SessionsFrontend
-from serving.sessions import open_store
-from serving.streaming import coalesce
+from serving.http.api import ServedModel, build_api
+from serving.http.gateway import Gateway
+from serving.http.metrics import IngressMetrics
+from serving.http.responses import SessionsFrontend
+from serving.sessions.store import open_store
 from serving.thinking import reasoning_tags
 from serving.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class HandleBackend:
-    """Streams a model's requests to its engine deployment through a Ray Serve handle."""
-
-    def __init__(self, handle: DeploymentHandle, backpressure_retry_s: float = 1.0) -> None:
-        self._plain = handle
-        self._handle = handle.options(stream=True)
-        self._backpressure_retry_s = backpressure_retry_s
-
-    async def probe(self) -> None:
-        """The pool answers when one of its replicas passes its own health check."""
-        await self._plain.check_health.remote()
-
-    def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        # Merge chunks that pile up while the ingress is busy (see serving.streaming).
-        return coalesce(self._stream(request))
-
-    async def _stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        gen = self._handle.generate.remote(request)
-        done = False
-        try:
-            async for chunk in gen:
-                # A finished request needs no cancel, even if the consumer stops reading here.
-                done = done or chunk.finish_reason is not None
-                yield chunk
-            done = True
-        except BackPressureError as e:
-            # Every replica's queue is full (max_queued_requests): overload, not a failure.
-            yield Chunk(
-                error=EngineError(str(e), 429, "engine_overloaded", retry_after_s=self._backpressure_retry_s)
-            )
-            done = True
-        except RayError as e:
-            # A replica that died mid-stream is a clean 503, never a hang or a 500.
-            logger.warning("engine call for %s failed: %s", request.request_id, e)
-            yield Chunk(
-                error=EngineError(
-                    f"engine replica unavailable: {type(e).__name__}", 503, "engine_unavailable"
-                )
-            )
-            done = True
-        finally:
-            if not done:
-                # NOTE: the consumer stopped early (client disconnect): cancelling the Serve call
-                # cancels the replica's generator, which aborts the request at the engine.
-                gen.cancel()
 
 
 #: How long the ingress waits for a session worker to take a new session (the sweep takes it otherwise).

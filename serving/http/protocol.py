@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engines.base import SamplingOptions
+from serving.replicas.engines.base import SamplingOptions
 
 _MAX_STOP = 4
 

@@ -1,6 +1,6 @@
 """The durable session log in Redis: `RedisStore`, for clusters whose nodes must share sessions.
 
-Same protocol and semantics as `serving.session_store.SQLiteStore` (records, idempotent append-only
+Same protocol and semantics as `serving.sessions.store.SQLiteStore` (records, idempotent append-only
 events and token chunks, tenant isolation, TTL purge, per-tenant bounds with eviction, worker leases,
 cancellation, fenced checkpoint/finish). Every operation that SQLiteStore runs in one transaction is
 one Lua script here (Redis runs a script atomically): it checks everything first and writes only
@@ -46,7 +46,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("RedisStore needs the `redis` client: pip install 'tandem[redis]'") from e
 
-from serving.session_store import (
+from serving.sessions.store import (
     Event,
     LeaseLost,
     QuotaExceeded,

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serving.engines.base import (
+from serving.replicas.engines.base import (
     Chunk,
     EngineError,
     EngineStats,

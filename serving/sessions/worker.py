@@ -1,8 +1,8 @@
 """Background reasoning sessions: a worker that owns each session until it is done.
 
-A session is one `/v1/responses` request. The ingress stores it (serving.session_store) and tells a
+A session is one `/v1/responses` request. The ingress stores it (serving.sessions.store) and tells a
 worker; from then on the session belongs to a **worker** (a detached Serve replica, see
-serving.deployments.SessionServer), not to any HTTP connection:
+serving.sessions.server.SessionServer), not to any HTTP connection:
 
 - the worker **claims** the session with a lease in the store and renews it while it runs; a worker
   that dies stops renewing, and any worker's sweep claims the orphan once the lease lapses;
@@ -18,7 +18,7 @@ serving.deployments.SessionServer), not to any HTTP connection:
   (which aborts the request at the engine) and finishes the session as cancelled.
 
 What a session stores and readers see (response objects, numbered events) is shaped by
-serving.session_events.
+serving.sessions.events.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from serving.engines.base import EngineError, GenerateRequest, SamplingOptions
-from serving.session_events import (
+from serving.replicas.engines.base import EngineError, GenerateRequest, SamplingOptions
+from serving.sessions.events import (
     SUMMARY_MODES,
     TERMINAL_EVENTS,
     EventWriter,
     response_object,
 )
-from serving.session_store import Event, LeaseLost, SessionRecord, SessionStore, Status
+from serving.sessions.store import Event, LeaseLost, SessionRecord, SessionStore, Status
 from serving.thinking import ReasoningState, StreamFn, ThinkingRun, ThinkTags, split_generated
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class _Active:
 
 class SessionWorker:
     """Claims, runs, checkpoints and finishes sessions (pure asyncio; the Serve wrapper is
-    serving.deployments.SessionServer).
+    serving.sessions.server.SessionServer).
 
     Args:
         store: the durable log (calls run in threads).
@@ -567,33 +567,3 @@ def cancel_session(store: SessionStore, session_id: str, tenant: str) -> Session
         store.append_events(session_id, [Event(seq, "response.cancelled", data)])
         store.set_status(session_id, Status.CANCELLED, obj)
     return store.get(session_id, tenant)
-
-
-def open_store(spec: Any) -> SessionStore:
-    """The session store a `config.SessionsSpec` describes."""
-    st = spec.store
-    bounds = {
-        "ttl_s": spec.ttl_s,
-        "max_sessions_per_tenant": spec.max_sessions_per_tenant,
-        "max_bytes_per_tenant": spec.max_bytes_per_tenant,
-    }
-    if st.kind == "sqlite":
-        from pathlib import Path
-
-        from serving.session_store import SQLiteStore
-
-        return SQLiteStore(Path(st.path).expanduser(), **bounds)
-    if st.kind == "redis":
-        import os
-
-        from serving.session_store_redis import RedisStore
-
-        url = st.url if st.url is not None else os.environ.get(st.url_env or "")
-        if not url:
-            raise ValueError(f"sessions.store.url_env: ${st.url_env} is not set")
-        return RedisStore(url, prefix=st.prefix, **st.options, **bounds)
-    import importlib
-
-    module, _, name = st.class_path.partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**st.options, **bounds)

@@ -1,7 +1,7 @@
 """`/v1/responses`: the OpenAI Responses API (a subset) over background sessions.
 
 The ingress validates, picks the tier, admits and tokenizes, then stores the request as a session
-(serving.session_store) and tells a session worker (serving.sessions). Everything it answers
+(serving.sessions.store) and tells a session worker (serving.sessions.worker). Everything it answers
 afterwards is read from the store, so polling, streaming, resuming from an event number
 (`?stream=true&starting_after=N`), cancelling and deleting work whichever ingress replica is asked,
 and after an ingress or worker restart.
@@ -30,13 +30,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from router.admission import AdmissionRequest, Rejected
 from router.hashing import tenant_salt
 from router.tiers import RequestShape, TierError
-from serving.openai_protocol import ChatMessage, ResponsesRequest
-from serving.session_events import TERMINAL_EVENTS, new_response_id, response_object
-from serving.session_store import QuotaExceeded, SessionRecord, SessionStore
-from serving.sessions import cancel_session
+from serving.http.protocol import ChatMessage, ResponsesRequest
+from serving.sessions.events import TERMINAL_EVENTS, new_response_id, response_object
+from serving.sessions.store import QuotaExceeded, SessionRecord, SessionStore
+from serving.sessions.worker import cancel_session
 
 if TYPE_CHECKING:
-    from serving.api import OpenAIApi, ServedModel
+    from serving.http.api import OpenAIApi, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class SessionsFrontend:
 
 
 def _not_found(rid: str) -> Any:
-    from serving.api import ApiError
+    from serving.http.api import ApiError
 
     return ApiError(404, f"No response found with id '{rid}'.", "not_found_error", "response_id")
 
@@ -87,7 +87,7 @@ class _EventStream(StreamingResponse):
 
 def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFrontend) -> None:
     """Register the /v1/responses routes on `app`."""
-    from serving.api import (
+    from serving.http.api import (
         TASK_HEADER,
         TASK_ID_HEADER,
         ApiError,

@@ -2,7 +2,7 @@
 
 `build_api(models, metrics)` returns an ASGI app. Each served model brings a tokenizer and a
 `Backend` that streams engine chunks: through Ray Serve handles in production
-(`serving.ingress`), or an in-process engine in unit tests and benchmarks.
+(`serving.http.ingress`), or an in-process engine in unit tests and benchmarks.
 
 Path of a request: validate body (400 naming the field) → find model (404) → tokenize once
 (chat template applied here) → check context (400) → stream chunks from the backend → SSE or
@@ -30,11 +30,11 @@ from router.admission import AdmissionRequest, Rejected, Ticket
 from router.hashing import BlockHasher, tenant_salt
 from router.resilience import ErrorClass, backoff_s, classify
 from router.tiers import RequestShape, Resolution, TierError
-from serving.auth import AuthError
-from serving.engines.base import Chunk, EngineError, GenerateRequest
-from serving.gateway import Gateway
-from serving.metrics import IngressMetrics
-from serving.openai_protocol import (
+from serving.backends import Backend
+from serving.http.auth import AuthError
+from serving.http.gateway import Gateway
+from serving.http.metrics import IngressMetrics
+from serving.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     _SamplingBody,
@@ -42,20 +42,11 @@ from serving.openai_protocol import (
     now,
     usage,
 )
-from serving.responses_api import SessionsFrontend, add_responses_routes
+from serving.http.responses import SessionsFrontend, add_responses_routes
+from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest
 from serving.thinking import ThinkingRun, ThinkTags
 
 logger = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    """Where a model's requests go."""
-
-    def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        """Engine chunks for `request`; closing the iterator aborts the request."""
-
-    async def probe(self) -> None:
-        """Raise unless the model's pool answers (a recovery probe of a terminal target)."""
 
 
 class Tokenizer(Protocol):
@@ -64,28 +55,6 @@ class Tokenizer(Protocol):
     def encode_chat(self, messages: list[Any]) -> list[int]: ...
 
     def encode(self, text: str) -> list[int]: ...
-
-
-class EngineBackend:
-    """A backend that calls an in-process `Engine` directly (benchmarks, unit tests)."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        done = False
-        try:
-            async for chunk in self._engine.generate(request):
-                # A finished request needs no abort, even if the consumer stops reading here.
-                done = done or chunk.finish_reason is not None
-                yield chunk
-            done = True
-        finally:
-            if not done:
-                await self._engine.abort(request.request_id)
-
-    async def probe(self) -> None:
-        await self._engine.check_health()
 
 
 @dataclass(slots=True)

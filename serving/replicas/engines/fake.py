@@ -9,7 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from serving.engines.base import Chunk, EngineError, EngineStats, GenerateRequest, KVHandle, ModelInfo
+from serving.replicas.engines.base import (
+    Chunk,
+    EngineError,
+    EngineStats,
+    GenerateRequest,
+    KVHandle,
+    ModelInfo,
+)
 
 
 class FakeEngine:

@@ -33,9 +33,17 @@ from ray.serve.exceptions import RayServeException
 
 from router.pd import MODE_COLOCATED, MODE_DISAGG, PDDecision, PrefixTracker, decide
 from serving.config import Disaggregation, EngineKind, Role
-from serving.engines import make_engine
-from serving.engines.base import Chunk, EngineError, EngineStats, GenerateRequest, KVHandle, ModelInfo, Route
-from serving.streaming import coalesce
+from serving.replicas.engines import make_engine
+from serving.replicas.engines.base import (
+    Chunk,
+    EngineError,
+    EngineStats,
+    GenerateRequest,
+    KVHandle,
+    ModelInfo,
+    Route,
+)
+from serving.replicas.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +136,7 @@ async def _data_parallel_args(
         if int(engine_args.get("data_parallel_size", 1)) > 1:
             raise RuntimeError("a data-parallel pool must run as a Serve gang (gang_scheduling_config)")
         return engine_args, None, None
-    from serving.dp import rendezvous
+    from serving.replicas.dp import rendezvous
 
     (address, port), actor = await rendezvous(gang.gang_id, gang.rank, _node_ip, _free_port)
     if int(engine_args.get("data_parallel_size", 1)) <= 1:  # e.g. the fake engine
@@ -186,7 +194,7 @@ class EngineServer:
         engine_args: passed through to the engine.
         pool: pool name (for logs and status).
         role: the pool's role.
-        stream_flush_ms: the pool's `stream_flush_ms` (serving.streaming.coalesce).
+        stream_flush_ms: the pool's `stream_flush_ms` (serving.replicas.streaming.coalesce).
     """
 
     async def __init__(

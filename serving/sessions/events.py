@@ -1,4 +1,4 @@
-"""A session's OpenAI Responses objects and its numbered stream events (serving.sessions runs sessions;
+"""A session's OpenAI Responses objects and its numbered stream events (serving.sessions.worker runs sessions;
 this module only shapes what they store and what readers see).
 
 Events follow the OpenAI Responses streaming format (`response.created`, `response.output_item.added`,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from serving.session_store import Event, SessionRecord, Status
+from serving.sessions.store import Event, SessionRecord, Status
 
 #: Event types that end a session's stream.
 TERMINAL_EVENTS = frozenset(
