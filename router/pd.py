@@ -6,7 +6,8 @@ knows best what it already holds, so it asks `decide` with its own estimate of c
 
 `PrefixTracker` is that estimate for one replica: an LRU of chained block hashes of what the replica
 has prefilled (the engine's own prefix cache, approximately). The cache-aware router's block index
-(fed by engine KV events) gives the precise figure fleet-wide; the decider takes either.
+(fed by engine KV events) gives the precise figure: the decode replica uses that match when the
+router sends one (`router.contracts.RouteFeedback`) and its tracker otherwise; the decider takes either.
 """
 
 from __future__ import annotations
@@ -14,21 +15,20 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-#: Values of the `x-tandem-disagg` header (and of `disaggregation.mode`).
-DISAGG_ON, DISAGG_OFF, DISAGG_AUTO = "on", "off", "auto"
-#: Serving modes reported in `x-tandem-route`.
-MODE_DISAGG, MODE_COLOCATED = "disagg", "colocated"
+from router.contracts import DisaggMode, ServeMode
 
 
 @dataclass(frozen=True, slots=True)
 class PDDecision:
-    """`mode` is disagg or colocated; `reason` says why (it reaches the route header)."""
+    """How to prefill; `reason` says why (it reaches the route header)."""
 
-    mode: str
+    mode: ServeMode
     reason: str
 
 
-def decide(requested: str, prompt_tokens: int, cached_tokens: int, min_prefill_tokens: int) -> PDDecision:
+def decide(
+    requested: DisaggMode | str, prompt_tokens: int, cached_tokens: int, min_prefill_tokens: int
+) -> PDDecision:
     """Choose how to prefill one request on the decode replica it was routed to.
 
     Args:
@@ -37,16 +37,18 @@ def decide(requested: str, prompt_tokens: int, cached_tokens: int, min_prefill_t
         cached_tokens: prompt tokens already in the decode replica's prefix cache.
         min_prefill_tokens: auto mode disaggregates when the non-cached suffix is at least this long.
     """
-    if requested == DISAGG_ON:
-        return PDDecision(MODE_DISAGG, "forced")
-    if requested == DISAGG_OFF:
-        return PDDecision(MODE_COLOCATED, "forced")
-    if requested != DISAGG_AUTO:
-        raise ValueError(f"disagg: {requested!r} is not one of on, off, auto")
+    try:
+        mode = DisaggMode(requested)
+    except ValueError:
+        raise ValueError(f"disagg: {requested!r} is not one of on, off, auto") from None
+    if mode is DisaggMode.ON:
+        return PDDecision(ServeMode.DISAGG, "forced")
+    if mode is DisaggMode.OFF:
+        return PDDecision(ServeMode.COLOCATED, "forced")
     suffix = max(0, prompt_tokens - cached_tokens)
     if suffix < min_prefill_tokens:
-        return PDDecision(MODE_COLOCATED, f"short_suffix:{suffix}<{min_prefill_tokens}")
-    return PDDecision(MODE_DISAGG, f"suffix:{suffix}>={min_prefill_tokens}")
+        return PDDecision(ServeMode.COLOCATED, f"short_suffix:{suffix}<{min_prefill_tokens}")
+    return PDDecision(ServeMode.DISAGG, f"suffix:{suffix}>={min_prefill_tokens}")
 
 
 class PrefixTracker:
@@ -65,6 +67,11 @@ class PrefixTracker:
         self._block = block_size
         self._cap = capacity_blocks
         self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per tracked block."""
+        return self._block
 
     def _hashes(self, token_ids: list[int]) -> list[int]:
         out = []

@@ -7,7 +7,7 @@ Ray Serve's `RequestRouter.choose_replicas` returns: Serve tries the first group
 
 The cache-aware policy:
 
-1. **filters** keep replicas of the wanted role that are healthy (and of the tier, when set);
+1. **filters** keep replicas of the wanted role that are healthy;
 2. **scorers**: `prefix` (leading blocks held / prompt blocks), `load` (1 − load / fleet max),
    `kv` (1 − KV usage), `session` (1 on the replica the session last used);
 3. the **imbalance gate** is decided per candidate: a candidate whose load exceeds
@@ -33,6 +33,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from router.contracts import Role
 from router.index import BlockIndex
 
 
@@ -44,9 +45,7 @@ class RoutingRequest:
     block_keys: list[int] = field(default_factory=list)
     tenant: str = ""
     session_id: str | None = None
-    task_id: str | None = None
-    tier: str | None = None
-    role: str = "decode"
+    role: Role = Role.DECODE
 
 
 @dataclass(slots=True)
@@ -54,9 +53,8 @@ class ReplicaView:
     """A replica as the router sees it (`updated_at`: when its stats were reported)."""
 
     replica_id: str
-    role: str = "decode"
+    role: Role = Role.DECODE
     healthy: bool = True
-    tier: str | None = None
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
@@ -116,12 +114,8 @@ class Policy(ABC):
 
 
 def eligible(req: RoutingRequest, replicas: Sequence[ReplicaView]) -> list[ReplicaView]:
-    """The filters: role, health, tier."""
-    return [
-        r
-        for r in replicas
-        if r.role == req.role and r.healthy and (req.tier is None or r.tier in (None, req.tier))
-    ]
+    """The filters: role and health (one router serves one model's pool, so no tier filter)."""
+    return [r for r in replicas if r.role == req.role and r.healthy]
 
 
 class CacheAwarePolicy(Policy):

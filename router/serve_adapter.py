@@ -6,14 +6,16 @@ replicas; it tries the returned groups in order. Inputs come from:
 
 - the request: `GenerateRequest` (first positional argument) carries the block keys the ingress
   computed once (router.hashing, salted per tenant), the tenant and the session id;
-- the replicas: `record_routing_stats` on each engine replica (running, waiting, KV usage, role,
-  timestamp, KV-event endpoint), delivered by Serve every `stats_period_s`;
+- the replicas: `record_routing_stats` on each engine replica (a `router.contracts.ReplicaStats`:
+  running, waiting, KV usage, timestamp, KV-event endpoint), delivered by Serve every `stats_period_s`;
 - the engines' KV events (router.kv_events), subscribed per replica, applied before each decision:
   the precise feed of the block index, next to the approximate one (the router's own decisions).
 
-The decision is written back into the request (`GenerateRequest.routing`: matched blocks and score
-per candidate) before Serve sends it, so the replica that serves it can report them in
-`x-tandem-route`. Decision latency and prefix hits go to Ray's metrics (Prometheus via the Ray
+The decision is written back into the request (`GenerateRequest.routing`: a
+`router.contracts.RouteFeedback` per candidate: matched blocks and score) before Serve sends it; Ray
+Serve has no other channel from a router to the replica it picks. The replica reports it in
+`x-tandem-route`, and a decode replica takes the matched blocks as its cached prefix in the P/D decision.
+Decision latency and prefix hits go to Ray's metrics (Prometheus via the Ray
 metrics export) as `tandem_router_decision_seconds` and `tandem_router_prefix_blocks_total`.
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from router.contracts import ReplicaStats, Role, RouteFeedback
 from router.kv_events import KVEventSubscriber, apply_events
 from router.policy import Gate, Policy, ReplicaView, RoutingRequest, Weights, make_policy
 
@@ -37,7 +40,7 @@ _EVENTS_PER_DECISION = 5_000
 ROUTER_CLASS = "router.serve_adapter:TandemRequestRouter"
 
 
-def _routing_request(pending: PendingRequest | None, role: str) -> RoutingRequest:
+def _routing_request(pending: PendingRequest | None, role: Role) -> RoutingRequest:
     req = pending.args[0] if pending is not None and pending.args else None
     if req is None or not hasattr(req, "block_keys"):
         rid = pending.metadata.request_id if pending is not None else ""
@@ -55,7 +58,7 @@ class TandemRequestRouter(RequestRouter):
     """Ray Serve request router running a Tandem policy (`request_router_kwargs` = the spec's router)."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        self._role: str = kwargs.get("role", "decode")
+        self._role = Role(kwargs.get("role", Role.DECODE))
         weights = Weights(**kwargs["weights"])
         gate = Gate(**kwargs["gate"])
         self._policy: Policy = make_policy(
@@ -76,16 +79,19 @@ class TandemRequestRouter(RequestRouter):
     def policy(self) -> Policy:
         return self._policy
 
+    def _stats(self, replica: RunningReplica) -> ReplicaStats:
+        # One router serves one deployment: every candidate has this router's role.
+        return ReplicaStats.from_dict(replica.routing_stats, self._role)
+
     def _view(self, replica: RunningReplica) -> ReplicaView:
-        stats = replica.routing_stats or {}
+        s = self._stats(replica)
         return ReplicaView(
             replica.replica_id.unique_id,
-            role=stats.get("role", self._role),
-            healthy=bool(stats.get("healthy", True)),
-            running=int(stats.get("running", 0)),
-            waiting=int(stats.get("waiting", 0)),
-            kv_usage=float(stats.get("kv_usage", 0.0)),
-            updated_at=float(stats.get("ts", 0.0)),
+            role=s.role,
+            running=s.running,
+            waiting=s.waiting,
+            kv_usage=s.kv_usage,
+            updated_at=s.ts,
         )
 
     def _sync_kv_events(self, replicas: list[RunningReplica]) -> None:
@@ -96,7 +102,7 @@ class TandemRequestRouter(RequestRouter):
             return
         for r in replicas:
             rid = r.replica_id.unique_id
-            endpoint = (r.routing_stats or {}).get("kv_events")
+            endpoint = self._stats(r).kv_events
             sub = self._subscribers.get(rid)
             if endpoint and (sub is None or sub.endpoint != endpoint):
                 if sub is not None:
@@ -115,9 +121,6 @@ class TandemRequestRouter(RequestRouter):
         req = _routing_request(pending_request, self._role)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         views = [self._view(r) for r in candidate_replicas]
-        # One router serves one deployment: every candidate has this router's role.
-        for v in views:
-            v.role = self._role
         decision = self._policy.route(req, views, time.time())
         self._metrics.observe(time.perf_counter() - t0, decision.matched_blocks, decision.total_blocks)
         if (
@@ -125,12 +128,14 @@ class TandemRequestRouter(RequestRouter):
             and pending_request.args
             and hasattr(pending_request.args[0], "routing")
         ):
-            # Only what the serving replica needs to report itself: its matched blocks and score.
+            # Only what the serving replica needs: its matched blocks (None without an index) and score.
+            indexed = getattr(self._policy, "index", None) is not None
             matched = decision.matched
             pending_request.args[0].routing = {
-                rid: (matched.get(rid, 0), decision.scores.get(rid, 0.0)) for group in decision.ranked[:2]
+                rid: RouteFeedback(matched.get(rid, 0) if indexed else None, decision.scores.get(rid, 0.0))
+                for group in decision.ranked[:2]
                 for rid in group
-            }  # fmt: skip
+            }
         ranked = [[by_id[rid] for rid in group if rid in by_id] for group in decision.ranked]
         return [g for g in ranked if g] or [candidate_replicas]
 

@@ -9,14 +9,14 @@ A request picks its tier, in this order:
 4. otherwise ``routing.default_tier`` (the first tier when unset).
 
 `chain()` lists the targets to try: the tier itself, then its ``fallback`` tiers in order.
-Pure: no I/O; the ingress applies health and context-window checks along the chain.
+Pure: no I/O; the ingress applies health and context-window checks along the chain. The router's
+inputs are its own dataclasses (`Tier`, `Rule`, `RuleMatch`, `Routing`); the deployment spec's
+`tiers:` and `routing:` sections validate into them (`serving.config.ServingSpec.tier_router`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from serving.config import RoutingSpec, TierRuleMatch, TierSpec
+from dataclasses import dataclass, field
 
 
 class TierError(ValueError):
@@ -26,6 +26,45 @@ class TierError(ValueError):
         super().__init__(message)
         self.param = param
         self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RuleMatch:
+    """Conditions on a request's shape; every condition given (not None) must hold."""
+
+    reasoning_effort: tuple[str, ...] | None = None
+    tools: bool | None = None
+    min_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    min_max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Send `auto` requests whose shape matches `when` to `tier`."""
+
+    tier: str
+    when: RuleMatch = field(default_factory=RuleMatch)
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A task tier: one model, its degradation chain (`fallback` tiers) and its first-token limits."""
+
+    name: str
+    model: str
+    fallback: tuple[str, ...]
+    ttft_slo_s: float
+    first_token_timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How an `auto` request picks its tier."""
+
+    auto_model: str
+    default_tier: str | None = None
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +94,7 @@ class Target:
     model: str
 
 
-def matches(when: TierRuleMatch, shape: RequestShape) -> bool:
+def matches(when: RuleMatch, shape: RequestShape) -> bool:
     """Whether `shape` meets every condition of `when`."""
     if when.reasoning_effort is not None and shape.reasoning_effort not in when.reasoning_effort:
         return False
@@ -73,7 +112,7 @@ def matches(when: TierRuleMatch, shape: RequestShape) -> bool:
 class TierRouter:
     """Resolves a request's tier and lists its degradation chain."""
 
-    def __init__(self, tiers: list[TierSpec], routing: RoutingSpec, models: list[str]) -> None:
+    def __init__(self, tiers: list[Tier], routing: Routing, models: list[str]) -> None:
         self._tiers = {t.name: t for t in tiers}
         self._order = [t.name for t in tiers]
         self._routing = routing
@@ -92,7 +131,7 @@ class TierRouter:
         """Tier names, in spec order."""
         return list(self._order)
 
-    def tier(self, name: str) -> TierSpec:
+    def tier(self, name: str) -> Tier:
         """The tier `name` (KeyError if absent)."""
         return self._tiers[name]
 

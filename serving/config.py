@@ -25,6 +25,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.contracts import DisaggMode, Role
+from router.tiers import Routing, Rule, RuleMatch, Tier, TierRouter
+
 #: Where `tandem model build` writes the tiny local models (overridden by $TANDEM_MODEL_DIR).
 DEFAULT_MODEL_DIR = "~/.cache/tandem/models"
 #: Scheme prefix of a model source that names a locally built tiny model.
@@ -52,14 +55,6 @@ class SpecError(ValueError):
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
-
-
-class Role(StrEnum):
-    """What a pool's replicas do with a request."""
-
-    COLOCATED = "colocated"
-    PREFILL = "prefill"
-    DECODE = "decode"
 
 
 class EngineKind(StrEnum):
@@ -180,14 +175,6 @@ class PoolSpec(_Spec):
             if key in v:
                 raise ValueError(f"engine_args.{key}: set the model's `source` / `name` instead")
         return v
-
-
-class DisaggMode(StrEnum):
-    """Prefill/decode disaggregation choice (the `x-tandem-disagg` request header overrides it)."""
-
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
 
 
 class TransferBackend(StrEnum):
@@ -396,12 +383,23 @@ class TierRuleMatch(_Spec):
         None, ge=0, description="The request asks for at least this many output tokens (max_tokens)."
     )
 
+    def policy(self) -> RuleMatch:
+        """The router's form (router.tiers)."""
+        effort = tuple(self.reasoning_effort) if self.reasoning_effort is not None else None
+        return RuleMatch(
+            effort, self.tools, self.min_prompt_tokens, self.max_prompt_tokens, self.min_max_tokens
+        )
+
 
 class TierRule(_Spec):
     """Send requests whose shape matches `when` to `tier` (rules are tried in order; first match wins)."""
 
     tier: str = Field(description="Tier for matching requests.")
     when: TierRuleMatch = Field(default_factory=TierRuleMatch, description="Conditions.")
+
+    def policy(self) -> Rule:
+        """The router's form (router.tiers)."""
+        return Rule(self.tier, self.when.policy())
 
 
 class TierSpec(_Spec):
@@ -427,6 +425,10 @@ class TierSpec(_Spec):
         description="Overrides resilience.first_token_timeout_s for this tier's model.",
     )
 
+    def policy(self) -> Tier:
+        """The router's form (router.tiers)."""
+        return Tier(self.name, self.model, tuple(self.fallback), self.ttft_slo_s, self.first_token_timeout_s)
+
 
 class RoutingSpec(_Spec):
     """How a request picks its tier: model name, `auto` + x-tandem-task header, or rules."""
@@ -438,6 +440,10 @@ class RoutingSpec(_Spec):
     rules: list[TierRule] = Field(
         default_factory=list, description="Shape rules for `auto` requests without an x-tandem-task header."
     )
+
+    def policy(self) -> Routing:
+        """The router's form (router.tiers)."""
+        return Routing(self.auto_model, self.default_tier, tuple(r.policy() for r in self.rules))
 
 
 class ApiKey(_Spec):
@@ -779,6 +785,11 @@ class ServingSpec(_Spec):
                 "network; bind to 127.0.0.1, enable auth, or set auth.allow_remote_unauthenticated: true"
             )
         return self
+
+    def tier_router(self) -> TierRouter:
+        """The tier router of this spec (router.tiers, on its own dataclasses)."""
+        tiers = [t.policy() for t in self.tiers]
+        return TierRouter(tiers, self.routing.policy(), [m.name for m in self.models])
 
     def tier(self, name: str) -> TierSpec:
         """The tier called `name` (KeyError if absent)."""

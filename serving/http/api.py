@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.admission import AdmissionRequest, Rejected, Ticket
+from router.contracts import DisaggMode
 from router.hashing import BlockHasher, tenant_salt
 from router.resilience import ErrorClass, backoff_s, classify
 from router.tiers import RequestShape, Resolution, TierError
@@ -662,29 +663,29 @@ _INLINE_HASH_TOKENS = 2048
 DISAGG_HEADER = "x-tandem-disagg"
 #: Response header: how the request was served (mode, prefill replica, decode replica).
 ROUTE_HEADER = "x-tandem-route"
-_DISAGG_VALUES = ("on", "off", "auto")
 
 
 def _include_reasoning(body: Any) -> bool:
     return bool(getattr(body, "include_reasoning", False))
 
 
-def _disagg_header(headers: Any) -> str:
+def _disagg_header(headers: Any) -> DisaggMode:
     """The request's `x-tandem-disagg` value (auto when absent); 400 naming the header otherwise."""
     if headers is None:
-        return "auto"
+        return DisaggMode.AUTO
     value = headers.get(DISAGG_HEADER)
     if value is None:
-        return "auto"
+        return DisaggMode.AUTO
     value = value.strip().lower()
-    if value not in _DISAGG_VALUES:
+    try:
+        return DisaggMode(value)
+    except ValueError:
         raise ApiError(
             400,
-            f"header {DISAGG_HEADER}: {value!r} is not one of {', '.join(_DISAGG_VALUES)}",
+            f"header {DISAGG_HEADER}: {value!r} is not one of {', '.join(DisaggMode)}",
             "invalid_request_error",
             DISAGG_HEADER,
-        )
-    return value
+        ) from None
 
 
 async def _first_chunk(

@@ -94,7 +94,7 @@ class Gateway:
         )
         gateway = cls(
             Authenticator(spec.auth, DEFAULT_TENANT),
-            TierRouter(spec.tiers, spec.routing, [m.name for m in spec.models]),
+            spec.tier_router(),
             controller,
             spec.resilience,
             metrics,

@@ -31,8 +31,9 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
-from router.pd import MODE_COLOCATED, MODE_DISAGG, PDDecision, PrefixTracker, decide
-from serving.config import Disaggregation, EngineKind, Role
+from router.contracts import DisaggMode, ReplicaStats, Role, RouteFeedback, ServeMode
+from router.pd import PDDecision, PrefixTracker, decide
+from serving.config import Disaggregation, EngineKind
 from serving.replicas.engines import make_engine
 from serving.replicas.engines.base import (
     Chunk,
@@ -220,30 +221,29 @@ class EngineServer:
         logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
 
     def _route(self, request: GenerateRequest) -> Route:
-        route = Route(mode=MODE_COLOCATED, decode=self._replica)
+        route = Route(mode=ServeMode.COLOCATED, decode=self._replica)
         self._stamp(route, request)
         return route
 
+    def _feedback(self, request: GenerateRequest) -> RouteFeedback | None:
+        """What the router said about this replica when it chose it (None: no Tandem router did)."""
+        return (request.routing or {}).get(_unique_id(self._replica))
+
     def _stamp(self, route: Route, request: GenerateRequest) -> None:
         """Add the router's matched blocks and score for this replica (when a router chose it)."""
-        mine = (request.routing or {}).get(_unique_id(self._replica))
+        mine = self._feedback(request)
         if mine is not None:
-            route.matched_blocks, route.score = mine[0], mine[1]
+            route.matched_blocks, route.score = mine.matched_blocks, mine.score
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Load snapshot for the request router (Ray Serve calls this every stats period)."""
+        """Load snapshot for the request router (Ray Serve calls this every stats period): a
+        `router.contracts.ReplicaStats` in the dict form Serve carries."""
         s = self._engine.stats()
         gauges = getattr(self, "_gauges", None)
         if gauges is not None:
             gauges.record(s)
-        return {
-            "role": self._role.value,
-            "running": s.running,
-            "waiting": s.waiting,
-            "kv_usage": s.kv_usage,
-            "kv_events": self._kv_events,
-            "ts": time.time(),
-        }
+        stats = ReplicaStats(self._role, s.running, s.waiting, s.kv_usage, time.time(), self._kv_events)
+        return stats.as_dict()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Stream chunks for `request`; the first carries the route. Cancelling aborts the engine request."""
@@ -369,20 +369,20 @@ class DecodeServer(EngineServer):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Decide, prefill (remotely or here), then stream. The first chunk carries the route."""
         ids = request.prompt_token_ids
-        wanted = request.disagg if request.disagg != "auto" else self._d.mode.value
+        wanted = request.disagg if request.disagg != DisaggMode.AUTO else self._d.mode
         # The ingress's salted, engine-identical block keys when their block size is ours.
         keys = request.block_keys if self._keyed else []
         if self._local_prefill:
-            cached = self._prefix.cached_keys(keys) if keys else self._prefix.cached_tokens(ids)
+            cached = self._cached_tokens(request, keys)
             decision = decide(wanted, len(ids), cached, self._d.min_prefill_tokens)
         else:
-            decision = PDDecision(MODE_DISAGG, "engine_needs_remote_prefill")
+            decision = PDDecision(ServeMode.DISAGG, "engine_needs_remote_prefill")
         route = Route(mode=decision.mode, decode=self._replica, reason=decision.reason)
         self._stamp(route, request)
         output: list[int] = []
         source: AsyncIterator[Chunk] | None = None
         kv: KVHandle | None = None
-        if decision.mode == MODE_DISAGG:
+        if decision.mode is ServeMode.DISAGG:
             kv, why = await self._remote_prefill(request)
             if kv is not None and kv.error is not None:  # the request's own fault: no retry
                 yield Chunk(error=kv.error)
@@ -392,7 +392,7 @@ class DecodeServer(EngineServer):
                                               "prefill_unavailable"))  # fmt: skip
                 return
             if kv is None:
-                route.mode, route.reason = MODE_COLOCATED, f"fallback:{why}"
+                route.mode, route.reason = ServeMode.COLOCATED, f"fallback:{why}"
             else:
                 route.prefill = kv.replica
                 source = await self._pull(request, kv, route)
@@ -400,7 +400,7 @@ class DecodeServer(EngineServer):
             source = self._guarded(request.request_id, self._engine.generate(request))
         # The prompt tokens the client is not charged compute for: on a remote prefill, the
         # prefill engine's cache hits (the decode engine counts transferred tokens as external).
-        remote_cached = kv.cached_tokens if route.mode == MODE_DISAGG and kv is not None else 0
+        remote_cached = kv.cached_tokens if route.mode is ServeMode.DISAGG and kv is not None else 0
         first = True
         try:
             async for chunk in source:
@@ -416,6 +416,17 @@ class DecodeServer(EngineServer):
                 self._prefix.record_keys(keys)
             else:
                 self._prefix.record(ids + output)
+
+    def _cached_tokens(self, request: GenerateRequest, keys: list[int]) -> int:
+        """Prompt tokens this replica's engine holds: the router's block match when its policy keeps a
+        block index (fed by this engine's KV events, so it knows evictions too) and the keys are the
+        engine's; else this replica's own `PrefixTracker`."""
+        mine = self._feedback(request)
+        if keys and mine is not None and mine.matched_blocks is not None:
+            return min(mine.matched_blocks, len(keys)) * self._prefix.block_size
+        if keys:
+            return self._prefix.cached_keys(keys)
+        return self._prefix.cached_tokens(request.prompt_token_ids)
 
     async def _remote_prefill(self, request: GenerateRequest) -> tuple[KVHandle | None, str]:
         """A `KVHandle` from a prefill replica, or (None, why) after the configured attempts.
@@ -474,7 +485,7 @@ class DecodeServer(EngineServer):
             err = first.error if first is not None and first.error is not None else None
             return _single(Chunk(error=err or EngineError("KV transfer timed out", 504, "kv_transfer")))
         logger.warning("KV pull for %s failed (%s); prefilling on the decode replica", rid, reason)
-        route.mode, route.prefill, route.reason = MODE_COLOCATED, "", f"fallback:{reason}"
+        route.mode, route.prefill, route.reason = ServeMode.COLOCATED, "", f"fallback:{reason}"
         return self._guarded(request.request_id, self._engine.generate(request))
 
 

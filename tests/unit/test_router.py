@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from router.contracts import Role
 from router.hashing import BlockHasher, event_key, tenant_salt
 from router.index import BlockIndex
 from router.policy import (
@@ -185,17 +186,16 @@ def test_approximate_feed_records_sent_requests() -> None:
     assert p.index.match([5, 6]) == {}
 
 
-def test_filters_role_health_tier() -> None:
+def test_filters_role_health() -> None:
     p = _policy()
     views = [
-        ReplicaView("pre", role="prefill", updated_at=1),
+        ReplicaView("pre", role=Role.PREFILL, updated_at=1),
         ReplicaView("sick", healthy=False, updated_at=1),
-        ReplicaView("big", tier="reasoning", updated_at=1),
-        ReplicaView("ok", tier="intent", updated_at=1),
+        ReplicaView("ok", updated_at=1),
     ]
-    d = p.route(RoutingRequest("x", tier="intent"), views, now=1.0)
+    d = p.route(RoutingRequest("x"), views, now=1.0)
     assert sum(d.ranked, []) == ["ok"]
-    assert p.route(RoutingRequest("x", role="prefill"), views, now=1.0).chosen == "pre"
+    assert p.route(RoutingRequest("x", role=Role.PREFILL), views, now=1.0).chosen == "pre"
     assert p.route(RoutingRequest("x", role="none"), views, now=1.0).ranked == []
 
 

@@ -35,7 +35,7 @@ def spec_dict(**overrides) -> dict:
 
 def router(**overrides) -> TierRouter:
     spec = parse_spec(spec_dict(**overrides))
-    return TierRouter(spec.tiers, spec.routing, [m.name for m in spec.models])
+    return spec.tier_router()
 
 
 def test_explicit_model_resolves_to_its_first_tier() -> None:
@@ -76,7 +76,7 @@ def test_custom_auto_alias() -> None:
 
 def test_auto_without_tiers_is_a_400() -> None:
     spec = parse_spec({"models": [_model("m")], "auth": {"enabled": False}})
-    r = TierRouter(spec.tiers, spec.routing, ["m"])
+    r = spec.tier_router()
     with pytest.raises(TierError) as err:
         r.resolve("auto", None)
     assert err.value.status == 400 and err.value.param == "model"
@@ -138,21 +138,21 @@ def test_needs_shape_only_for_auto_without_task_when_rules_exist() -> None:
 
 def test_matches_empty_and_each_condition() -> None:
     shape = RequestShape(100, 50, "low", False)
-    assert matches(TierRuleMatch(), shape)
-    assert matches(TierRuleMatch(reasoning_effort=["low"]), shape)
-    assert not matches(TierRuleMatch(reasoning_effort=["high"]), shape)
-    assert not matches(TierRuleMatch(reasoning_effort=["low"]), RequestShape(100))
-    assert matches(TierRuleMatch(tools=False), shape)
-    assert not matches(TierRuleMatch(tools=True), shape)
-    assert matches(TierRuleMatch(min_prompt_tokens=100, max_prompt_tokens=100), shape)
-    assert not matches(TierRuleMatch(min_prompt_tokens=101), shape)
-    assert not matches(TierRuleMatch(max_prompt_tokens=99), shape)
-    assert matches(TierRuleMatch(min_max_tokens=50), shape)
-    assert not matches(TierRuleMatch(min_max_tokens=51), shape)
-    assert matches(TierRuleMatch(min_max_tokens=0), RequestShape(1, None))
-    assert not matches(TierRuleMatch(min_max_tokens=1), RequestShape(1, None))
+    assert matches(TierRuleMatch().policy(), shape)
+    assert matches(TierRuleMatch(reasoning_effort=["low"]).policy(), shape)
+    assert not matches(TierRuleMatch(reasoning_effort=["high"]).policy(), shape)
+    assert not matches(TierRuleMatch(reasoning_effort=["low"]).policy(), RequestShape(100))
+    assert matches(TierRuleMatch(tools=False).policy(), shape)
+    assert not matches(TierRuleMatch(tools=True).policy(), shape)
+    assert matches(TierRuleMatch(min_prompt_tokens=100, max_prompt_tokens=100).policy(), shape)
+    assert not matches(TierRuleMatch(min_prompt_tokens=101).policy(), shape)
+    assert not matches(TierRuleMatch(max_prompt_tokens=99).policy(), shape)
+    assert matches(TierRuleMatch(min_max_tokens=50).policy(), shape)
+    assert not matches(TierRuleMatch(min_max_tokens=51).policy(), shape)
+    assert matches(TierRuleMatch(min_max_tokens=0).policy(), RequestShape(1, None))
+    assert not matches(TierRuleMatch(min_max_tokens=1).policy(), RequestShape(1, None))
     # Every condition must hold.
-    assert not matches(TierRuleMatch(reasoning_effort=["low"], tools=True), shape)
+    assert not matches(TierRuleMatch(reasoning_effort=["low"], tools=True).policy(), shape)
 
 
 def test_chain_is_tier_then_fallbacks_each_model_once() -> None:
@@ -181,7 +181,7 @@ def test_chain_is_tier_then_fallbacks_each_model_once() -> None:
 def test_tiers_in_spec_order() -> None:
     r = router()
     assert r.tiers == ["intent", "summary", "reasoning", "intent-b"]
-    assert r.tier("summary").fallback == ["intent"]
+    assert r.tier("summary").fallback == ("intent",)
     with pytest.raises(KeyError):
         r.tier("nope")
 

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from router.contracts import DisaggMode, RouteFeedback, ServeMode
+
 
 @dataclass(slots=True)
 class SamplingOptions:
@@ -40,7 +42,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingOptions
-    disagg: str = "auto"
+    disagg: DisaggMode = DisaggMode.AUTO
     #: Per-tenant prefix-cache salt (vLLM `cache_salt`): tenants never share cache entries.
     cache_salt: str | None = None
     #: Routing inputs computed once at the ingress: 64-bit keys of the prompt's full blocks
@@ -48,8 +50,8 @@ class GenerateRequest:
     block_keys: list[int] = field(default_factory=list)
     tenant: str = ""
     session_id: str | None = None
-    #: Set by the router when it picks a replica: per replica id, (matched blocks, score).
-    routing: dict[str, tuple[int, float]] | None = None
+    #: Set by the router when it picks a replica (router.serve_adapter): per candidate replica id.
+    routing: dict[str, RouteFeedback] | None = None
 
 
 @dataclass(slots=True)
@@ -80,9 +82,9 @@ class KVHandle:
 
 @dataclass(slots=True)
 class Route:
-    """How a request was served: `mode` is colocated or disagg; replicas are Serve replica ids."""
+    """How a request was served; replicas are Serve replica ids."""
 
-    mode: str
+    mode: ServeMode
     decode: str
     prefill: str = ""
     reason: str = ""
@@ -165,8 +167,8 @@ class Engine(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Stream the output of `request`. Cancelling the iteration aborts the request."""
 
-    def prefill(self, request: GenerateRequest) -> Any:
-        """Coroutine -> `KVHandle`: run the prompt only, keep its KV for a decode engine to pull.
+    async def prefill(self, request: GenerateRequest) -> KVHandle:
+        """Run the prompt only, keep its KV for a decode engine to pull.
 
         Returns once a decode engine can start pulling (vLLM: after the prefill step; SGLang:
         once the bootstrap room is registered). Failures come back as `KVHandle.error`.
