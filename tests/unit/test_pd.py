@@ -8,12 +8,14 @@ The real path (vLLM + NIXL) is in tests/integration/test_pd.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
 import pytest
 from ray.exceptions import RayError
 
+from router.contracts import RouteFeedback
 from router.pd import PrefixTracker, decide
 from serving.config import EngineKind, Role
 from serving.replicas.deployments import DecodeServer
@@ -120,6 +122,26 @@ async def test_cached_prefix_makes_the_next_turn_colocated() -> None:
     chunks, _ = await _run(server, _req(36, rid="t2"))  # 32 cached + 4 new < 8
     assert chunks[0].route.mode == "colocated" and chunks[0].route.reason.startswith("short_suffix")
     assert server._prefill.prefill.calls == 1
+
+
+async def test_the_routers_block_match_is_the_cached_prefix_when_it_sends_one() -> None:
+    server = await _server(_ok, {"block_size": 16})
+    keys = [101, 102, 103, 104]  # the ingress's keys of a 64-token prompt (16-token blocks)
+
+    async def route(rid: str, matched: int | None) -> Any:
+        feedback = {"local": RouteFeedback(matched, 0.5)}
+        req = dataclasses.replace(_req(64, rid=rid), block_keys=keys, routing=feedback)
+        chunks, _ = await _run(server, req)
+        return chunks[0].route
+
+    # The tracker knows nothing, but the router's index says every block is here: colocated.
+    r = await route("t1", 4)
+    assert (r.mode, r.reason, r.matched_blocks) == ("colocated", "short_suffix:0<8", 4)
+    # The tracker now holds the 4 blocks, but the router says they were evicted: disaggregated.
+    assert (await route("t2", 0)).mode == "disagg"
+    # A policy without a block index sends no match: the tracker decides (all 4 blocks held).
+    r = await route("t3", None)
+    assert (r.mode, r.reason) == ("colocated", "short_suffix:0<8")
 
 
 async def test_header_overrides_the_decider() -> None:
