@@ -474,7 +474,7 @@ async def start_stack(spec: ServingSpec, model: ModelSpec) -> Stack:
     from router.hashing import BlockHasher
     from serving.app import engine_args_for
     from serving.backends import EngineBackend
-    from serving.http.api import ServedModel
+    from serving.http.pipeline import ServedModel
     from serving.replicas.engines import make_engine
     from serving.tokenizer import PromptTokenizer
 

@@ -486,7 +486,8 @@ async def start_stack(spec: ServingSpec, model: ModelSpec, params: Params, state
     from serving.app import engine_args_for
     from serving.backends import EngineBackend
     from serving.config import Role
-    from serving.http.api import ServedModel, build_api
+    from serving.http.api import build_api
+    from serving.http.pipeline import ServedModel
     from serving.http.responses import SessionsFrontend
     from serving.replicas.engines import make_engine
     from serving.sessions.store import SQLiteStore

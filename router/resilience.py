@@ -1,11 +1,16 @@
-"""Error classes, retry budget, backoff, and the health state machine of each target (pure).
+"""Error classes, the retry policy and its next-step decision, retry budget, and the health state
+machine of each target (pure).
 
-Error classes and what the ingress does with each (before the first token reaches the client):
+What happens after a failed attempt is one function, `RetryPolicy.next_step`, used by every retry
+loop: the ingress (per target of a degradation chain, before the first token reaches the client), the
+session workers (engine legs), the webhook sender (deliveries) and the decode replica (remote
+prefills). Each configures its own `RetryPolicy` from its section of the spec. By error class:
 
-- ``rate_limited`` (429): wait what Retry-After says, then retry, if the budget allows.
-- ``server`` (5xx) and ``timeout`` (no first token in time): exponential backoff with full jitter,
-  under the retry budget; each counts as a failure of the target.
-- ``client`` (other 4xx): never retried; returned as is.
+- ``rate_limited`` (429): wait what Retry-After says (at most ``backoff_max_s``; full-jitter backoff
+  without one), then retry on the same target; out of attempts or budget, fail with the Retry-After.
+- ``server`` (5xx) and ``timeout`` (no first token in time): full-jitter exponential backoff and retry
+  on the same target while it is usable and attempts and budget allow; then the next target.
+- ``client`` (other 4xx): never retried; failed as is.
 
 Health of a target (a model's serving pool) as one ingress replica sees it::
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -49,6 +55,85 @@ def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | No
     """Full-jitter exponential backoff before retry number `attempt` (1 = the first retry)."""
     ceiling = min(max_s, base_s * 2 ** max(attempt - 1, 0))
     return (rng or random).uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Try the same target again after `delay_s`."""
+
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class NextTarget:
+    """Give this target up: try the next one along the caller's chain (or fail if there is none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer the error now; `retry_after_s` is what to tell the client (rate limited), if anything."""
+
+    retry_after_s: float | None = None
+
+
+Step = Retry | NextTarget | Fail
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Attempts per target and the full-jitter exponential backoff between them.
+
+    Args:
+        max_attempts: attempts on one target, the first included (1: never retry).
+        backoff_base_s: ceiling of the first retry's jittered wait; it doubles per retry...
+        backoff_max_s: ...up to this. A Retry-After is honoured up to this too.
+    """
+
+    max_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        if self.backoff_base_s < 0 or self.backoff_max_s < 0:
+            raise ValueError("backoff times must not be negative")
+
+    def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The jittered wait after failed attempt number `attempt` (1 = the first)."""
+        return backoff_s(attempt, self.backoff_base_s, self.backoff_max_s, rng)
+
+    def next_step(
+        self,
+        failure: ErrorClass,
+        attempt: int,
+        *,
+        retry_after_s: float | None = None,
+        usable: bool = True,
+        budget: RetryBudget | None = None,
+        rng: random.Random | None = None,
+    ) -> Step:
+        """What to do after attempt number `attempt` (1 = the first) on one target failed.
+
+        Args:
+            failure: the attempt's error class (`classify`).
+            retry_after_s: what the target asked for (Retry-After), if anything.
+            usable: whether the target may still be sent requests (not terminal; see `TargetHealth`).
+            budget: spent (one retry) only when the answer is `Retry`; None: unbounded.
+        """
+        if failure is ErrorClass.CLIENT:
+            return Fail()
+        if retry_after_s is not None:
+            delay = min(max(retry_after_s, 0.0), self.backoff_max_s)
+        else:
+            delay = self.backoff_s(attempt, rng)
+        if failure is ErrorClass.RATE_LIMITED:
+            if attempt < self.max_attempts and (budget is None or budget.try_retry()):
+                return Retry(delay)
+            return Fail(retry_after_s if retry_after_s is not None else delay)
+        if usable and attempt < self.max_attempts and (budget is None or budget.try_retry()):
+            return Retry(delay)
+        return NextTarget()
 
 
 class RetryBudget:

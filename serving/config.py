@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.contracts import DisaggMode, Role
+from router.resilience import RetryPolicy
 from router.tiers import Routing, Rule, RuleMatch, Tier, TierRouter
 
 #: Where `tandem model build` writes the tiny local models (overridden by $TANDEM_MODEL_DIR).
@@ -233,6 +234,11 @@ class Disaggregation(_Spec):
         "a busy loop that keeps one host core per engine busy even when idle "
         "(serving/replicas/engines/vllm_plugin.py).",
     )
+
+    def prefill_retry_policy(self) -> RetryPolicy:
+        """Remote prefill attempts, back to back (Serve's router avoids a replica it saw die); out of
+        attempts the decode replica prefills itself."""
+        return RetryPolicy(self.prefill_attempts, 0.0, 0.0)
 
 
 class RouterPolicy(StrEnum):
@@ -574,6 +580,24 @@ class ResilienceSpec(_Spec):
         "with no running replica is terminal at once (waiting attempts move down the chain).",
     )
 
+    def retry_policy(self) -> RetryPolicy:
+        """The ingress's retry policy (router.resilience)."""
+        return RetryPolicy(self.max_attempts, self.backoff_base_s, self.backoff_max_s)
+
+
+class RetrySpec(_Spec):
+    """Attempts and full-jitter exponential backoff of one retry loop (router.resilience.RetryPolicy)."""
+
+    max_attempts: int = Field(5, ge=1, description="Attempts, the first included.")
+    backoff_base_s: float = Field(0.5, ge=0, description="First retry's backoff ceiling (full jitter).")
+    backoff_max_s: float = Field(
+        30.0, ge=0, description="Largest backoff ceiling; a Retry-After is honoured up to this."
+    )
+
+    def policy(self) -> RetryPolicy:
+        """The router.resilience form."""
+        return RetryPolicy(self.max_attempts, self.backoff_base_s, self.backoff_max_s)
+
 
 class SessionStoreSpec(_Spec):
     """Where background sessions are kept.
@@ -649,10 +673,23 @@ class SessionsSpec(_Spec):
     max_attempts: int = Field(
         5, ge=1, description="Engine attempts in a row without progress before a session fails."
     )
+    backoff_base_s: float = Field(
+        0.5, ge=0, description="First engine retry's backoff ceiling (full jitter; it doubles per retry)."
+    )
+    backoff_max_s: float = Field(10.0, ge=0, description="Largest engine retry backoff ceiling.")
     ttl_s: float = Field(7 * 86400.0, gt=0, description="How long a session is kept after it was created.")
     max_sessions_per_tenant: int = Field(1000, ge=1, description="Stored sessions per tenant.")
     max_bytes_per_tenant: int = Field(256 * 2**20, ge=1, description="Stored bytes per tenant.")
     webhooks: list[WebhookSpec] = Field(default_factory=list, description="Completion webhooks by tenant.")
+    webhook_retry: RetrySpec = Field(
+        default_factory=RetrySpec,
+        description="Delivery attempts of a completion webhook (429 and 5xx and transport errors are "
+        "retried; a numeric Retry-After of a 429/503 is honoured up to backoff_max_s).",
+    )
+
+    def retry_policy(self) -> RetryPolicy:
+        """A session worker's retry policy for engine legs (attempts count legs without progress)."""
+        return RetryPolicy(self.max_attempts, self.backoff_base_s, self.backoff_max_s)
 
 
 class DataPlane(StrEnum):

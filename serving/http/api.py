@@ -1,13 +1,13 @@
-"""The OpenAI-compatible HTTP API (FastAPI), independent of Ray.
+"""The OpenAI-compatible HTTP API (FastAPI), independent of Ray: routes, SSE framing, middlewares.
 
-`build_api(models, metrics)` returns an ASGI app. Each served model brings a tokenizer and a
-`Backend` that streams engine chunks: through Ray Serve handles in production
-(`serving.http.ingress`), or an in-process engine in unit tests and benchmarks.
+`build_api(models, metrics, gateway, sessions)` returns an ASGI app. Each served model brings a
+tokenizer and a `Backend` that streams engine chunks (serving.backends): through Ray Serve handles in
+production (`serving.http.ingress`), or an in-process engine in unit tests and benchmarks.
 
-Path of a request: validate body (400 naming the field) → find model (404) → tokenize once
-(chat template applied here) → check context (400) → stream chunks from the backend → SSE or
-one JSON body. A client that disconnects cancels the backend stream, which aborts the engine
-request.
+Path of a request: auth middleware (401, tenant) → validate body (400 naming the field) → the shared
+pipeline (serving.http.pipeline: plan → admit → open the stream along the tier's degradation chain) →
+SSE or one JSON body. A client that disconnects cancels the backend stream, which aborts the engine
+request, and its admission ticket is released exactly once (`_StreamCloser`).
 """
 
 from __future__ import annotations
@@ -18,105 +18,38 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.admission import AdmissionRequest, Rejected, Ticket
+from router.admission import Ticket
 from router.contracts import DisaggMode
-from router.hashing import BlockHasher, tenant_salt
-from router.resilience import ErrorClass, backoff_s, classify
-from router.tiers import RequestShape, Resolution, TierError
-from serving.backends import Backend
 from serving.http.auth import AuthError
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
+from serving.http.pipeline import PlanInput, RequestPipeline, ServedModel
 from serving.http.protocol import (
+    DISAGG_HEADER,
+    PRIORITY_HEADER,
+    ROUTE_HEADER,
+    SESSION_HEADER,
+    TASK_HEADER,
+    TASK_ID_HEADER,
+    TENANT_HEADER,
+    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     _SamplingBody,
     error_body,
     now,
-    usage,
 )
 from serving.http.responses import SessionsFrontend, add_responses_routes
-from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest
-from serving.thinking import ThinkingRun, ThinkTags
+from serving.replicas.engines.base import Chunk
 
 logger = logging.getLogger(__name__)
-
-
-class Tokenizer(Protocol):
-    """Tokenizer used at the ingress (see serving.tokenizer.PromptTokenizer)."""
-
-    def encode_chat(self, messages: list[Any]) -> list[int]: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-@dataclass(slots=True)
-class ServedModel:
-    """A model as the API sees it."""
-
-    name: str
-    max_model_len: int
-    tokenizer: Tokenizer
-    backend: Backend
-    created: int = 0
-    #: Block hasher with the engine's block size (router.hashing); None: no routing keys.
-    hasher: BlockHasher | None = None
-    #: Salt prefix-cache blocks per tenant (engine and router alike).
-    salt_tenants: bool = True
-    #: Token ids of the reasoning tags (reasoning models); None: a plain model.
-    tags: ThinkTags | None = None
-    #: Reasoning budget of a request that sets none.
-    default_reasoning_budget: int | None = None
-
-    def open_stream(
-        self, request: GenerateRequest, budget: int | None, chat: bool = True
-    ) -> AsyncIterator[Chunk]:
-        """The backend stream; for chat with a reasoning model, through a ThinkingRun: the budget, the
-        reasoning token count, and `text` (the answer) split from `reasoning_text`. A text
-        completion is raw text: nothing is split or hidden."""
-        if self.tags is None or not chat:
-            return self.backend.stream(request)
-        budget = budget or self.default_reasoning_budget
-        # The answer and the reasoning are decoded here from the ids, split at the tags.
-        text = getattr(self.tokenizer, "decode_stream", None)
-        run = ThinkingRun(
-            self.backend.stream, request, request.sampling.max_tokens, budget, self.tags, text=text
-        )
-        return run.chunks()
-
-    def usage(self, last: Chunk, chat: bool = True) -> dict:
-        """The usage block of a finished request (reasoning tokens: chat with a reasoning model)."""
-        reasoning = last.reasoning_tokens if self.tags is not None and chat else None
-        return usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens, reasoning)
-
-
-class ApiError(Exception):
-    """An error answered in the OpenAI shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
 
 
 def _json(obj: Any) -> str:
@@ -153,117 +86,58 @@ _DONE = b"data: [DONE]\n\n"
 
 
 class OpenAIApi:
-    """Request handlers; one instance per ingress replica."""
+    """Request handlers; one instance per ingress replica. The front half of every request is the
+    shared pipeline (serving.http.pipeline); this class answers: SSE or one JSON body."""
 
     def __init__(self, models: dict[str, ServedModel], metrics: IngressMetrics, gateway: Gateway) -> None:
         self.models = models
         self.metrics = metrics
         self.gateway = gateway
+        self.pipeline = RequestPipeline(models, gateway, metrics)
 
-    def model(self, name: str) -> ServedModel:
-        served = self.models.get(name)
-        if served is None:
-            raise ApiError(
-                404,
-                f"The model `{name}` is not served here. Available: {sorted(self.models)}",
-                "not_found_error",
-                "model",
-            )
-        return served
-
-    @staticmethod
-    def _max_tokens(served: ServedModel, body: _SamplingBody, prompt_len: int, prompt_param: str) -> int:
-        room = served.max_model_len - prompt_len
-        if room <= 0:
-            raise ApiError(
-                400,
-                f"The prompt is {prompt_len} tokens; model `{served.name}` has a context of "
-                f"{served.max_model_len} tokens. Shorten the prompt.",
-                "invalid_request_error",
-                prompt_param,
-            )
-        asked = body.requested_max_tokens()
-        if asked is None:
-            return room
-        if asked > room:
-            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-            raise ApiError(
-                400,
-                f"{field} is {asked} but the prompt is {prompt_len} tokens and model "
-                f"`{served.name}` has a context of {served.max_model_len} tokens: at most "
-                f"{room} tokens can be generated. Lower {field} or shorten the prompt.",
-                "invalid_request_error",
-                field,
-            )
-        return asked
-
-    async def serve(
+    def plan_input(
         self,
-        kind: str,
         body: ChatCompletionRequest | CompletionRequest,
         headers: Any,
         tenant: str,
         encode: Callable[[ServedModel], Awaitable[list[int]]],
         prompt_param: str,
-        reasoning_effort: str | None = None,
-        tools: bool = False,
-        reasoning_budget: int | None = None,
+        **extra: Any,
+    ) -> PlanInput:
+        """The pipeline's input for a chat or text completion (headers parsed: 400 naming the header)."""
+        completion = getattr(body, "max_completion_tokens", None)
+        asked_field = "max_completion_tokens" if completion else "max_tokens"
+        return PlanInput(
+            model=body.model,
+            tenant=tenant,
+            encode=encode,
+            requested_max_tokens=body.requested_max_tokens(),
+            prompt_param=prompt_param,
+            max_tokens_param=asked_field,
+            task=headers.get(TASK_HEADER),
+            task_id=headers.get(TASK_ID_HEADER) or None,
+            rank=self.pipeline.priority_rank(headers.get(PRIORITY_HEADER)),
+            session_id=headers.get(SESSION_HEADER),
+            disagg=_disagg_header(headers),
+            **extra,
+        )
+
+    async def serve(
+        self, kind: str, body: ChatCompletionRequest | CompletionRequest, inp: PlanInput
     ) -> Response:
-        """Pick the tier, admit, open a stream along the degradation chain, and answer."""
-        g = self.gateway
-        task = headers.get(TASK_HEADER)
-        task_id = headers.get(TASK_ID_HEADER) or None
-        rank = self.priority_rank(headers)
-        prompts: dict[str, list[int]] = {}
-
-        async def prompt_for(served: ServedModel) -> list[int]:
-            ids = prompts.get(served.name)
-            if ids is None:
-                ids = prompts[served.name] = await encode(served)
-            return ids
-
-        try:
-            shape = None
-            if g.tiers.needs_shape(body.model, task):
-                probe_model = self.model(g.tiers.tier(g.tiers.default_tier()).model)
-                n = len(await prompt_for(probe_model))
-                shape = RequestShape(n, body.requested_max_tokens(), reasoning_effort, tools)
-            res = g.tiers.resolve(body.model, task, shape)
-        except TierError as e:
-            type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
-            raise ApiError(e.status, str(e), type_, e.param) from None
-        primary = self.model(res.model)
-        if reasoning_budget is not None and primary.tags is None:
-            raise ApiError(
-                400,
-                f"max_reasoning_tokens: model `{primary.name}` is not a reasoning model; omit it",
-                "invalid_request_error",
-                "max_reasoning_tokens",
-            )
-        prompt_ids = await prompt_for(primary)
-        max_tokens = self._max_tokens(primary, body, len(prompt_ids), prompt_param)
-        reserved = body.requested_max_tokens() or min(max_tokens, g.default_reserved_tokens)
-        try:
-            ticket = await g.admission.admit(
-                AdmissionRequest(tenant, len(prompt_ids), reserved, task_id, rank)
-            )
-        except Rejected as e:
-            raise self._rejected(e, res.model) from None
-        g.budget.on_request()
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        rid = f"{prefix}-{uuid.uuid4().hex}"
+        """Plan, admit, open a stream along the degradation chain (serving.http.pipeline), and answer."""
+        pipeline = self.pipeline
+        plan = await pipeline.plan(inp)
+        ticket = await pipeline.admit(plan)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         start = time.perf_counter()
+        chat = isinstance(body, ChatCompletionRequest)
         try:
-            opened = await self._open(
-                rid, body, headers, tenant, res, ticket, prompt_for, max_tokens, reasoning_budget
-            )
-        except Rejected as e:
-            ticket.release(None)
-            raise self._rejected(e, res.model) from None
+            opened = await pipeline.open(plan, ticket, rid, body.sampling, chat)
         except BaseException:
             ticket.release(None)
             raise
-        served, first, stream, route = opened
+        served, first, stream = opened.served, opened.first, opened.stream
         m = self.metrics
         m.in_flight.labels(served.name).inc()
         m.ttft.labels(served.name).observe(time.perf_counter() - start)
@@ -281,162 +155,8 @@ class OpenAIApi:
             finally:
                 m.in_flight.labels(served.name).dec()
                 ticket.release(last.prompt_tokens + last.completion_tokens)
-        resp.headers[ROUTE_HEADER] = route
+        resp.headers[ROUTE_HEADER] = opened.route
         return resp
-
-    def priority_rank(self, headers: Any) -> int:
-        """The request's priority class (`x-tandem-priority`, capped by the tenant's); 400 if unknown."""
-        try:
-            return self.gateway.priority_rank(headers.get(PRIORITY_HEADER))
-        except ValueError:
-            raise ApiError(
-                400,
-                f"header {PRIORITY_HEADER}: {headers.get(PRIORITY_HEADER)!r} is not one of "
-                "interactive, standard, batch",
-                "invalid_request_error",
-                PRIORITY_HEADER,
-            ) from None
-
-    def _rejected(self, e: Rejected, model: str) -> ApiError:
-        self.metrics.rejections.labels(e.reason, model).inc()
-        headers = {}
-        retry = e.retry_after_header()
-        if retry is not None:
-            headers["retry-after"] = retry
-        if e.status == 429:
-            type_ = "rate_limit_error"
-        elif e.status == 503:
-            type_ = "service_unavailable_error"
-        else:
-            type_ = "invalid_request_error"
-        param = "max_tokens" if e.reason == "request_too_large" else None
-        return ApiError(e.status, e.message, type_, param, code=e.reason, headers=headers)
-
-    async def _open(
-        self,
-        rid: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        headers: Any,
-        tenant: str,
-        res: Resolution,
-        ticket: Ticket,
-        prompt_for: Callable[[ServedModel], Awaitable[list[int]]],
-        max_tokens: int,
-        reasoning_budget: int | None = None,
-    ) -> tuple[ServedModel, Chunk, AsyncIterator[Chunk], str]:
-        """The first chunk of the first target along the chain that answers (Rejected 503 if none).
-
-        Per target: skip it if its health is terminal or the request does not fit its context;
-        otherwise take a pool slot and wait for the first token. Failures are classified
-        (router.resilience): 4xx is returned as is; 429 honours Retry-After; 5xx and timeouts are
-        retried on the same target with backoff while it is not terminal and the retry budget
-        allows, then the next target is tried.
-        """
-        g = self.gateway
-        r = g.resilience
-        chain = g.tiers.chain(res)
-        skipped: list[str] = []
-        session = headers.get(SESSION_HEADER)
-        disagg = _disagg_header(headers)
-        requested = body.requested_max_tokens()
-        for i, target in enumerate(chain):
-            served = self.models.get(target.model)
-            if served is None:
-                skipped.append(f"{target.model}: not served here")
-                continue
-            health = g.health(target.model)
-            if not health.usable:
-                skipped.append(f"{target.model}: {health.state.value} ({health.reason})")
-                continue
-            ids = await prompt_for(served)
-            if i == 0:
-                out_tokens = max_tokens
-            else:
-                room = served.max_model_len - len(ids)
-                if room < (requested or 1):
-                    skipped.append(
-                        f"{target.model}: context window {served.max_model_len} cannot hold "
-                        f"{len(ids)} prompt + {requested or 1} output tokens"
-                    )
-                    continue
-                out_tokens = requested or room
-            tier = g.tiers.tier(target.tier) if target.tier else None
-            slo = tier.ttft_slo_s if tier else None
-            timeout = (tier.first_token_timeout_s if tier else None) or r.first_token_timeout_s
-            salt = tenant_salt(tenant) if served.salt_tenants else None
-            keys = await _block_keys(served, ids, salt)
-            attempt = 0
-            while True:
-                attempt += 1
-                await ticket.enter_pool(target.model, slo)
-                req = GenerateRequest(
-                    rid if i == 0 and attempt == 1 else f"{rid}-{i}.{attempt}",
-                    ids,
-                    body.sampling(out_tokens),
-                    disagg=disagg,
-                    cache_salt=salt,
-                    block_keys=keys,
-                    tenant=tenant,
-                    session_id=session,
-                )
-                stream = served.open_stream(req, reasoning_budget, isinstance(body, ChatCompletionRequest))
-                err: EngineError | None = None
-                timed_out = False
-                try:
-                    first, why = await _first_chunk(stream, timeout, g.terminal_event(target.model))
-                    if first is not None:
-                        err = first.error
-                    elif why == "timeout":
-                        timed_out = True
-                    else:
-                        err = EngineError(f"pool went down while waiting: {health.reason}", 503, why)
-                except BaseException:
-                    ticket.leave_pool()
-                    await asyncio.shield(stream.aclose())
-                    raise
-                now = time.monotonic()
-                if first is not None and err is None:
-                    health.on_success(now)
-                    degraded = i > 0
-                    self.metrics.tier_requests.labels(
-                        target.tier or "", served.name, res.how, str(degraded).lower()
-                    ).inc()
-                    route = f"tier={target.tier or '-'}; model={served.name}; how={res.how}"
-                    if degraded:
-                        route += f"; degraded_from={chain[0].tier or chain[0].model}; degraded_reason="
-                        route += skipped[0].split(": ", 1)[1].replace(";", ",") if skipped else "unknown"
-                    if first.route is not None:
-                        route += "; " + first.route.header()
-                    return served, first, stream, route
-                await stream.aclose()
-                ticket.leave_pool()
-                cls = classify(err.status if err else None, timed_out)
-                self.metrics.attempt_failures.labels(target.model, cls.value).inc()
-                if cls is ErrorClass.CLIENT:
-                    assert err is not None
-                    raise ApiError(err.status, err.message, err.type)
-                if cls is ErrorClass.RATE_LIMITED:
-                    assert err is not None
-                    delay = err.retry_after_s or backoff_s(attempt, r.backoff_base_s, r.backoff_max_s)
-                    if attempt < r.max_attempts and g.budget.try_retry():
-                        self.metrics.retries.labels(target.model, cls.value).inc()
-                        await asyncio.sleep(delay)
-                        continue
-                    raise Rejected("engine_overloaded", err.message, delay)
-                reason = f"timeout after {timeout:g}s" if timed_out else f"{err.status} {err.type}"
-                health.on_failure(reason, now)
-                if health.usable and attempt < r.max_attempts and g.budget.try_retry():
-                    self.metrics.retries.labels(target.model, cls.value).inc()
-                    await asyncio.sleep(backoff_s(attempt, r.backoff_base_s, r.backoff_max_s))
-                    continue
-                skipped.append(f"{target.model}: {reason}")
-                break
-        raise Rejected(
-            "pool_down",
-            "no model along the degradation chain could serve this request: " + "; ".join(skipped),
-            r.probe_interval_s,
-            status=503,
-        )
 
     def _account(self, served: ServedModel, last: Chunk, start: float, endpoint: str, status: int) -> None:
         m = self.metrics
@@ -647,24 +367,6 @@ class _JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
-#: Request header: the tenant, honoured only when auth is disabled (local use, tests).
-TENANT_HEADER = "x-tandem-tenant"
-#: Request header: the tier of a `model: auto` request (intent, reasoning, ...).
-TASK_HEADER = "x-tandem-task"
-#: Request header: the agent task a call belongs to (its fan-out semaphore).
-TASK_ID_HEADER = "x-tandem-task-id"
-#: Request header: priority class (interactive | standard | batch), at most the tenant's.
-PRIORITY_HEADER = "x-tandem-priority"
-#: Request header: a conversation's session id (session affinity in the router).
-SESSION_HEADER = "x-session-id"
-#: Prompts longer than this are hashed in a worker thread (SHA-256 per block).
-_INLINE_HASH_TOKENS = 2048
-#: Request header: prefill/decode disaggregation for this request (on | off | auto).
-DISAGG_HEADER = "x-tandem-disagg"
-#: Response header: how the request was served (mode, prefill replica, decode replica).
-ROUTE_HEADER = "x-tandem-route"
-
-
 def _include_reasoning(body: Any) -> bool:
     return bool(getattr(body, "include_reasoning", False))
 
@@ -686,42 +388,6 @@ def _disagg_header(headers: Any) -> DisaggMode:
             "invalid_request_error",
             DISAGG_HEADER,
         ) from None
-
-
-async def _first_chunk(
-    stream: AsyncIterator[Chunk], max_wait_s: float, down: asyncio.Event
-) -> tuple[Chunk | None, str]:
-    """The stream's first chunk, or None and why not: "timeout", "pool_down" (the target went terminal
-    while waiting, e.g. its last replica died), or "empty" (the stream ended without a chunk)."""
-    first = asyncio.ensure_future(anext(stream))
-    went_down = asyncio.ensure_future(down.wait())
-    try:
-        done, _ = await asyncio.wait(
-            {first, went_down}, timeout=max_wait_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        went_down.cancel()
-        if not first.done():
-            first.cancel()
-            await asyncio.gather(first, return_exceptions=True)
-    if first in done:
-        try:
-            return first.result(), "ok"
-        except StopAsyncIteration:
-            return Chunk(error=EngineError("the engine ended the stream without output", 502, "empty")), "ok"
-        except Exception as e:  # a backend that raises instead of yielding an error chunk: a 5xx
-            logger.warning("backend stream raised %s: %s", type(e).__name__, e)
-            return Chunk(error=EngineError(f"backend error: {type(e).__name__}", 502, "backend_error")), "ok"
-    return None, "pool_down" if went_down in done else "timeout"
-
-
-async def _block_keys(served: ServedModel, ids: list[int], salt: str | None) -> list[int]:
-    """The prompt's chained block hashes for the router (long prompts hashed in a thread)."""
-    if served.hasher is None:
-        return []
-    if len(ids) > _INLINE_HASH_TOKENS:
-        return await asyncio.to_thread(served.hasher.keys, ids, salt)
-    return served.hasher.keys(ids, salt)
 
 
 def _route_path(scope: Any) -> str:
@@ -869,14 +535,12 @@ def build_api(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion (streaming with `stream: true`). `model: auto` picks a tier."""
-        _disagg_header(request.headers)
 
         async def encode(served: ServedModel) -> list[int]:
             _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
             return await asyncio.to_thread(served.tokenizer.encode_chat, body.messages)
 
-        return await api.serve(
-            "chat",
+        inp = api.plan_input(
             body,
             request.headers,
             request.state.tenant,
@@ -886,11 +550,11 @@ def build_api(
             tools=bool(body.tools),
             reasoning_budget=body.max_reasoning_tokens,
         )
+        return await api.serve("chat", body, inp)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion of one prompt (string or token ids). `model: auto` picks a tier."""
-        _disagg_header(request.headers)
 
         async def encode(served: ServedModel) -> list[int]:
             _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
@@ -903,9 +567,10 @@ def build_api(
                 raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
             return ids
 
-        return await api.serve("completion", body, request.headers, request.state.tenant, encode, "prompt")
+        inp = api.plan_input(body, request.headers, request.state.tenant, encode, "prompt")
+        return await api.serve("completion", body, inp)
 
     if sessions is not None:
-        add_responses_routes(app, api, sessions)
+        add_responses_routes(app, api.pipeline, sessions)
 
     return app

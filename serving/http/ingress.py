@@ -12,11 +12,12 @@ from ray.serve.handle import DeploymentHandle
 from router.hashing import BlockHasher
 from serving.backends import HandleBackend
 from serving.config import ServingSpec, parse_spec
-from serving.http.api import ServedModel, build_api
+from serving.http.api import build_api
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
+from serving.http.pipeline import ServedModel
 from serving.http.responses import SessionsFrontend
-from serving.sessions.store import open_store
+from serving.sessions.stores import open_store
 from serving.thinking import reasoning_tags
 from serving.tokenizer import PromptTokenizer
 

@@ -265,3 +265,40 @@ def usage(prompt: int, completion: int, cached: int, reasoning: int | None = Non
 def now() -> int:
     """Unix seconds for `created`."""
     return int(time.time())
+
+
+class ApiError(Exception):
+    """An error answered in the OpenAI shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+#: Request header: the tenant, honoured only when auth is disabled (local use, tests).
+TENANT_HEADER = "x-tandem-tenant"
+#: Request header: the tier of a `model: auto` request (intent, reasoning, ...).
+TASK_HEADER = "x-tandem-task"
+#: Request header: the agent task a call belongs to (its fan-out semaphore).
+TASK_ID_HEADER = "x-tandem-task-id"
+#: Request header: priority class (interactive | standard | batch), at most the tenant's.
+PRIORITY_HEADER = "x-tandem-priority"
+#: Request header: a conversation's session id (session affinity in the router).
+SESSION_HEADER = "x-session-id"
+#: Request header: prefill/decode disaggregation for this request (on | off | auto).
+DISAGG_HEADER = "x-tandem-disagg"
+#: Response header: how the request was served (mode, prefill replica, decode replica).
+ROUTE_HEADER = "x-tandem-route"

@@ -22,21 +22,24 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router.admission import AdmissionRequest, Rejected
-from router.hashing import tenant_salt
-from router.tiers import RequestShape, TierError
-from serving.http.protocol import ChatMessage, ResponsesRequest
+from serving.http.pipeline import PlanInput, RequestPipeline, ServedModel
+from serving.http.protocol import (
+    PRIORITY_HEADER,
+    TASK_HEADER,
+    TASK_ID_HEADER,
+    ApiError,
+    ChatMessage,
+    ResponsesRequest,
+)
 from serving.sessions.events import TERMINAL_EVENTS, new_response_id, response_object
+from serving.sessions.request import SessionRequest
 from serving.sessions.store import QuotaExceeded, SessionRecord, SessionStore
 from serving.sessions.worker import cancel_session
-
-if TYPE_CHECKING:
-    from serving.http.api import OpenAIApi, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,7 @@ class SessionsFrontend:
     poll_s: float = 0.05
 
 
-def _not_found(rid: str) -> Any:
-    from serving.http.api import ApiError
-
+def _not_found(rid: str) -> ApiError:
     return ApiError(404, f"No response found with id '{rid}'.", "not_found_error", "response_id")
 
 
@@ -85,15 +86,8 @@ class _EventStream(StreamingResponse):
             await asyncio.shield(self._on_close())
 
 
-def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFrontend) -> None:
-    """Register the /v1/responses routes on `app`."""
-    from serving.http.api import (
-        TASK_HEADER,
-        TASK_ID_HEADER,
-        ApiError,
-        _block_keys,
-    )
-
+def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: SessionsFrontend) -> None:
+    """Register the /v1/responses routes on `app` (requests planned and admitted by `pipeline`)."""
     store = sessions.store
 
     def event_stream(rid: str, tenant: str, after: int, cancel_on_leave: bool) -> Response:
@@ -139,31 +133,11 @@ def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFronten
                 return rec
             await asyncio.sleep(sessions.poll_s * 4)
 
-    def pick_target(res: Any) -> ServedModel:
-        """The first model along the tier's chain that is usable and can hold the request."""
-        g = api.gateway
-        skipped = []
-        for target in g.tiers.chain(res):
-            served = api.models.get(target.model)
-            if served is None:
-                continue
-            if not g.health(target.model).usable:
-                skipped.append(f"{target.model}: {g.health(target.model).state.value}")
-                continue
-            return served
-        raise ApiError(
-            503,
-            "no model along the tier's degradation chain is available: " + "; ".join(skipped),
-            "service_unavailable_error",
-            code="pool_down",
-        )
-
     @app.post("/v1/responses", response_model=None)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         """Create a response: a stored session run by a worker (see `background` and `stream`)."""
         tenant: str = request.state.tenant
         headers = request.headers
-        g = api.gateway
         messages: list[ChatMessage] = []
         if body.previous_response_id:
             prev = await asyncio.to_thread(store.get, body.previous_response_id, tenant)
@@ -181,7 +155,7 @@ def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFronten
                     "invalid_request_error",
                     "previous_response_id",
                 )
-            messages += [ChatMessage(**m) for m in prev.request.get("messages", [])]
+            messages += [ChatMessage(**m) for m in SessionRequest.from_dict(prev.request).messages]
             answer = _answer_text(prev.result)
             messages.append(ChatMessage(role="assistant", content=answer))
         if isinstance(body.input, str):
@@ -191,97 +165,60 @@ def add_responses_routes(app: FastAPI, api: OpenAIApi, sessions: SessionsFronten
         system = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
         full = system + messages
         effort = body.reasoning.effort if body.reasoning else None
-        asked = body.max_output_tokens
-        task = headers.get(TASK_HEADER)
-        rank = api.priority_rank(headers)
-        try:
-            shape = None
-            if g.tiers.needs_shape(body.model, task):
-                probe = api.model(g.tiers.tier(g.tiers.default_tier()).model)
-                n = len(await asyncio.to_thread(probe.tokenizer.encode_chat, full))
-                shape = RequestShape(n, asked, effort, False)
-            res = g.tiers.resolve(body.model, task, shape)
-        except TierError as e:
-            type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
-            raise ApiError(e.status, str(e), type_, e.param) from None
-        api.model(res.model)  # 404 for a model not served here
-        served = pick_target(res)
-        prompt_ids = await asyncio.to_thread(served.tokenizer.encode_chat, full)
-        room = served.max_model_len - len(prompt_ids)
-        if room <= 0:
-            raise ApiError(
-                400,
-                f"input: the prompt is {len(prompt_ids)} tokens; model `{served.name}` has a context of "
-                f"{served.max_model_len} tokens",
-                "invalid_request_error",
-                "input",
+
+        async def encode(served: ServedModel) -> list[int]:
+            return await asyncio.to_thread(served.tokenizer.encode_chat, full)
+
+        plan = await pipeline.plan(
+            PlanInput(
+                model=body.model,
+                tenant=tenant,
+                encode=encode,
+                requested_max_tokens=body.max_output_tokens,
+                prompt_param="input",
+                max_tokens_param="max_output_tokens",
+                task=headers.get(TASK_HEADER),
+                task_id=headers.get(TASK_ID_HEADER),
+                rank=pipeline.priority_rank(headers.get(PRIORITY_HEADER)),
+                reasoning_effort=effort,
+                reasoning_budget=body.reasoning.max_tokens if body.reasoning else None,
+                budget_param="reasoning.max_tokens",
+                first_usable=True,  # a session is opened by a worker, on this model
             )
-        if asked is not None and asked > room:
-            raise ApiError(
-                400,
-                f"max_output_tokens is {asked} but only {room} tokens fit after the "
-                f"{len(prompt_ids)}-token prompt in model `{served.name}`'s context",
-                "invalid_request_error",
-                "max_output_tokens",
-            )
-        budget = body.reasoning.max_tokens if body.reasoning else None
-        if budget is not None and served.tags is None:
-            raise ApiError(
-                400,
-                f"reasoning.max_tokens: model `{served.name}` is not a reasoning model; omit it",
-                "invalid_request_error",
-                "reasoning.max_tokens",
-            )
-        budget = budget or (served.default_reasoning_budget if served.tags is not None else None)
-        max_out = asked or room
-        reserved = asked or min(room, g.default_reserved_tokens)
-        try:
-            ticket = await g.admission.admit(
-                AdmissionRequest(tenant, len(prompt_ids), reserved, headers.get(TASK_ID_HEADER), rank)
-            )
-        except Rejected as e:
-            raise api._rejected(e, served.name) from None
-        # A session holds no fan-out or pool slot (it runs detached); its tokens are charged up front.
-        ticket.release(len(prompt_ids) + reserved)
-        rid = new_response_id()
-        salt = tenant_salt(tenant) if served.salt_tenants else None
-        keys = await _block_keys(served, prompt_ids, salt)
-        summary = body.reasoning.summary if body.reasoning and served.tags is not None else None
-        rec = SessionRecord(
-            id=rid,
-            tenant=tenant,
-            model=served.name,
-            request={
-                "prompt_ids": prompt_ids,
-                "sampling": {
-                    "temperature": body.temperature,
-                    "top_p": body.top_p,
-                    "seed": body.seed,
-                },
-                "max_output_tokens": max_out,
-                "max_output_tokens_asked": asked,
-                "reasoning_budget": budget,
-                "summary": summary,
-                "cache_salt": salt,
-                "block_keys": keys,
-                "background": body.background,
-                "instructions": body.instructions,
-                "metadata": body.metadata or {},
-                "previous_response_id": body.previous_response_id,
-                "reasoning": {
-                    "effort": effort,
-                    "summary": body.reasoning.summary if body.reasoning else None,
-                    "max_tokens": budget,
-                },
-                "messages": [m.model_dump(exclude_none=True) for m in messages],
-            },
         )
+        ticket = await pipeline.admit(plan)
+        # A session holds no fan-out or pool slot (it runs detached); its tokens are charged up front.
+        ticket.release(len(plan.prompt_ids) + plan.reserved)
+        served = plan.served
+        rid = new_response_id()
+        summary = body.reasoning.summary if body.reasoning and served.tags is not None else None
+        request = SessionRequest(
+            prompt_ids=plan.prompt_ids,
+            sampling={"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed},
+            max_output_tokens=plan.max_tokens,
+            reasoning_budget=plan.reasoning_budget,
+            summary=summary,
+            cache_salt=plan.salt,
+            block_keys=plan.block_keys,
+            max_output_tokens_asked=body.max_output_tokens,
+            background=body.background,
+            instructions=body.instructions,
+            metadata=body.metadata or {},
+            previous_response_id=body.previous_response_id,
+            reasoning={
+                "effort": effort,
+                "summary": body.reasoning.summary if body.reasoning else None,
+                "max_tokens": plan.reasoning_budget,
+            },
+            messages=[m.model_dump(exclude_none=True) for m in messages],
+        )
+        rec = SessionRecord(id=rid, tenant=tenant, model=served.name, request=request.to_dict())
         try:
             await asyncio.to_thread(store.create, rec)
         except QuotaExceeded as e:
-            api.metrics.rejections.labels("session_quota", served.name).inc()
+            pipeline.metrics.rejections.labels("session_quota", served.name).inc()
             raise ApiError(429, str(e), "rate_limit_error", code="session_quota") from None
-        api.metrics.sessions.labels(served.name).inc()
+        pipeline.metrics.sessions.labels(served.name).inc()
         try:
             await sessions.notify(rid)
         except Exception as e:  # a worker's sweep claims it anyway

@@ -33,6 +33,7 @@ from ray.serve.exceptions import RayServeException
 
 from router.contracts import DisaggMode, ReplicaStats, Role, RouteFeedback, ServeMode
 from router.pd import PDDecision, PrefixTracker, decide
+from router.resilience import Fail, NextTarget, classify
 from serving.config import Disaggregation, EngineKind
 from serving.replicas.engines import make_engine
 from serving.replicas.engines.base import (
@@ -429,35 +430,40 @@ class DecodeServer(EngineServer):
         return self._prefix.cached_tokens(request.prompt_token_ids)
 
     async def _remote_prefill(self, request: GenerateRequest) -> tuple[KVHandle | None, str]:
-        """A `KVHandle` from a prefill replica, or (None, why) after the configured attempts.
+        """A `KVHandle` from a prefill replica, or (None, why) when the retry policy gives up.
 
-        Each attempt has its own timeout; a dead replica (RayError), a timeout or an engine error
-        moves on to the next attempt (Serve's router avoids replicas it saw die). A 4xx from the
-        prefill engine is returned as is: the same request would fail here too.
+        Each attempt has its own timeout; a dead replica (RayError), a timeout or an engine error is
+        retried (Serve's router avoids replicas it saw die). A 4xx from the prefill engine is returned
+        as is: the same request would fail here too.
         """
-        why = "prefill_failed"
-        for attempt in range(self._d.prefill_attempts):
-            req = dataclasses.replace(request, request_id=f"{request.request_id}-p{attempt}")
+        policy = self._d.prefill_retry_policy()
+        attempt = 0
+        while True:
+            attempt += 1
+            req = dataclasses.replace(request, request_id=f"{request.request_id}-p{attempt - 1}")
+            status: int | None = None
+            timed_out = False
             try:
                 kv: KVHandle = await asyncio.wait_for(
                     self._prefill.prefill.remote(req), timeout=self._d.prefill_timeout_s
                 )
             except TimeoutError:
-                why = "prefill_timeout"
-                logger.warning("prefill of %s timed out (attempt %d)", request.request_id, attempt + 1)
-                continue
+                why, timed_out = "prefill_timeout", True
+                logger.warning("prefill of %s timed out (attempt %d)", request.request_id, attempt)
             except RayError as e:
                 why = "prefill_replica_died"
-                logger.warning("prefill of %s failed (attempt %d): %s", request.request_id, attempt + 1, e)
-                continue
-            if kv.error is not None:
-                if 400 <= kv.error.status < 500:
-                    return kv, "prefill_rejected"
-                why = "prefill_error"
+                logger.warning("prefill of %s failed (attempt %d): %s", request.request_id, attempt, e)
+            else:
+                if kv.error is None:
+                    return kv, ""
+                why, status = "prefill_error", kv.error.status
                 logger.warning("prefill of %s: %s", request.request_id, kv.error.message)
-                continue
-            return kv, ""
-        return None, why
+            step = policy.next_step(classify(status, timed_out), attempt)
+            if isinstance(step, Fail):
+                return kv, "prefill_rejected"
+            if isinstance(step, NextTarget):
+                return None, why
+            await asyncio.sleep(step.delay_s)
 
     async def _pull(self, request: GenerateRequest, kv: KVHandle, route: Route) -> AsyncIterator[Chunk]:
         """Start decoding with `kv`; the stream to serve, falling back to a local prefill when the

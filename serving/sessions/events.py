@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from serving.sessions.request import SessionRequest
 from serving.sessions.store import Event, SessionRecord, Status
 
 #: Event types that end a session's stream.
@@ -37,21 +38,21 @@ def response_object(rec: SessionRecord, status: Status | None = None) -> dict[st
     st = status or rec.status
     if rec.result is not None and (status is None or status is rec.status):
         return rec.result
-    r = rec.request
+    r = SessionRequest.from_dict(rec.request)
     return {
         "id": rec.id,
         "object": "response",
         "created_at": int(rec.created),
         "status": st.value,
-        "background": bool(r.get("background")),
+        "background": r.background,
         "model": rec.model,
-        "instructions": r.get("instructions"),
-        "max_output_tokens": r.get("max_output_tokens_asked"),
-        "metadata": r.get("metadata") or {},
-        "previous_response_id": r.get("previous_response_id"),
-        "reasoning": r.get("reasoning") or {"effort": None, "summary": None, "max_tokens": None},
-        "temperature": r["sampling"].get("temperature"),
-        "top_p": r["sampling"].get("top_p"),
+        "instructions": r.instructions,
+        "max_output_tokens": r.max_output_tokens_asked,
+        "metadata": r.metadata,
+        "previous_response_id": r.previous_response_id,
+        "reasoning": r.reasoning,
+        "temperature": r.sampling.get("temperature"),
+        "top_p": r.sampling.get("top_p"),
         "error": None,
         "incomplete_details": None,
         "output": [],

@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from serving.backends import HandleBackend
 from serving.config import WebhookSpec, parse_spec
 from serving.replicas.deployments import replica_name
-from serving.sessions.store import open_store
+from serving.sessions.stores import open_store
 from serving.sessions.webhooks import CompletionNotifier, WebhookSender, WebhookTarget, webhook_from_config
 from serving.sessions.worker import SessionModel, SessionWorker, WorkerSettings
 from serving.thinking import reasoning_tags
@@ -93,7 +93,8 @@ class SessionServer:
                 name, HandleBackend(handle).stream, tok, reasoning_tags(self._spec, name, tok)
             )
         hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
-        self._notifier = CompletionNotifier(hooks, WebhookSender()) if hooks else None
+        sender = WebhookSender(retry=s.webhook_retry.policy()) if hooks else None
+        self._notifier = CompletionNotifier(hooks, sender) if sender is not None else None
         owner = f"{replica_name()}/{uuid.uuid4().hex[:8]}"
         self._metrics = _SessionMetrics()
         self._worker = SessionWorker(

@@ -21,9 +21,7 @@ is cancelled on the spot.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -557,25 +555,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def open_store(spec: Any) -> SessionStore:
-    """The session store a `config.SessionsSpec` describes."""
-    st = spec.store
-    bounds = {
-        "ttl_s": spec.ttl_s,
-        "max_sessions_per_tenant": spec.max_sessions_per_tenant,
-        "max_bytes_per_tenant": spec.max_bytes_per_tenant,
-    }
-    if st.kind == "sqlite":
-        return SQLiteStore(Path(st.path).expanduser(), **bounds)
-    if st.kind == "redis":
-        from serving.sessions.store_redis import RedisStore
-
-        url = st.url if st.url is not None else os.environ.get(st.url_env or "")
-        if not url:
-            raise ValueError(f"sessions.store.url_env: ${st.url_env} is not set")
-        return RedisStore(url, prefix=st.prefix, **st.options, **bounds)
-    module, _, name = st.class_path.partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**st.options, **bounds)

@@ -36,6 +36,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from router.resilience import ErrorClass, Retry, RetryPolicy, classify
+from serving.config import RetrySpec
+
 logger = logging.getLogger(__name__)
 
 SECRET_PREFIX = "whsec_"
@@ -45,8 +48,6 @@ DEFAULT_TOLERANCE_S = 300.0
 # The terminal statuses of a background response, each one an event type ``response.<status>``.
 COMPLETION_STATUSES = ("completed", "incomplete", "failed", "cancelled")
 
-# Statuses that are worth another attempt (429 and every 5xx). Other 4xx are the receiver's final word.
-_RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
 # Statuses whose numeric Retry-After header we honour.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 # Transport errors that another attempt cannot fix.
@@ -199,30 +200,23 @@ def _retry_after_s(response: httpx.Response) -> float | None:
 
 
 class WebhookSender:
-    """Delivers signed webhook events with retries (exponential backoff, full jitter)."""
+    """Delivers signed webhook events with retries (router.resilience.RetryPolicy: exponential backoff
+    with full jitter; `None`: the spec's default `sessions.webhook_retry`)."""
 
     def __init__(
         self,
         client: httpx.AsyncClient | None = None,
-        max_attempts: int = 5,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        retry: RetryPolicy | None = None,
         request_timeout_s: float = 10.0,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if backoff_base_s < 0 or backoff_max_s < 0:
-            raise ValueError("backoff times must not be negative")
         if request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient(follow_redirects=False)
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
+        self.retry = retry if retry is not None else RetrySpec().policy()
         self.request_timeout_s = request_timeout_s
         self._sleep = sleep
         self._clock = clock
@@ -238,11 +232,6 @@ class WebhookSender:
         """Close the HTTP client if this sender created it."""
         if self._owns_client:
             await self._client.aclose()
-
-    def _backoff_s(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(max, base * 2**(attempt-1))] after failed ``attempt``."""
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempt - 1)))
-        return self._rng.uniform(0.0, ceiling)
 
     def _headers(self, target: WebhookTarget, event_id: str, body: bytes) -> dict[str, str]:
         timestamp = int(self._clock())
@@ -269,7 +258,9 @@ class WebhookSender:
         last_status: int | None = None
         last_error: str | None = None
         url = _redact(target.url)
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             retry_after: float | None = None
             try:
                 response = await self._attempt(target, event_id, body)
@@ -277,31 +268,31 @@ class WebhookSender:
                 last_status = None
                 last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 retryable = isinstance(e, httpx.TransportError) and not isinstance(e, _FATAL_TRANSPORT_ERRORS)
+                failure = ErrorClass.SERVER if retryable else ErrorClass.CLIENT
             else:
                 last_status = response.status_code
                 if response.is_success:
                     return DeliveryResult(True, attempt, last_status, None)
                 last_error = f"HTTP {last_status}"
-                retryable = last_status in _RETRY_STATUSES
+                # 429 and 5xx are worth another attempt; other 4xx (and a redirect, which is not
+                # followed) are the receiver's final word.
+                failure = classify(last_status) if last_status >= 400 else ErrorClass.CLIENT
                 if last_status in _RETRY_AFTER_STATUSES:
                     retry_after = _retry_after_s(response)
-            will_retry = retryable and attempt < self.max_attempts
+            step = self.retry.next_step(failure, attempt, retry_after_s=retry_after, rng=self._rng)
+            will_retry = isinstance(step, Retry)
             logger.warning(
                 "webhook %s to %s: attempt %d/%d failed (%s)%s",
                 event_id,
                 url,
                 attempt,
-                self.max_attempts,
+                self.retry.max_attempts,
                 last_error,
                 "; retrying" if will_retry else "; giving up",
             )
-            if not will_retry:
+            if not isinstance(step, Retry):
                 return DeliveryResult(False, attempt, last_status, last_error)
-            delay = (
-                min(retry_after, self.backoff_max_s) if retry_after is not None else self._backoff_s(attempt)
-            )
-            await self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+            await self._sleep(step.delay_s)
 
 
 class CompletionNotifier:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from router.resilience import Retry, RetryPolicy, classify
 from serving.replicas.engines.base import EngineError, GenerateRequest, SamplingOptions
 from serving.sessions.events import (
     SUMMARY_MODES,
@@ -40,6 +40,7 @@ from serving.sessions.events import (
     EventWriter,
     response_object,
 )
+from serving.sessions.request import SessionRequest
 from serving.sessions.store import Event, LeaseLost, SessionRecord, SessionStore, Status
 from serving.thinking import ReasoningState, StreamFn, ThinkingRun, ThinkTags, split_generated
 
@@ -65,32 +66,6 @@ class SessionModel:
     tags: ThinkTags | None = None
 
 
-@dataclass(slots=True)
-class SessionRequest:
-    """The part of a stored request a worker uses (the rest is echoed in the response object)."""
-
-    prompt_ids: list[int]
-    sampling: dict[str, Any]
-    max_output_tokens: int
-    reasoning_budget: int | None = None
-    summary: str | None = None
-    cache_salt: str | None = None
-    block_keys: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_record(cls, rec: SessionRecord) -> SessionRequest:
-        r = rec.request
-        return cls(
-            prompt_ids=list(r["prompt_ids"]),
-            sampling=dict(r["sampling"]),
-            max_output_tokens=int(r["max_output_tokens"]),
-            reasoning_budget=r.get("reasoning_budget"),
-            summary=r.get("summary"),
-            cache_salt=r.get("cache_salt"),
-            block_keys=list(r.get("block_keys") or []),
-        )
-
-
 # -- the worker -------------------------------------------------------------------------------------
 
 
@@ -104,9 +79,8 @@ class WorkerSettings:
     sweep_interval_s: float
     cancel_poll_s: float
     max_active: int
-    max_attempts: int
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 10.0
+    #: Engine legs: attempts in a row without progress, and the backoff between them.
+    retry: RetryPolicy
 
     @classmethod
     def from_spec(cls, spec: Any) -> WorkerSettings:
@@ -117,7 +91,7 @@ class WorkerSettings:
             sweep_interval_s=spec.sweep_interval_s,
             cancel_poll_s=spec.cancel_poll_s,
             max_active=spec.max_active_per_worker,
-            max_attempts=spec.max_attempts,
+            retry=spec.retry_policy(),
         )
 
 
@@ -313,7 +287,7 @@ class _SessionRun:
     def __init__(self, worker: SessionWorker, rec: SessionRecord) -> None:
         self.w = worker
         self.rec = rec
-        self.req = SessionRequest.from_record(rec)
+        self.req = SessionRequest.from_dict(rec.request)
         self.model = worker.models.get(rec.model)
         self.generated: list[int] = []
         self.stored = 0  # ids already in the store
@@ -362,13 +336,16 @@ class _SessionRun:
                     await self._consume(run)
                 except _LegFailed as e:
                     await self._checkpoint(force=True)
+                    # Failures count legs in a row without progress (a leg that made some resets them).
                     failures = 0 if len(self.generated) > progress_at else failures + 1
-                    if e.error.status < 500 and e.error.status != 429 or failures >= w.settings.max_attempts:
-                        await self._finish(Status.FAILED, error=(e.error.type, e.error.message))
-                        return
-                    delay = random.uniform(
-                        0, min(w.settings.backoff_max_s, w.settings.backoff_base_s * 2**failures)
+                    err = e.error
+                    step = w.settings.retry.next_step(
+                        classify(err.status), failures, retry_after_s=err.retry_after_s
                     )
+                    if not isinstance(step, Retry):  # a session has no other target to go to
+                        await self._finish(Status.FAILED, error=(err.type, err.message))
+                        return
+                    delay = step.delay_s
                     logger.warning(
                         "session %s: engine call failed (%s); resuming from %d tokens in %.2fs",
                         rec.id, e.error.message, len(self.generated), delay,

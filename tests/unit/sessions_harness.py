@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from router.resilience import RetryPolicy
 from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
 from serving.sessions.events import TERMINAL_EVENTS
 from serving.sessions.store import Event, SessionRecord, SQLiteStore, Status
@@ -77,12 +78,13 @@ def settings(**kw: Any) -> WorkerSettings:
         "sweep_interval_s": 0.05,
         "cancel_poll_s": 0.02,
         "max_active": 8,
-        "max_attempts": 3,
-        "backoff_base_s": 0.01,
-        "backoff_max_s": 0.02,
     }
+    retry = {"max_attempts": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.02}
+    for k in retry:
+        if k in kw:
+            retry[k] = kw.pop(k)
     base.update(kw)
-    return WorkerSettings(**base)
+    return WorkerSettings(**base, retry=RetryPolicy(**retry))
 
 
 def new_store(tmp_path: Any) -> SQLiteStore:

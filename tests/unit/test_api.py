@@ -9,8 +9,9 @@ import httpx
 import pytest
 
 from serving.backends import EngineBackend
-from serving.http.api import ServedModel, build_api
+from serving.http.api import build_api
 from serving.http.metrics import IngressMetrics
+from serving.http.pipeline import ServedModel
 from serving.replicas.engines.fake import FakeEngine
 
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from serving.backends import EngineBackend
-from serving.http.api import ServedModel, build_api
+from serving.http.api import build_api
+from serving.http.pipeline import ServedModel
 from serving.replicas.engines.fake import FakeEngine
 from serving.thinking import ThinkTags
 

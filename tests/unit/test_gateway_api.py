@@ -18,10 +18,11 @@ import pytest
 from router.resilience import HealthState
 from serving.backends import EngineBackend
 from serving.config import parse_spec
-from serving.http.api import ServedModel, build_api
+from serving.http.api import build_api
 from serving.http.auth import hash_key
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
+from serving.http.pipeline import ServedModel
 from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest
 from serving.replicas.engines.fake import FakeEngine
 from tests.unit.test_api import WordTokenizer

@@ -7,7 +7,19 @@ import random
 
 import pytest
 
-from router.resilience import ErrorClass, HealthState, RetryBudget, TargetHealth, backoff_s, classify
+from router.resilience import (
+    ErrorClass,
+    Fail,
+    HealthState,
+    NextTarget,
+    Retry,
+    RetryBudget,
+    RetryPolicy,
+    TargetHealth,
+    backoff_s,
+    classify,
+)
+from serving.config import parse_spec
 
 
 @pytest.mark.parametrize(
@@ -217,3 +229,84 @@ def test_usable_per_state(state: HealthState, usable: bool) -> None:
         h.on_failure("x", 0.0)
     assert h.state is state
     assert h.usable is usable
+
+
+# -- the next-step decision ------------------------------------------------------------------------
+
+
+class _Top(random.Random):
+    """Jitter at the top of its range, so the backoff ceiling is the delay."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+POLICY = RetryPolicy(max_attempts=3, backoff_base_s=0.1, backoff_max_s=1.0)
+SRV, TMO, RL, CLI = ErrorClass.SERVER, ErrorClass.TIMEOUT, ErrorClass.RATE_LIMITED, ErrorClass.CLIENT
+
+
+@pytest.mark.parametrize(
+    ("failure", "attempt", "retry_after", "usable", "step"),
+    [
+        # A client error is the client's: never retried, on any attempt.
+        (CLI, 1, None, True, Fail()),
+        (CLI, 1, 2.0, True, Fail()),
+        # Server errors and timeouts: backoff (ceiling base x 2^(attempt-1), capped) while attempts last.
+        (SRV, 1, None, True, Retry(0.1)),
+        (TMO, 2, None, True, Retry(0.2)),
+        (SRV, 3, None, True, NextTarget()),
+        # A target that went terminal is left at once, whatever attempts are left.
+        (SRV, 1, None, False, NextTarget()),
+        (TMO, 1, None, False, NextTarget()),
+        # A Retry-After is honoured, up to backoff_max_s.
+        (SRV, 1, 0.5, True, Retry(0.5)),
+        (SRV, 1, 9.0, True, Retry(1.0)),
+        # Rate limited: the same target again (health untouched); out of attempts, fail with the delay.
+        (RL, 1, 0.3, True, Retry(0.3)),
+        (RL, 1, None, True, Retry(0.1)),
+        (RL, 3, 7.0, True, Fail(7.0)),
+        (RL, 3, None, True, Fail(0.4)),
+        (RL, 1, 0.3, False, Retry(0.3)),
+    ],
+)
+def test_next_step_table(
+    failure: ErrorClass, attempt: int, retry_after: float | None, usable: bool, step: object
+) -> None:
+    got = POLICY.next_step(failure, attempt, retry_after_s=retry_after, usable=usable, rng=_Top())
+    assert got == step
+
+
+def test_next_step_spends_the_budget_only_on_a_retry() -> None:
+    budget = RetryBudget(ratio=0.0, initial=1.0)
+    assert POLICY.next_step(CLI, 1, budget=budget) == Fail() and budget.balance == 1.0
+    assert POLICY.next_step(SRV, 3, budget=budget) == NextTarget() and budget.balance == 1.0
+    assert isinstance(POLICY.next_step(SRV, 1, budget=budget), Retry) and budget.balance == 0.0
+    # The budget is spent: a server error moves on, a rate limit fails with its delay.
+    assert POLICY.next_step(SRV, 1, budget=budget) == NextTarget()
+    assert POLICY.next_step(RL, 1, retry_after_s=0.2, budget=budget) == Fail(0.2)
+    assert budget.retries == 1 and budget.denied == 2
+
+
+def test_one_attempt_never_retries_and_bad_policies_are_refused() -> None:
+    once = RetryPolicy(1, 0.0, 0.0)
+    assert once.next_step(SRV, 1) == NextTarget() and once.next_step(RL, 1) == Fail(0.0)
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(0, 0.1, 1.0)
+    with pytest.raises(ValueError, match="negative"):
+        RetryPolicy(2, -1.0, 1.0)
+
+
+def test_every_retry_loop_takes_its_policy_from_its_own_spec_section() -> None:
+    spec = parse_spec(
+        {
+            "models": [{"name": "m", "source": "none", "pools": [{}]}],
+            "auth": {"enabled": False},
+            "resilience": {"max_attempts": 4, "backoff_base_s": 0.2, "backoff_max_s": 2.0},
+            "sessions": {"max_attempts": 6, "backoff_base_s": 0.3, "backoff_max_s": 3.0,
+                         "webhook_retry": {"max_attempts": 2, "backoff_base_s": 1.0, "backoff_max_s": 9.0}},
+        }
+    )  # fmt: skip
+    assert spec.resilience.retry_policy() == RetryPolicy(4, 0.2, 2.0)
+    assert spec.sessions.retry_policy() == RetryPolicy(6, 0.3, 3.0)
+    assert spec.sessions.webhook_retry.policy() == RetryPolicy(2, 1.0, 9.0)
+    assert spec.models[0].disaggregation.prefill_retry_policy() == RetryPolicy(2, 0.0, 0.0)

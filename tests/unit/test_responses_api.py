@@ -15,7 +15,8 @@ import pytest
 
 from benchmarks.asgi import StreamingASGITransport
 from serving.backends import EngineBackend
-from serving.http.api import ServedModel, build_api
+from serving.http.api import build_api
+from serving.http.pipeline import ServedModel
 from serving.http.responses import SessionsFrontend
 from serving.replicas.engines.fake import FakeEngine
 from serving.sessions.events import TERMINAL_EVENTS

@@ -641,8 +641,8 @@ def test_redis_leases_use_the_server_clock_when_now_is_not_given(
 
 def test_open_store_builds_a_redis_store_from_a_custom_spec(redis_url, redis_client) -> None:
     from serving.config import SessionsSpec
-    from serving.sessions.store import open_store
     from serving.sessions.store_redis import RedisStore
+    from serving.sessions.stores import open_store
 
     spec = SessionsSpec(
         ttl_s=60,
@@ -665,8 +665,8 @@ def test_open_store_builds_a_redis_store_from_kind_redis(
     redis_url, redis_client, monkeypatch, by_env
 ) -> None:
     from serving.config import SessionsSpec
-    from serving.sessions.store import open_store
     from serving.sessions.store_redis import RedisStore
+    from serving.sessions.stores import open_store
 
     if by_env:
         monkeypatch.setenv("TEST_TANDEM_REDIS_URL", redis_url)
@@ -684,7 +684,7 @@ def test_kind_redis_needs_exactly_one_url_source(monkeypatch) -> None:
     from pydantic import ValidationError
 
     from serving.config import SessionStoreSpec
-    from serving.sessions.store import open_store
+    from serving.sessions.stores import open_store
 
     with pytest.raises(ValidationError, match="exactly one of url or url_env"):
         SessionStoreSpec(kind="redis")

@@ -7,6 +7,7 @@ import json
 
 import httpx
 
+from router.resilience import RetryPolicy
 from serving.backends import EngineBackend
 from serving.replicas.engines.fake import FakeEngine
 from serving.sessions.store import SessionRecord, SQLiteStore, Status
@@ -43,14 +44,14 @@ def test_finished_session_calls_its_tenants_webhook_signed(tmp_path) -> None:
 
         secret = b"s3cret-key"
         sender = WebhookSender(
-            client=httpx.AsyncClient(transport=httpx.MockTransport(handler)), backoff_base_s=0.01
+            client=httpx.AsyncClient(transport=httpx.MockTransport(handler)), retry=RetryPolicy(5, 0.01, 1.0)
         )
         notifier = CompletionNotifier({"acme": WebhookTarget("https://hooks.example/tandem", secret)}, sender)
         store = SQLiteStore(tmp_path / "s.db", 3600, 10, 10**7)
         worker = SessionWorker(
             store,
             {"m": SessionModel("m", EngineBackend(FakeEngine("m")).stream, _Decoder())},
-            WorkerSettings(4, 0.05, 5.0, 0.05, 0.05, 4, 3),
+            WorkerSettings(4, 0.05, 5.0, 0.05, 0.05, 4, RetryPolicy(3, 0.5, 10.0)),
             on_finished=notifier,
         )
         worker.start()

@@ -14,6 +14,8 @@ import logging
 import httpx
 import pytest
 
+from router.resilience import RetryPolicy
+from serving.config import RetrySpec
 from serving.sessions.webhooks import (
     DeliveryResult,
     WebhookSender,
@@ -76,7 +78,13 @@ def mock_sender(handler, **kwargs) -> tuple[WebhookSender, Sleeps, list[httpx.Re
     sleeps = Sleeps()
     client = httpx.AsyncClient(transport=httpx.MockTransport(recording))
     kwargs.setdefault("sleep", sleeps)
-    return WebhookSender(client=client, **kwargs), sleeps, requests
+    return WebhookSender(client=client, retry=retry(kwargs), **kwargs), sleeps, requests
+
+
+def retry(kwargs: dict) -> RetryPolicy:
+    """The sender's retry policy: the spec's defaults (sessions.webhook_retry) with the given overrides."""
+    fields = RetrySpec().model_dump()
+    return RetryPolicy(**{k: kwargs.pop(k, v) for k, v in fields.items()})
 
 
 TARGET = WebhookTarget(url="https://hooks.example.com/tandem", secret=KEY)
@@ -395,7 +403,7 @@ async def test_aclose_only_closes_own_client():
 
 def test_sender_rejects_zero_attempts():
     with pytest.raises(ValueError):
-        WebhookSender(client=httpx.AsyncClient(), max_attempts=0)
+        WebhookSender(client=httpx.AsyncClient(), retry=retry({"max_attempts": 0}))
 
 
 # --- delivery to a real HTTP server ---------------------------------------------------------------
@@ -474,7 +482,7 @@ async def test_real_server_connection_refused_is_retried():
         url = server.url
     # The server is gone: every attempt is refused.
     sleeps = Sleeps()
-    async with WebhookSender(sleep=sleeps, max_attempts=3, request_timeout_s=5.0) as sender:
+    async with WebhookSender(sleep=sleeps, retry=retry({"max_attempts": 3}), request_timeout_s=5.0) as sender:
         result = await sender.deliver(WebhookTarget(url, KEY), MSG_ID, BODY)
     assert not result.delivered and result.attempts == 3 and result.last_status is None
     assert result.last_error.startswith("ConnectError")
