@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import BenchmarkError, int_list, load_average, machine_info, percentile, run_main
-from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
+from serving.config import DisaggMode, ModelSpec, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ def start_tandem(spec: ServingSpec, model: ModelSpec, disagg: str, workdir: Path
 
     if model.disaggregated and disagg == "on":
         model = model.model_copy(
-            update={"disaggregation": model.disaggregation.model_copy(update={"mode": "on"})}
+            update={"disaggregation": model.disaggregation.model_copy(update={"mode": DisaggMode.ON})}
         )
     one = single_model_spec(spec, model, None)
     path = workdir / "tandem.yaml"
