@@ -16,9 +16,9 @@ has many events: the ingress produced them as the engine did (one per `stream_fl
 client got them in one burst at the end, and its TTFT is its E2E. The first request of each path is
 a warm-up and is not counted.
 
-Found with it (issue 13): through HAProxy some streams stall while the same requests sent to the
-ingress replica directly do not; this is what made `vllm bench serve` read a TPOT of ~0 ms and a
-TTFT near the E2E for the P/D model in benchmarks/overhead.py.
+Found with it (issue 13): some streams stall, more often through HAProxy than straight to the
+ingress replica (which also stalls now and then); this is what made `vllm bench serve` read a TPOT of
+~0 ms and a TTFT near the E2E for the P/D model in benchmarks/overhead.py. Not explained yet.
 """
 
 from __future__ import annotations
