@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.replicas.engines.base import SamplingOptions
+from serving.sessions.events import SummaryMode
 
 _MAX_STOP = 4
 
@@ -171,7 +172,7 @@ class ReasoningParams(_Body):
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Reasoning budget: the closing tag is forced at this many reasoning tokens."
     )
-    summary: Literal["auto", "concise", "detailed", "full"] | None = Field(
+    summary: SummaryMode | None = Field(
         None,
         description="Reasoning is hidden by default. auto/concise/detailed: an extractive summary "
         "(first and last sentences); full: the whole reasoning text.",

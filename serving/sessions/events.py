@@ -11,6 +11,7 @@ hidden by default: the reasoning item carries no text unless the request asked f
 from __future__ import annotations
 
 import uuid
+from enum import StrEnum
 from typing import Any
 
 from serving.sessions.request import SessionRequest
@@ -20,9 +21,20 @@ from serving.sessions.store import Event, SessionRecord, Status
 TERMINAL_EVENTS = frozenset(
     {"response.completed", "response.incomplete", "response.failed", "response.cancelled"}
 )
-#: `reasoning.summary` values that ask for an extractive summary.
-SUMMARY_MODES = ("auto", "concise", "detailed")
-_SUMMARY_CHARS = {"auto": 400, "concise": 200, "detailed": 1000}
+
+
+class SummaryMode(StrEnum):
+    """`reasoning.summary` of a Responses request: what a reader sees of the reasoning (none if unset)."""
+
+    AUTO = "auto"
+    CONCISE = "concise"
+    DETAILED = "detailed"
+    FULL = "full"
+
+
+#: `reasoning.summary` values that ask for an extractive summary, and its length in characters.
+_SUMMARY_CHARS = {SummaryMode.AUTO: 400, SummaryMode.CONCISE: 200, SummaryMode.DETAILED: 1000}
+SUMMARY_MODES = frozenset(_SUMMARY_CHARS)
 
 
 def new_response_id() -> str:
@@ -130,7 +142,7 @@ class EventWriter:
 
     @property
     def full(self) -> bool:
-        return self.summary == "full"
+        return self.summary == SummaryMode.FULL
 
     def start(self, obj: dict[str, Any]) -> list[Event]:
         """`response.created` and `response.in_progress` (once per session)."""
