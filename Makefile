@@ -46,7 +46,7 @@ unit: models
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serving router autoscaler tests benchmarks
+	$(BIN)/ruff check serving router autoscaler loadtests tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,7 @@
+"""Load tests and capacity planning (issue 14), a normal Locust project when it is built.
+
+Built so far, pure and unit-tested (no Locust import, so they also serve the simulator):
+`schedule` (open-loop arrivals and the generator's pacing error), `metrics` (TTFT, TPOT, ITL, E2E and
+token counts of one streamed request) and `traces` (the public Mooncake and Azure traces as requests).
+The Locust workloads, the capacity search, the report and `make loadtest` do not exist yet.
+"""
