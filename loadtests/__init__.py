@@ -2,6 +2,7 @@
 
 Built so far, pure and unit-tested (no Locust import, so they also serve the simulator):
 `schedule` (open-loop arrivals and the generator's pacing error), `metrics` (TTFT, TPOT, ITL, E2E and
-token counts of one streamed request) and `traces` (the public Mooncake and Azure traces as requests).
-The Locust workloads, the capacity search, the report and `make loadtest` do not exist yet.
+token counts of one streamed request), `traces` (the public Mooncake and Azure traces as requests) and
+`search` (the capacity search: grow the rate, then bisect, with repeated trials and Wilson intervals).
+The Locust workloads, the workload file, the report and `make loadtest` do not exist yet.
 """
