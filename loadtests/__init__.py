@@ -2,7 +2,8 @@
 
 Built so far, pure and unit-tested (no Locust import, so they also serve the simulator):
 `schedule` (open-loop arrivals and the generator's pacing error), `metrics` (TTFT, TPOT, ITL, E2E and
-token counts of one streamed request), `traces` (the public Mooncake and Azure traces as requests) and
+token counts of one streamed request), `traces` (the public Mooncake and Azure traces as requests),
+`prompts` (block ids to text with equal tokens where the ids are equal) and
 `search` (the capacity search: grow the rate, then bisect, with repeated trials and Wilson intervals).
 The Locust workloads, the workload file, the report and `make loadtest` do not exist yet.
 """
