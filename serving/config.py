@@ -854,10 +854,11 @@ def _loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
-def _format_errors(err: ValidationError) -> str:
+def validation_errors(err: ValidationError, root: str = "<spec>") -> str:
+    """Every error of `err`, one indented line each: the field's dotted path and what to do."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        loc = ".".join(str(p) for p in e["loc"]) or root
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown field {e['loc'][-1]!r}; remove it or check its spelling"
@@ -874,7 +875,7 @@ def parse_spec(data: Any, origin: str = "<spec>") -> ServingSpec:
     try:
         return ServingSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(f"invalid deployment spec {origin}:\n{_format_errors(err)}") from None
+        raise SpecError(f"invalid deployment spec {origin}:\n{validation_errors(err)}") from None
 
 
 def load_spec(path: str | os.PathLike[str]) -> ServingSpec:
