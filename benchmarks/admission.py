@@ -8,7 +8,7 @@
 
 Method
 ------
-One real vLLM engine for the model is built in this process exactly as overhead.py's direct phase
+One real vLLM engine for the model is built in this process as a serving replica
 builds it (same weights, `engine_args_for(pool)`, the pool's `env` applied to `os.environ`), plus
 `VLLM_ENABLE_V1_MULTIPROCESSING=0` unless `--engine-multiprocessing`: the vLLM CPU platform then
 keeps the model worker inside the engine-core process instead of starting a separate worker
@@ -108,7 +108,8 @@ import httpx
 
 from benchmarks.asgi import StreamingASGITransport
 from benchmarks.common import BenchmarkError, int_list, load_average, machine_info, percentile, run_main
-from benchmarks.overhead import _child_pids, _prompt_text, _wait_for_exit, calibrate_words, pool_env
+from benchmarks.overhead import _prompt_text, calibrate_words
+from benchmarks.stack import child_pids, pool_env, wait_for_exit
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -916,12 +917,12 @@ def run(params: Params) -> dict[str, Any]:
     if not params.engine_multiprocessing:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
-    before = _child_pids()
+    before = child_pids()
     try:
         with pool_env(env):
             result = asyncio.run(run_all(spec, model, params, words))
     finally:
-        _wait_for_exit(_child_pids() - before)
+        wait_for_exit(child_pids() - before)
     goals = result["burst"]["on"]["goal_met"]
     return {
         "params": asdict(params),

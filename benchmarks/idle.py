@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from benchmarks.common import BenchmarkError, load_average, machine_info, run_main
-from benchmarks.overhead import cpu_seconds, free_port, stack_processes
+from benchmarks.stack import cpu_seconds, free_port, stack_processes
 from serving.config import default_config_path
 
 #: The goal for the whole idle stack, in cores.

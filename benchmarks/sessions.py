@@ -91,7 +91,7 @@ import httpx
 
 from benchmarks.asgi import StreamingASGITransport
 from benchmarks.common import BenchmarkError, load_average, machine_info, percentile, run_main
-from benchmarks.overhead import _child_pids, _wait_for_exit, pool_env
+from benchmarks.stack import child_pids, pool_env, wait_for_exit
 from serving.config import ModelSpec, ServingSpec, default_config_path, load_spec
 
 logger = logging.getLogger(__name__)
@@ -810,12 +810,12 @@ def run(params: Params) -> dict[str, Any]:
     env = dict(model.pools[0].env)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
-    before = _child_pids()
+    before = child_pids()
     try:
         with pool_env(env):
             result = asyncio.run(run_all(spec, model, params))
     finally:
-        _wait_for_exit(_child_pids() - before)
+        wait_for_exit(child_pids() - before)
     return {
         "params": asdict(params),
         "engine_env": env,

@@ -3,7 +3,7 @@
     python -m benchmarks.stream_stall [--config configs/local.yaml] [--model tiny-reasoning]
         [--requests 12] [--max-tokens 64] [--json FILE]
 
-Starts `tandem up` on the spec trimmed to `--model` (as benchmarks/overhead.py does) and sends the
+Starts `tandem up` on the spec trimmed to `--model` (`benchmarks.stack.start_tandem`) and sends the
 same sequence of streamed requests (alternating `/v1/completions` and `/v1/chat/completions`, and for
 a P/D model `x-tandem-disagg: on` and `off`; fresh random prompts, `ignore_eos`), one at a time,
 twice: to the API's port (Ray Serve's HAProxy with `server.data_plane: haproxy`, its Python proxy
@@ -34,7 +34,7 @@ import httpx
 import psutil
 
 from benchmarks.common import BenchmarkError, machine_info, percentile, run_main
-from benchmarks.overhead import start_tandem
+from benchmarks.stack import role_of, start_tandem
 from serving.config import default_config_path, load_spec
 
 #: Headers later than this fraction of the request's E2E: a stalled stream.
@@ -55,9 +55,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
 def ingress_direct_url() -> str:
     """The ingress replica's own HTTP server (Serve's direct ingress): the port of it that answers /health."""
     for proc in psutil.process_iter(["cmdline"]):
-        if "ServeReplica:" in " ".join(proc.info["cmdline"] or []) and ":ingress" in " ".join(
-            proc.info["cmdline"] or []
-        ):
+        if role_of(proc.info["cmdline"] or []) == "ingress":
             for conn in proc.net_connections("tcp"):
                 if conn.status != psutil.CONN_LISTEN:
                     continue
