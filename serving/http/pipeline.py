@@ -123,6 +123,20 @@ class PlanInput:
 
 
 @dataclass(slots=True)
+class Prompts:
+    """A request's prompt ids per model, each model tokenized at most once."""
+
+    encode: Callable[[ServedModel], Awaitable[list[int]]]
+    ids: dict[str, list[int]] = field(default_factory=dict)
+
+    async def for_model(self, served: ServedModel) -> list[int]:
+        ids = self.ids.get(served.name)
+        if ids is None:
+            ids = self.ids[served.name] = await self.encode(served)
+        return ids
+
+
+@dataclass(slots=True)
 class Plan:
     """A planned request: where it goes first and what admission charges for it."""
 
@@ -136,7 +150,7 @@ class Plan:
     reserved: int
     salt: str | None
     block_keys: list[int]
-    prompts: dict[str, list[int]] = field(default_factory=dict)
+    prompts: Prompts
 
     @property
     def reasoning_budget(self) -> int | None:
@@ -144,13 +158,6 @@ class Plan:
         if self.served.tags is None:
             return None
         return self.input.reasoning_budget or self.served.default_reasoning_budget
-
-    async def prompt_for(self, served: ServedModel) -> list[int]:
-        """`served`'s token ids of the prompt (tokenized once per model)."""
-        ids = self.prompts.get(served.name)
-        if ids is None:
-            ids = self.prompts[served.name] = await self.input.encode(served)
-        return ids
 
 
 @dataclass(slots=True)
@@ -219,19 +226,12 @@ class RequestPipeline:
     async def plan(self, inp: PlanInput) -> Plan:
         """Tier, model, prompt ids, limits, salt and block keys (ApiError 4xx naming the field)."""
         g = self.gateway
-        prompts: dict[str, list[int]] = {}
-
-        async def prompt_for(served: ServedModel) -> list[int]:
-            ids = prompts.get(served.name)
-            if ids is None:
-                ids = prompts[served.name] = await inp.encode(served)
-            return ids
-
+        prompts = Prompts(inp.encode)
         try:
             shape = None
             if g.tiers.needs_shape(inp.model, inp.task):
                 probe = self.model(g.tiers.tier(g.tiers.default_tier()).model)
-                n = len(await prompt_for(probe))
+                n = len(await prompts.for_model(probe))
                 shape = RequestShape(n, inp.requested_max_tokens, inp.reasoning_effort, inp.tools)
             res = g.tiers.resolve(inp.model, inp.task, shape)
         except TierError as e:
@@ -247,7 +247,7 @@ class RequestPipeline:
                 "invalid_request_error",
                 inp.budget_param,
             )
-        ids = await prompt_for(served)
+        ids = await prompts.for_model(served)
         max_tokens = self._max_tokens(served, inp, len(ids))
         reserved = inp.requested_max_tokens or min(max_tokens, g.default_reserved_tokens)
         salt = tenant_salt(inp.tenant) if served.salt_tenants else None
@@ -326,19 +326,7 @@ class RequestPipeline:
         ApiError: the engine's own 4xx as is, 429 when the target stays rate limited, 503 when no
         target could serve. The caller owns `ticket` (it is released by whoever ends the stream).
         """
-        try:
-            return await self._open(plan, ticket, request_id, sampling, chat)
-        except Rejected as e:
-            raise self.rejected(e, plan.served.name) from None
-
-    async def _open(
-        self,
-        plan: Plan,
-        ticket: Ticket,
-        rid: str,
-        sampling: Callable[[int], SamplingOptions],
-        chat: bool,
-    ) -> Opened:
+        rid = request_id
         g = self.gateway
         inp = plan.input
         g.budget.on_request()
@@ -357,7 +345,7 @@ class RequestPipeline:
             if served is plan.served:
                 ids, salt, keys, out_tokens = plan.prompt_ids, plan.salt, plan.block_keys, plan.max_tokens
             else:
-                ids = await plan.prompt_for(served)
+                ids = await plan.prompts.for_model(served)
                 room = served.max_model_len - len(ids)
                 if room < (requested or 1):
                     skipped.append(
@@ -374,7 +362,10 @@ class RequestPipeline:
             attempt = 0
             while True:
                 attempt += 1
-                await ticket.enter_pool(target.model, slo)
+                try:
+                    await ticket.enter_pool(target.model, slo)
+                except Rejected as e:  # the pool's queue is full, too slow for the SLO, or timed out
+                    raise self.rejected(e, plan.served.name) from None
                 req = GenerateRequest(
                     rid if i == 0 and attempt == 1 else f"{rid}-{i}.{attempt}",
                     ids,
@@ -426,15 +417,17 @@ class RequestPipeline:
                     assert err is not None
                     if cls is ErrorClass.CLIENT:
                         raise ApiError(err.status, err.message, err.type)
-                    raise Rejected("engine_overloaded", err.message, step.retry_after_s or 0.0)
+                    overloaded = Rejected("engine_overloaded", err.message, step.retry_after_s or 0.0)
+                    raise self.rejected(overloaded, plan.served.name)
                 skipped.append(f"{target.model}: {reason}")
                 break
-        raise Rejected(
+        down = Rejected(
             "pool_down",
             "no model along the degradation chain could serve this request: " + "; ".join(skipped),
             g.resilience.probe_interval_s,
             status=503,
         )
+        raise self.rejected(down, plan.served.name)
 
     def _route(self, plan: Plan, chain: list[Any], i: int, skipped: list[str], first: Chunk) -> str:
         """The `x-tandem-route` header: tier, model, how it was chosen, degradation, the replicas."""

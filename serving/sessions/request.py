@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: The `reasoning` echoed for a request that set none.
+NO_REASONING: dict[str, Any] = {"effort": None, "summary": None, "max_tokens": None}
+
 
 @dataclass(slots=True)
 class SessionRequest:
@@ -42,9 +45,7 @@ class SessionRequest:
     instructions: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     previous_response_id: str | None = None
-    reasoning: dict[str, Any] = field(
-        default_factory=lambda: {"effort": None, "summary": None, "max_tokens": None}
-    )
+    reasoning: dict[str, Any] = field(default_factory=lambda: dict(NO_REASONING))
     messages: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +68,6 @@ class SessionRequest:
             instructions=r.get("instructions"),
             metadata=dict(r.get("metadata") or {}),
             previous_response_id=r.get("previous_response_id"),
-            reasoning=dict(r.get("reasoning") or {"effort": None, "summary": None, "max_tokens": None}),
+            reasoning=dict(r.get("reasoning") or NO_REASONING),
             messages=list(r.get("messages") or []),
         )
