@@ -98,7 +98,8 @@ def _counts(records: Sequence[Mapping[str, Any]], duration_s: float) -> dict[str
 
 def timeseries(records: Sequence[Mapping[str, Any]], window_s: float) -> dict[str, list]:
     """Per `window_s` bucket of send time: requests sent, completed ok, rejected, failed, output
-    tokens per second, and TTFT p50 / p99 of the requests sent in it."""
+    tokens per second, and TTFT p50 / p99 of the requests sent in it. Tokens and TTFT count only the
+    ok requests, as the run's totals do, so the series adds up to them."""
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, not {window_s}")
     if not records:
@@ -115,7 +116,9 @@ def timeseries(records: Sequence[Mapping[str, Any]], window_s: float) -> dict[st
         "ok": [sum(r["outcome"] == "ok" for r in row) for row in rows],
         "rejected": [sum(r["outcome"] == "rejected" for r in row) for row in rows],
         "failed": [sum(r["outcome"] == "failed" for r in row) for row in rows],
-        "output_tokens_per_s": [sum(int(r.get("output") or 0) for r in row) / window_s for row in rows],
+        "output_tokens_per_s": [
+            sum(int(r.get("output") or 0) for r in row if r["outcome"] == "ok") / window_s for row in rows
+        ],
         "ttft_p50": [percentile(t, 50) for t in ttfts],
         "ttft_p99": [percentile(t, 99) for t in ttfts],
     }
@@ -176,6 +179,8 @@ def summary(
 
 def check_summary(doc: Mapping[str, Any]) -> None:
     """Raise ValueError unless `doc` is a summary this code can read."""
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"not a Tandem load-test summary (a JSON {type(doc).__name__}, not an object)")
     if doc.get("schema") != SCHEMA:
         raise ValueError(
             f"not a Tandem load-test summary (schema {doc.get('schema')!r}, expected {SCHEMA!r})"
