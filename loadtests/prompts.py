@@ -45,6 +45,14 @@ class PromptBuilder:
             )
         self.words = words
 
+    def resized(self, block_tokens: int) -> PromptBuilder:
+        """The same words with another block size (the vocabulary is scanned once)."""
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, not {block_tokens}")
+        other = object.__new__(PromptBuilder)
+        other._tok, other.block_tokens, other.words = self._tok, block_tokens, self.words
+        return other
+
     def block(self, block_id: int, tokens: int | None = None) -> str:
         """The text of block `block_id` (its first `tokens` tokens; default: the whole block)."""
         rng = random.Random(block_id)

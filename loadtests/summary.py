@@ -5,6 +5,7 @@ A **record** is one request as the load generator saw it (a dict, one JSON line 
 | key | meaning |
 |---|---|
 | `name`, `type` | the workload's report name and its request type |
+| `endpoint` | the API path it was sent to |
 | `due`, `sent` | seconds from the run's start when it was due (open loop; closed loop: = `sent`) and sent |
 | `outcome` | `ok`, `rejected` (a 429), or `failed` (any other error, a broken stream) |
 | `status`, `reason` | HTTP status (0: no response); the 429's reason or the error |

@@ -94,9 +94,21 @@ class ResponsesWorkload(_Workload):
     task: str = Field("reasoning")
     prompt_tokens: int = Field(128, ge=1)
     max_output_tokens: int = Field(256, ge=1)
+    reasoning_budget: int | None = Field(
+        64, ge=1, description="reasoning.max_tokens (None: the model's default)."
+    )
     follow: Literal["poll", "stream"] = Field(
         "poll", description="Wait by polling GET /v1/responses/{id}, or by streaming its events."
     )
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> ResponsesWorkload:
+        if self.reasoning_budget is not None and self.reasoning_budget >= self.max_output_tokens:
+            raise ValueError(
+                f"reasoning_budget ({self.reasoning_budget}) must be below max_output_tokens "
+                f"({self.max_output_tokens}), or no answer follows the reasoning"
+            )
+        return self
 
 
 class FanoutWorkload(_Workload):
@@ -152,6 +164,11 @@ class WorkloadFile(_Model):
     tenant: str | None = Field(None, description="x-tandem-tenant (only honoured with auth disabled).")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
     seed: int = Field(0, description="Seeds the prompts, the mix and the arrivals (a run is repeatable).")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer of the served model (a directory with tokenizer files; default: the local "
+        "tiny-intent model): prompt lengths are exact in its tokens.",
+    )
 
     @model_validator(mode="after")
     def _trace_shape(self) -> WorkloadFile:
