@@ -14,8 +14,13 @@ TORCH_PIN   := torch==2.13.0+cpu
 PIP_INDEX   := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
+# make loadtest: the workload file, Locust worker processes (0: one process), Tandem's URL, results.
+WORKLOAD ?= loadtests/workloads/agent-intent.yaml
+WORKERS  ?= 0
+URL      ?= http://127.0.0.1:8000
+RESULTS  ?= results/loadtest
 
-.PHONY: run test install models unit lint clean-venv
+.PHONY: run test install models unit lint loadtest clean-venv
 
 install: $(STAMP)
 
@@ -44,6 +49,12 @@ test: models lint
 
 unit: models
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# A bounded headless Locust run (about 3 min with the stack's start): starts `tandem up` if nothing
+# answers at $(URL), stops what it started, writes $(RESULTS)/index.html and summary.json.
+loadtest: models
+	$(BIN)/python -m loadtests run --workload $(WORKLOAD) --host $(URL) --workers $(WORKERS) \
+		--config $(CONFIG) --out $(RESULTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check serving router autoscaler loadtests tests benchmarks

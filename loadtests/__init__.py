@@ -1,10 +1,11 @@
-"""Load tests and capacity planning (issue 14), a normal Locust project when it is built.
+"""Load tests and capacity planning: a Locust project with token metrics, open-loop shapes, trace
+replay, a capacity search and reports (see docs/loadtesting.md).
 
-Built so far, pure and unit-tested (no Locust import, so they also serve the simulator):
-`schedule` (open-loop arrivals and the generator's pacing error), `metrics` (TTFT, TPOT, ITL, E2E and
-token counts of one streamed request), `traces` (the public Mooncake and Azure traces as requests),
-`prompts` (block ids to text with equal tokens where the ids are equal),
-`search` (the capacity search: grow the rate, then bisect, with repeated trials and Wilson intervals),
-and `workload` (the YAML workload file, validated before any traffic). The Locust users, the report
-and `make loadtest` do not exist yet.
+- `locustfile` (the Locust glue: `TandemUser`, `TandemShape`, records to the master),
+  `users/` (one module per request type) and `client` (the shared streaming client) run under
+  Locust, in their own processes;
+- `run` (`python -m loadtests run | search | report`) starts them and never imports Locust or Ray;
+- pure and unit-tested, also for the simulator: `workload` (the YAML file), `plan` (the open-loop
+  arrivals and how workers share them), `schedule`, `metrics`, `traces`, `prompts`, `search`,
+  `summary` (records to the JSON summary), `locust_events` and `report` (HTML and PNG plots).
 """

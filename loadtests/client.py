@@ -45,6 +45,8 @@ class Call:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: When it was due, in seconds from the run's start (None: now, a closed loop).
     due: float | None = None
+    #: Copied into the record (an agent's session and turn).
+    tags: Mapping[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -145,6 +147,7 @@ class Client:
             "reasoning": timing.usage.reasoning,
             "slo_met": timing.meets(call.slo.ttft_s, call.slo.tpot_s),
             "overhead": cost.total,
+            **({"tags": dict(call.tags)} if call.tags else {}),
         }
 
     def _fail(self, rec: dict[str, Any], status: int, reason: str, t: float) -> None:

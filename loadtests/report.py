@@ -34,6 +34,7 @@ from loadtests.summary import LATENCIES, PERCENTILES, TOKEN_KINDS, check_summary
 
 Run = Mapping[str, Any]
 DASH = "–"  # what a missing value (None) renders as
+REQUESTS = "req/s"  # the offered rate's unit unless the summary says otherwise
 LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 LATENCY_TITLES = {
     "ttft": "TTFT (time to first token)",
@@ -86,9 +87,16 @@ def _slos(slos: Mapping[str, Mapping[str, float | None]]) -> str:
     return "; ".join(rows) or DASH
 
 
+def _unit(part: Mapping[str, Any]) -> str:
+    """The unit of a run's, a search's or a document's offered rate: requests, or jobs (agent sessions,
+    fan-out tasks: several requests each)."""
+    meta = part.get("meta")
+    return (meta if isinstance(meta, Mapping) else part).get("rate_unit") or REQUESTS
+
+
 def capacity_label(search: Mapping[str, Any]) -> str:
     """What the goodput plot calls the capacity, e.g. `capacity 12.5 req/s (target 99 %)`."""
-    return f"capacity {_g(search['capacity_rps'])} req/s (target {_target(search['target'])})"
+    return f"capacity {_g(search['capacity_rps'])} {_unit(search)} (target {_target(search['target'])})"
 
 
 def capacity_sentence(search: Mapping[str, Any] | None) -> str:
@@ -96,15 +104,16 @@ def capacity_sentence(search: Mapping[str, Any] | None) -> str:
     if not search:
         return "No capacity search ran: the runs below are at the rates they were given."
     cap, failing, target = search["capacity_rps"], search["first_failing_rps"], _target(search["target"])
+    unit = _unit(search)
     if cap <= 0:
         return f"No rate tried met the target ({target} of requests within their SLOs)."
     head = (
-        f"Capacity {_g(cap)} req/s (target {target}): the highest offered rate at which at least "
+        f"Capacity {_g(cap)} {unit} (target {target}): the highest offered rate at which at least "
         f"{target} of requests met their SLOs"
     )
     if failing is None:
         return f"{head}; the search stopped while still passing, so the capacity is at least that."
-    return f"{head}; {_g(failing)} req/s failed, so the capacity lies in [{_g(cap)}, {_g(failing)}) req/s."
+    return f"{head}; {_g(failing)} {unit} failed, so the capacity lies in [{_g(cap)}, {_g(failing)}) {unit}."
 
 
 # -- what to plot ----------------------------------------------------------------------------------
@@ -143,7 +152,7 @@ def _plot_latency_vs_load(fig: Any, doc: Mapping[str, Any], runs: Sequence[Run])
     for ax, metric in zip(fig.subplots(1, 3), LATENCY_TITLES, strict=True):
         for p, style in zip(PERCENTILES, ("o-", "s--", "^:"), strict=True):
             ax.plot(x, _latency_ms(runs, metric, p), style, label=f"p{p}")
-        ax.set(title=LATENCY_TITLES[metric], xlabel="offered load (req/s)", ylabel="latency (ms)")
+        ax.set(title=LATENCY_TITLES[metric], xlabel=f"offered load ({_unit(doc)})", ylabel="latency (ms)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -157,7 +166,8 @@ def _plot_goodput_vs_load(fig: Any, doc: Mapping[str, Any], runs: Sequence[Run])
     ax.plot(x, goodput, "o-", label="goodput (met SLO)")
     ax.plot(x, [r["throughput_rps"] for r in runs], "s-", label="throughput (ok)")
     top = max([*x, *goodput, 0.0]) * 1.05 or 1.0
-    ax.plot([0, top], [0, top], "k--", lw=1, label="offered (y = x)")
+    if _unit(doc) == REQUESTS:  # with several requests per job (agent sessions) the diagonal means nothing
+        ax.plot([0, top], [0, top], "k--", lw=1, label="offered (y = x)")
     search = doc.get("search")
     if search and search["capacity_rps"] > 0:
         cap = search["capacity_rps"]
@@ -165,7 +175,7 @@ def _plot_goodput_vs_load(fig: Any, doc: Mapping[str, Any], runs: Sequence[Run])
         ax.axvline(cap, color="tab:green", ls=":")
         y = sum(at_cap) / len(at_cap) if at_cap else cap
         ax.plot([cap], [y], "*", ms=14, color="tab:green", ls="none", label=capacity_label(search))
-    ax.set(title="Goodput against offered load", xlabel="offered load (req/s)", ylabel="requests/s")
+    ax.set(title="Goodput against offered load", xlabel=f"offered load ({_unit(doc)})", ylabel="requests/s")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -197,7 +207,7 @@ def _plot_goodput_vs_load(fig: Any, doc: Mapping[str, Any], runs: Sequence[Run])
     else:
         frac_ax.plot(x, [100 * r["slo_fraction"] for r in runs], "o-", label="per run (no search)")
         frac_ax.set_title("SLO attainment per run")
-    frac_ax.set(xlabel="offered load (req/s)", ylabel="requests meeting their SLOs (%)")
+    frac_ax.set(xlabel=f"offered load ({_unit(doc)})", ylabel="requests meeting their SLOs (%)")
     frac_ax.grid(alpha=0.3)
     frac_ax.legend()
 
@@ -239,7 +249,7 @@ def _plot_rejections(fig: Any, doc: Mapping[str, Any], runs: Sequence[Run]) -> N
         ax.bar(at, heights, bottom=bottom, label=reason)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_xticks(at, [_g(r["offered_rate"]) for r in runs], rotation=45 if len(runs) > 8 else 0)
-    ax.set(xlabel="offered load (req/s), one bar per run", ylabel="rejected requests")
+    ax.set(xlabel=f"offered load ({_unit(doc)}), one bar per run", ylabel="rejected requests")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="reason")
 
@@ -264,7 +274,7 @@ def _plot_timeseries(fig: Any, doc: Mapping[str, Any], runs: Sequence[Run]) -> N
         ax.grid(alpha=0.3)
         ax.legend()
     label = f" ({run['label']})" if run.get("label") else ""
-    fig.suptitle(f"Run at {_g(run['offered_rate'])} req/s offered{label}, over time")
+    fig.suptitle(f"Run at {_g(run['offered_rate'])} {_unit(run)} offered{label}, over time")
 
 
 Plot = Callable[[Any, Mapping[str, Any], Sequence[Run]], None]
@@ -349,10 +359,10 @@ def _run_section(i: int, run: Run, shown_over_time: bool) -> str:
     """One run: its counts, rates, tokens, pacing and overhead; its latencies; the same per request type."""
     label = f" · {run['label']}" if run.get("label") else ""
     over_time = " (the time series above)" if shown_over_time else ""
-    head = f"Run {i + 1}{label} · offered {_g(run['offered_rate'])} req/s{over_time}"
+    head = f"Run {i + 1}{label} · offered {_g(run['offered_rate'])} {_unit(run)}{over_time}"
     pacing, overhead = run["pacing"], run["client_overhead_s"]
     facts = [
-        ("offered rate (req/s)", _g(run["offered_rate"])),
+        (f"offered rate ({_unit(run)})", _g(run["offered_rate"])),
         ("sent rate (req/s)", _g(run["sent_rate"])),
         ("duration (s)", _g(run["duration_s"])),
         ("requests", str(run["requests"])),
@@ -437,7 +447,7 @@ def _search_table(search: Mapping[str, Any]) -> str:
         )
         for n, p in enumerate(search["points"])
     ]
-    head = ("#", "rate (req/s)", "trials", "requests", "met SLO", "fraction", "95 % CI", "result")
+    head = ("#", f"rate ({_unit(search)})", "trials", "requests", "met SLO", "fraction", "95 % CI", "result")
     return _table(head, rows, classes=[row[-1] for row in rows])
 
 
@@ -477,7 +487,7 @@ def render_html(doc: Mapping[str, Any]) -> str:
     overview_head = (
         "run",
         "label",
-        "offered (req/s)",
+        f"offered ({_unit(doc)})",
         "requests",
         "ok",
         "rejected",

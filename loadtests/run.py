@@ -155,6 +155,14 @@ def _slos(wf: WorkloadFile) -> dict[str, dict[str, float | None]]:
     return {w.name or w.type: w.slo.model_dump() for w in wf.workloads}
 
 
+def rate_unit(wf: WorkloadFile) -> str:
+    """What the offered rate counts: requests, agent sessions, or jobs of a mix (see loadtests.plan)."""
+    types = {w.type for w in wf.workloads}
+    if types == {"agent"}:
+        return "sessions/s"
+    return "jobs/s" if types & {"agent", "fanout"} else "req/s"
+
+
 def _offered(wf: WorkloadFile, rate: float | None) -> float | None:
     if rate:
         return rate
@@ -171,6 +179,7 @@ def run_summary(
 ) -> dict[str, Any]:
     offered = _offered(wf, rate)
     run = summarize_run(records, duration_s=duration_s, offered_rate=offered, slos=_slos(wf), label=label)
+    run["rate_unit"] = rate_unit(wf)
     run["generator"] = {
         "cpu_s": gen.get("cpu_s"),
         "cpu_per_request_ms": 1000 * gen["cpu_s"] / len(records) if records and gen.get("cpu_s") else None,
@@ -210,6 +219,7 @@ def _meta(args: argparse.Namespace, wf: WorkloadFile) -> dict[str, Any]:
         "shape": wf.shape.model_dump(),
         "duration_s": args.duration or wf.duration_s,
         "workers": args.workers or args.expect_workers or 1,
+        "rate_unit": rate_unit(wf),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -249,9 +259,11 @@ def cmd_search(args: argparse.Namespace, wf: WorkloadFile, out: Path) -> int:
         rel_tolerance=args.tolerance, repeats=args.repeats, max_rates=args.max_rates,
         progress=lambda line: print(f"  {line}", flush=True),
     )  # fmt: skip
-    hi = "not reached" if result.first_failing is None else f"{result.first_failing:.3g}/s"
-    print(f"loadtest: capacity {result.capacity:.3g} jobs/s (first failing rate {hi})", flush=True)
-    _write(summary(runs, search=search_section(result), **_meta(args, wf)), out, args.report)
+    hi = "not reached" if result.first_failing is None else f"{result.first_failing:.3g}"
+    unit = rate_unit(wf)
+    print(f"loadtest: capacity {result.capacity:.3g} {unit} (first failing rate {hi})", flush=True)
+    found = {**search_section(result), "rate_unit": rate_unit(wf)}
+    _write(summary(runs, search=found, **_meta(args, wf)), out, args.report)
     return 0
 
 

@@ -14,6 +14,7 @@ A **record** is one request as the load generator saw it (a dict, one JSON line 
 | `input`, `cached`, `output`, `reasoning` | token counts from the server's usage |
 | `slo_met` | whether it met its workload's SLOs (a rejected or failed request never does) |
 | `overhead` | seconds of the generator's own CPU spent on this request (building, parsing, recording) |
+| `tags` | optional: what the workload adds (an agent turn's `session` and `turn`) |
 
 The **summary** (`SCHEMA`) is what the report plots and what the simulator calibrates on:
 

@@ -30,7 +30,8 @@ def system_prompt(ctx: Context, w: AgentWorkload, i: int) -> str:
 
 def run(ctx: Context, w: AgentWorkload, due: float | None, item: int) -> None:
     name = w.name or w.type
-    headers = {SESSION_HEADER: f"{name}-{uuid.UUID(int=ctx.rng.getrandbits(128))}"}
+    session = f"{name}-{uuid.UUID(int=ctx.rng.getrandbits(128))}"
+    headers = {SESSION_HEADER: session}
     if w.task:
         headers[TASK_HEADER] = w.task
     messages = [
@@ -40,8 +41,10 @@ def run(ctx: Context, w: AgentWorkload, due: float | None, item: int) -> None:
     for turn in range(w.turns):
         body = {"model": w.model, "messages": list(messages), "max_tokens": w.max_tokens}
         # Only the first turn was due at `due`; the others follow their answers (a session is closed-loop).
+        first_due = due if turn == 0 else None
+        tags = {"session": session, "turn": turn}
         result = ctx.client.stream(
-            Call(name, w.type, "/v1/chat/completions", body, w.slo, headers, due if turn == 0 else None)
+            Call(name, w.type, "/v1/chat/completions", body, w.slo, headers, first_due, tags)
         )
         if result.record["outcome"] != "ok":
             return  # a session whose turn failed ends, as an agent's would

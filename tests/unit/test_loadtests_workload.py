@@ -74,3 +74,30 @@ def test_not_a_mapping_unreadable_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("shape: {kind: [\n")
     with pytest.raises(WorkloadError, match="not valid YAML"):
         load_workload(bad)
+
+
+def test_a_responses_budget_must_leave_room_for_an_answer() -> None:
+    bad = {"shape": {"kind": "constant", "rate": 1},
+           "workloads": [{"type": "responses", "max_output_tokens": 32, "reasoning_budget": 32}]}  # fmt: skip
+    with pytest.raises(
+        WorkloadError, match=r"reasoning_budget \(32\) must be below max_output_tokens \(32\)"
+    ):
+        parse_workload(bad)
+
+
+def test_the_rate_unit_says_what_a_job_is() -> None:
+    from loadtests.run import rate_unit
+    def unit(*types: str) -> str:
+        return rate_unit(parse_workload({"shape": {"kind": "constant", "rate": 1},
+                                         "workloads": [{"type": t} for t in types]}))  # fmt: skip
+
+    assert unit("intent", "reasoning") == "req/s"
+    assert unit("agent") == "sessions/s"
+    assert unit("intent", "fanout") == "jobs/s"
+
+
+def test_every_shipped_workload_file_is_valid() -> None:
+    files = sorted((Path(__file__).resolve().parents[2] / "loadtests" / "workloads").glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        load_workload(f)
