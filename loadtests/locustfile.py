@@ -157,8 +157,8 @@ class Generator:
             self.headers["Authorization"] = f"Bearer {key}"
         pending = environment.tandem_resources
         res = pending.get() if pending is not None else None  # waits without blocking the gevent hub
-        if res is None or res.workload != wf:
-            res = Resources(wf)
+        if res is None or res.workload != wf:  # a worker started without --workload: build it off the hub
+            res = gevent.get_hub().threadpool.apply(Resources, (wf,))
         self.prompts, self.traces = res.prompts, res.traces
         # The clock starts once the tokenizer is loaded, or the first arrivals would all be late.
         self.start = time.perf_counter()
