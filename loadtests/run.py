@@ -48,18 +48,22 @@ class LoadTestError(RuntimeError):
     """A run that could not be made; the message says why and what to do."""
 
 
-def _answers(host: str) -> bool:
+def _status(host: str) -> int | None:
+    """The HTTP status of GET /v1/models (None: nothing answers). A 401 answers too: with auth on,
+    listing models needs a key, and the probe need not hold one."""
     try:
         with urllib.request.urlopen(f"{host.rstrip('/')}/v1/models", timeout=5) as r:
-            return r.status == 200
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return None
 
 
 @contextlib.contextmanager
 def local_stack(host: str, config: str | None, out: Path) -> Iterator[None]:
     """`tandem up` on `host`'s port unless something answers there; stopped on exit if started here."""
-    if _answers(host):
+    if _status(host) is not None:
         yield
         return
     url = urlparse(host)
@@ -73,7 +77,7 @@ def local_stack(host: str, config: str | None, out: Path) -> Iterator[None]:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + STACK_READY_S
-        while not _answers(host):
+        while _status(host) != 200:
             if proc.poll() is not None:
                 raise LoadTestError(f"tandem up exited ({proc.returncode}) before serving: see {log}")
             if time.monotonic() > deadline:
@@ -97,6 +101,12 @@ def _locust(args: list[str], log: Path) -> subprocess.Popen:
                             stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
 
 
+def run_limit(duration_s: float, drain_s: float, remote_workers: bool) -> float:
+    """How long one Locust run may take: twice its load and drain, plus the processes' start, plus
+    15 min for remote workers to be scheduled, pull their image and connect."""
+    return 2 * (duration_s + drain_s) + (900 if remote_workers else 300)
+
+
 def locust_run(
     workload: str,
     host: str,
@@ -111,7 +121,9 @@ def locust_run(
     timeout_s: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One headless Locust run in its own processes (local, or a master with `workers` local workers or
-    `expect_workers` remote ones); its records and generator figures."""
+    `expect_workers` remote ones); its records and generator figures. `duration_s` overrides the
+    file's; the run is bounded by `timeout_s` (default: twice the load and the drain, plus the start,
+    and 15 min for remote workers to be scheduled and connect)."""
     out.mkdir(parents=True, exist_ok=True)
     common = ["--workload", workload, "--drain-s", str(drain_s)]
     if rate:
@@ -131,7 +143,7 @@ def locust_run(
     for i in range(workers):
         worker_args = ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port), *common]
         procs.append(_locust(worker_args, out / f"locust-worker-{i}.log"))
-    limit = timeout_s or 2 * ((duration_s or 0) + drain_s) + 300
+    limit = timeout_s or run_limit(duration_s or 0.0, drain_s, bool(expect_workers))
     try:
         rc = procs[0].wait(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -230,6 +242,7 @@ def cmd_run(args: argparse.Namespace, wf: WorkloadFile, out: Path) -> int:
     records, gen = locust_run(
         args.workload, args.host, out, workers=args.workers, expect_workers=args.expect_workers,
         master_port=args.master_bind_port, rate=args.rate, duration_s=args.duration, drain_s=args.drain_s,
+        timeout_s=run_limit(duration, args.drain_s, bool(args.expect_workers)),
     )  # fmt: skip
     run = run_summary(records, gen, wf, args.rate, duration, "run")
     _print_run(run)

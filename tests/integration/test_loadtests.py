@@ -23,6 +23,7 @@ TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
 
 
 def loadtest(stack, tmp_path: Path, workload: dict, *extra: str) -> tuple[dict, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out"
     path = tmp_path / "workload.yaml"
     path.write_text(yaml.safe_dump(workload))

@@ -22,6 +22,7 @@ CONTEXT_NEEDS = (
     "pyproject.toml",
     "README.md",
     "serving/__init__.py",
+    "loadtests/locustfile.py",
     "router/__init__.py",
     "autoscaler/__init__.py",
 )
