@@ -48,6 +48,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", help="keep the runs' files (records, logs) here instead of a temp dir")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     return args, args.json
@@ -134,13 +135,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     tokenizer = str(Path(spec.model_dir).expanduser() / a.model)
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
-        work = Path(tmp)
+        work = Path(a.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         server = start_vllm(spec, model, work)
         try:
             for i in range(a.rounds):
                 print(f"round {i + 1}/{a.rounds}: vllm bench serve, then Locust", flush=True)
                 bench = _vllm_bench(server.url, model.name, tokenizer, a, work / f"bench-{i}.json", seed=i)
-                (work / f"l{i}").mkdir()
+                (work / f"l{i}").mkdir(exist_ok=True)
                 loc = _locust(server.url, model.name, a, work / f"l{i}", seed=i)
                 rounds.append({"vllm_bench": bench, "locust": loc})
         finally:

@@ -51,6 +51,10 @@ from serving.http.protocol import TENANT_HEADER
 log = logging.getLogger("tandem.loadtest")
 #: Custom messages from the workers to the master.
 RECORDS, DONE = "tandem_records", "tandem_done"
+#: The API key's variable when the workload file names none.
+DEFAULT_KEY_ENV = "TANDEM_API_KEY"
+#: Connections a generator process keeps open to the host (more requests in flight wait for one).
+POOL_CONNECTIONS = 1024
 #: How often a worker sends its records to the master (seconds).
 FLUSH_INTERVAL_S = 1.0
 
@@ -150,10 +154,10 @@ class Generator:
         self.headers = {}
         if wf.tenant:
             self.headers[TENANT_HEADER] = wf.tenant
-        if wf.api_key_env:
-            key = os.environ.get(wf.api_key_env)
-            if not key:
-                raise SystemExit(f"loadtests: the workload's api_key_env {wf.api_key_env} is not set")
+        key = os.environ.get(wf.api_key_env or DEFAULT_KEY_ENV)
+        if wf.api_key_env and not key:
+            raise SystemExit(f"loadtests: the workload's api_key_env {wf.api_key_env} is not set")
+        if key:
             self.headers["Authorization"] = f"Bearer {key}"
         pending = environment.tandem_resources
         res = pending.get() if pending is not None else None  # waits without blocking the gevent hub
@@ -164,6 +168,12 @@ class Generator:
         self.start = time.perf_counter()
         self.deadline = self.start + self.duration_s
         self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        # One connection pool for the process, kept alive between requests (as `vllm bench serve`'s
+        # aiohttp session): a new TCP connection per request would add its set-up to every TTFT.
+        self.http = requests.Session()
+        pool = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_CONNECTIONS)
+        self.http.mount("http://", pool)
+        self.http.mount("https://", pool)
         self.claimed = False
         self.jobs = Group()
         self.started_jobs = self.finished_jobs = 0
@@ -173,7 +183,7 @@ class Generator:
         self.flusher = gevent.spawn(self._flush_loop)
 
     def context(self, user_seed: int) -> Context:
-        client = Client(self.env.host, self.emit, self.start, self.headers, requests.Session())
+        client = Client(self.env.host, self.emit, self.start, self.headers, self.http)
         return Context(client, self.prompts, random.Random(user_seed), self.traces)
 
     def emit(self, record: dict[str, Any]) -> None:
@@ -182,7 +192,7 @@ class Generator:
             fire(**ev)
         self.pending.append(record)
 
-    def run_job(self, ctx: Context, position: int, due: float | None, item: int, close: bool = False) -> None:
+    def run_job(self, ctx: Context, position: int, due: float | None, item: int) -> None:
         w = self.workload.workloads[position]
         self.started_jobs += 1
         try:
@@ -191,8 +201,6 @@ class Generator:
             log.exception("a %s job failed in the load generator", w.type)
         finally:
             self.finished_jobs += 1
-            if close:
-                ctx.client.http.close()
 
     def _flush(self) -> None:
         if self.pending:
@@ -305,9 +313,9 @@ class TandemUser(User):
             wait = gen.start + a.due - time.perf_counter()
             if wait > 0:
                 gevent.sleep(wait)
-            # Each job on its own greenlet and its own connection: a slow answer delays nothing after it.
+            # Each job on its own greenlet: a slow answer delays nothing after it.
             ctx = gen.context(gen.workload.seed * 7_919 + a.index)
-            gen.jobs.spawn(gen.run_job, ctx, a.workload, a.due, a.item, close=True)
+            gen.jobs.spawn(gen.run_job, ctx, a.workload, a.due, a.item)
         gen.jobs.join()
 
 

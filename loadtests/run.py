@@ -61,13 +61,18 @@ def _status(host: str) -> int | None:
 
 
 @contextlib.contextmanager
-def local_stack(host: str, config: str | None, out: Path) -> Iterator[None]:
-    """`tandem up` on `host`'s port unless something answers there; stopped on exit if started here."""
+def local_stack(host: str, config: str | None, out: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """`tandem up` on `host`'s port unless something answers there; stopped on exit if started here.
+    A host this cannot start (another machine, or `config` None) is waited for up to `wait_s`."""
+    url = urlparse(host)
+    local = url.hostname in {"127.0.0.1", "localhost"} and config is not None
+    deadline = time.monotonic() + (0.0 if local else wait_s)
+    while _status(host) is None and time.monotonic() < deadline:
+        time.sleep(5)
     if _status(host) is not None:
         yield
         return
-    url = urlparse(host)
-    if url.hostname not in {"127.0.0.1", "localhost"} or config is None:
+    if not local:
         raise LoadTestError(f"nothing answers at {host}/v1/models: start Tandem there, or check --host")
     port = url.port or 80
     log = out / "tandem.log"
@@ -280,7 +285,7 @@ def cmd_search(args: argparse.Namespace, wf: WorkloadFile, out: Path) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("run", "search"):
@@ -291,6 +296,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", default="configs/local.yaml",
                        help="spec for `tandem up` when nothing answers at a local --host")  # fmt: skip
         s.add_argument("--no-stack", action="store_true", help="never start a local stack")
+        s.add_argument("--wait-s", type=float, default=0.0,
+                       help="wait this long for a host this cannot start to answer")  # fmt: skip
         s.add_argument("--workers", type=int, default=0, help="local Locust workers (0: one process)")
         s.add_argument("--expect-workers", type=int, default=0, help="remote workers to wait for (a cluster)")
         s.add_argument("--master-bind-port", type=int, default=5557)
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         from loadtests.report import main as report_main
 
         return report_main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         wf = load_workload(args.workload)
     except WorkloadError as e:
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"results/loadtest-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with local_stack(args.host, None if args.no_stack else args.config, out):
+        with local_stack(args.host, None if args.no_stack else args.config, out, args.wait_s):
             return cmd_run(args, wf, out) if args.cmd == "run" else cmd_search(args, wf, out)
     except LoadTestError as e:
         print(f"loadtest: {e}", file=sys.stderr)

@@ -162,7 +162,9 @@ class WorkloadFile(_Model):
     shape: Shape = Field(description="The offered load.")
     workloads: list[Workload] = Field(min_length=1, description="The request types and their weights.")
     tenant: str | None = Field(None, description="x-tandem-tenant (only honoured with auth disabled).")
-    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (default: TANDEM_API_KEY, if set)."
+    )
     seed: int = Field(0, description="Seeds the prompts, the mix and the arrivals (a run is repeatable).")
     tokenizer: str | None = Field(
         None,

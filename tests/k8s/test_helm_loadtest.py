@@ -252,7 +252,13 @@ def test_the_master_job_runs_once_against_the_serve_service_and_waits_for_the_wo
         "--out", "/results",
         "--expect-workers", "2",
         "--master-bind-port", "5557",
+        "--wait-s", "900",
     ]  # fmt: skip
+    # The runner's own parser takes exactly these arguments.
+    from loadtests.run import build_parser
+
+    parsed = build_parser().parse_args(c["args"][3:])
+    assert (parsed.expect_workers, parsed.wait_s, parsed.host) == (2, 900.0, "http://tandem-serve-svc:8000")
     assert c["ports"] == [{"name": "locust", "containerPort": 5557, "protocol": "TCP"}]
     assert c["image"] == f"tandem:{APP_VERSION}" and c["imagePullPolicy"] == "IfNotPresent"
     assert c["workingDir"] == "/home/ray/tandem"

@@ -239,6 +239,9 @@ template:
           - {{ $lt.workers | int | quote }}
           - --master-bind-port
           - {{ include "tandem.loadtest.masterPort" . | quote }}
+          # Tandem may still be starting (a fresh install): wait for it rather than fail the Job.
+          - --wait-s
+          - "900"
         ports:
           - {name: locust, containerPort: {{ include "tandem.loadtest.masterPort" . }}, protocol: TCP}
         env:
