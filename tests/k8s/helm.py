@@ -274,19 +274,20 @@ def spec_definitions() -> dict[str, Any]:
     defs.pop("AuthSpec")
     defs.pop("ApiKey")
     defs["ServingSpec"] = schema
-    _drop_titles(defs)
+    drop_titles(defs)
     return dict(sorted(defs.items()))
 
 
-def _drop_titles(node: Any) -> None:
+def drop_titles(node: Any) -> None:
+    """Remove pydantic's `title` keys from a JSON schema, in place (the chart's schema has none)."""
     if isinstance(node, dict):
         if isinstance(node.get("title"), str):
             del node["title"]
         for value in node.values():
-            _drop_titles(value)
+            drop_titles(value)
     elif isinstance(node, list):
         for value in node:
-            _drop_titles(value)
+            drop_titles(value)
 
 
 def values_schema() -> dict[str, Any]:

@@ -33,6 +33,7 @@ from tests.k8s.helm import (
     YAMLLINT,
     Helm,
     HelmError,
+    drop_titles,
     find_helm,
     kinds,
     one,
@@ -735,19 +736,8 @@ def workload_definitions() -> dict[str, Any]:
         "`python -m tests.k8s.test_helm_loadtest --write-schema`)."
     )
     defs["WorkloadFile"] = schema
-    _drop_titles(defs)
+    drop_titles(defs)
     return {f"{WORKLOAD_DEF_PREFIX}{k}": defs[k] for k in sorted(defs)}
-
-
-def _drop_titles(node: Any) -> None:
-    if isinstance(node, dict):
-        if isinstance(node.get("title"), str):
-            del node["title"]
-        for value in node.values():
-            _drop_titles(value)
-    elif isinstance(node, list):
-        for value in node:
-            _drop_titles(value)
 
 
 def values_schema_with_workload() -> dict[str, Any]:
