@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ from loadtests.workload import WorkloadError, WorkloadFile, load_workload
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 DEFAULT_HOST = "http://127.0.0.1:8000"
+#: How often a run says how far it is (seconds).
+PROGRESS_INTERVAL_S = 15.0
 #: How long a started `tandem up` may take to serve (it builds nothing: `make models` ran first).
 STACK_READY_S = 420.0
 
@@ -124,11 +126,13 @@ def locust_run(
     duration_s: float | None = None,
     drain_s: float = 60.0,
     timeout_s: float | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One headless Locust run in its own processes (local, or a master with `workers` local workers or
     `expect_workers` remote ones); its records and generator figures. `duration_s` overrides the
     file's; the run is bounded by `timeout_s` (default: twice the load and the drain, plus the start,
-    and 15 min for remote workers to be scheduled and connect)."""
+    and 15 min for remote workers to be scheduled and connect). `progress` is called with the seconds
+    elapsed every `PROGRESS_INTERVAL_S` while it runs."""
     out.mkdir(parents=True, exist_ok=True)
     common = ["--workload", workload, "--drain-s", str(drain_s)]
     if rate:
@@ -149,10 +153,19 @@ def locust_run(
         worker_args = ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port), *common]
         procs.append(_locust(worker_args, out / f"locust-worker-{i}.log"))
     limit = timeout_s or run_limit(duration_s or 0.0, drain_s, bool(expect_workers))
+    started = time.monotonic()
     try:
-        rc = procs[0].wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        raise LoadTestError(f"locust did not end within {limit:.0f} s: see {out / 'locust.log'}") from None
+        while True:
+            try:
+                rc = procs[0].wait(timeout=PROGRESS_INTERVAL_S)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - started
+                if elapsed > limit:
+                    log = out / "locust.log"
+                    raise LoadTestError(f"locust did not end within {limit:.0f} s: see {log}") from None
+                if progress is not None:
+                    progress(elapsed)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -248,6 +261,8 @@ def cmd_run(args: argparse.Namespace, wf: WorkloadFile, out: Path) -> int:
         args.workload, args.host, out, workers=args.workers, expect_workers=args.expect_workers,
         master_port=args.master_bind_port, rate=args.rate, duration_s=args.duration, drain_s=args.drain_s,
         timeout_s=run_limit(duration, args.drain_s, bool(args.expect_workers)),
+        progress=lambda t: print(f"loadtest: {t:.0f} s (load for {duration:.0f} s, then requests finish)",
+                                 flush=True),
     )  # fmt: skip
     run = run_summary(records, gen, wf, args.rate, duration, "run")
     _print_run(run)
