@@ -105,12 +105,10 @@ def wait_for_exit(pids: set[int]) -> None:
 
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it exited already: nothing to wait for
             proc = psutil.Process(pid)
             if "resource_tracker" not in " ".join(proc.cmdline()):
                 procs.append(proc)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=_ENGINE_EXIT_TIMEOUT_S)
     for proc in alive:
         logger.warning("engine process %d still alive after shutdown; terminating it", proc.pid)

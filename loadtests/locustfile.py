@@ -82,9 +82,9 @@ def _workload(environment: Any) -> WorkloadFile:
 class Collector:
     """The master's (or the local runner's) side: the records of every worker, and when all are done."""
 
-    def __init__(self, environment: Any) -> None:
+    def __init__(self, environment: Any, wf: WorkloadFile) -> None:
         opts = environment.parsed_options
-        self.workload = _workload(environment)
+        self.workload = wf
         self.duration_s = opts.duration or self.workload.duration_s
         self.drain_s = opts.drain_s
         self.rate_override = bool(opts.rate)
@@ -164,7 +164,13 @@ class Generator:
         if res is None or res.workload != wf:  # a worker started without --workload: build it off the hub
             res = gevent.get_hub().threadpool.apply(Resources, (wf,))
         self.prompts, self.traces = res.prompts, res.traces
-        # The clock starts once the tokenizer is loaded, or the first arrivals would all be late.
+        # This worker's share of the open-loop plan (from the traces already read).
+        self.arrivals: list[plan.Arrival] = []
+        if self.open_loop:
+            every = plan.arrivals(wf, self.rate, self.duration_s, self.traces)
+            self.arrivals = plan.share(every, self.index, self.workers)
+        # The clock starts once the tokenizer is loaded and the plan made, or the first arrivals would
+        # all be late.
         self.start = time.perf_counter()
         self.deadline = self.start + self.duration_s
         self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -256,12 +262,14 @@ def _init(environment: Any, **_: Any) -> None:
     opts = environment.parsed_options
     if opts is None:
         return
-    if not isinstance(environment.runner, WorkerRunner):
-        environment.tandem_collector = Collector(environment)
-    if not isinstance(environment.runner, MasterRunner) and opts.workload:
-        environment.tandem_resources = gevent.get_hub().threadpool.spawn(
-            Resources, load_workload(opts.workload)
-        )
+    worker = isinstance(environment.runner, WorkerRunner)
+    if worker and not opts.workload:
+        return  # it gets the workload's path from the master when the test starts
+    wf = _workload(environment)
+    if not worker:
+        environment.tandem_collector = Collector(environment, wf)
+    if not isinstance(environment.runner, MasterRunner):
+        environment.tandem_resources = gevent.get_hub().threadpool.spawn(Resources, wf)
 
 
 @events.test_start.add_listener
@@ -307,9 +315,8 @@ class TandemUser(User):
 
     def _schedule(self) -> None:
         gen = self.gen
-        arrivals = plan.share(plan.arrivals(gen.workload, gen.rate, gen.duration_s), gen.index, gen.workers)
-        log.info("worker %d sends %d jobs over %.0f s", gen.index, len(arrivals), gen.duration_s)
-        for a in arrivals:
+        log.info("worker %d sends %d jobs over %.0f s", gen.index, len(gen.arrivals), gen.duration_s)
+        for a in gen.arrivals:
             wait = gen.start + a.due - time.perf_counter()
             if wait > 0:
                 gevent.sleep(wait)

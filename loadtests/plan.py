@@ -13,7 +13,7 @@ job `width` calls. The summary reports requests per second next to it.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from loadtests import schedule, traces
@@ -37,8 +37,14 @@ def trace_requests(w: TraceWorkload) -> list[traces.TraceRequest]:
     return reqs[: w.limit] if w.limit else reqs
 
 
-def offsets(wf: WorkloadFile, rate: float | None = None, duration_s: float | None = None) -> list[float]:
-    """Due times of an open-loop run (`rate`/`duration_s` override the file's, as a search does)."""
+def offsets(
+    wf: WorkloadFile,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    loaded: Mapping[str, list[traces.TraceRequest]] | None = None,
+) -> list[float]:
+    """Due times of an open-loop run (`rate`/`duration_s` override the file's, as a search does).
+    `loaded`: the trace workloads' requests by path, if already read (else read here)."""
     shape, duration = wf.shape, duration_s or wf.duration_s
     rng = random.Random(wf.seed)
     r = rate or shape.rate
@@ -50,7 +56,8 @@ def offsets(wf: WorkloadFile, rate: float | None = None, duration_s: float | Non
     if kind == "trace":
         (w,) = wf.workloads
         assert isinstance(w, TraceWorkload)
-        ts = schedule.from_timestamps([q.t_s for q in trace_requests(w)], w.time_scale)
+        reqs = loaded[w.path] if loaded is not None else trace_requests(w)
+        ts = schedule.from_timestamps([q.t_s for q in reqs], w.time_scale)
         return [t for t in ts if t < duration]
     n = max(1, round(r * duration))
     if kind == "constant":
@@ -68,9 +75,14 @@ def picker(wf: WorkloadFile, rng: random.Random) -> Iterator[int]:
         yield from rng.choices(positions, weights, k=256)
 
 
-def arrivals(wf: WorkloadFile, rate: float | None = None, duration_s: float | None = None) -> list[Arrival]:
-    """Every job of an open-loop run, in due order."""
-    due = offsets(wf, rate, duration_s)
+def arrivals(
+    wf: WorkloadFile,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    loaded: Mapping[str, list[traces.TraceRequest]] | None = None,
+) -> list[Arrival]:
+    """Every job of an open-loop run, in due order (`loaded` as for `offsets`)."""
+    due = offsets(wf, rate, duration_s, loaded)
     pick = picker(wf, random.Random(wf.seed + 1))
     items = [0] * len(wf.workloads)
     out = []

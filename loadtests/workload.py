@@ -70,6 +70,14 @@ class IntentWorkload(_Workload):
     max_tokens: int = Field(8, ge=1)
 
 
+def _check_budget(budget: int | None, limit: int, limit_field: str) -> None:
+    if budget is not None and budget >= limit:
+        raise ValueError(
+            f"reasoning_budget ({budget}) must be below {limit_field} ({limit}), "
+            "or no answer follows the reasoning"
+        )
+
+
 class ReasoningWorkload(_Workload):
     type: Literal["reasoning"]
     task: str = Field("reasoning")
@@ -81,11 +89,7 @@ class ReasoningWorkload(_Workload):
 
     @model_validator(mode="after")
     def _budget_fits(self) -> ReasoningWorkload:
-        if self.reasoning_budget is not None and self.reasoning_budget >= self.max_tokens:
-            raise ValueError(
-                f"reasoning_budget ({self.reasoning_budget}) must be below max_tokens ({self.max_tokens}), "
-                "or no answer follows the reasoning"
-            )
+        _check_budget(self.reasoning_budget, self.max_tokens, "max_tokens")
         return self
 
 
@@ -103,11 +107,7 @@ class ResponsesWorkload(_Workload):
 
     @model_validator(mode="after")
     def _budget_fits(self) -> ResponsesWorkload:
-        if self.reasoning_budget is not None and self.reasoning_budget >= self.max_output_tokens:
-            raise ValueError(
-                f"reasoning_budget ({self.reasoning_budget}) must be below max_output_tokens "
-                f"({self.max_output_tokens}), or no answer follows the reasoning"
-            )
+        _check_budget(self.reasoning_budget, self.max_output_tokens, "max_output_tokens")
         return self
 
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtests import plan
 from loadtests.client import Client
 from loadtests.prompts import PromptBuilder
 from loadtests.traces import TraceRequest
@@ -30,7 +29,7 @@ class Context:
     client: Client
     prompts: PromptBuilder
     rng: random.Random
-    #: Scaled requests of each trace workload, by path (read once per process).
+    #: Scaled requests of each trace workload, by path (read once per process, before the run).
     traces: dict[str, list[TraceRequest]] = field(default_factory=dict)
 
     def unique_block(self) -> int:
@@ -42,8 +41,7 @@ class Context:
         return self.prompts.prompt([self.unique_block()], tokens)
 
     def trace(self, w: TraceWorkload) -> list[TraceRequest]:
-        if w.path not in self.traces:
-            self.traces[w.path] = plan.trace_requests(w)
+        """The workload's requests, read before the run started (never on the request path)."""
         return self.traces[w.path]
 
 
