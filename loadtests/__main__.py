@@ -1,4 +1,5 @@
-"""`python -m loadtests run | search | report` (see loadtests/run.py)."""
+"""`python -m loadtests run | search | report` (loadtests/run.py) and `sim | calibrate | plan | fit-profile`
+(loadtests/sim/cli.py)."""
 
 import sys
 

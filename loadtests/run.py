@@ -340,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtests.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] and argv[0] in ("sim", "calibrate", "plan", "fit-profile"):
+        from loadtests.sim.cli import main as sim_main
+
+        return sim_main(argv)
     args = build_parser().parse_args(argv)
     try:
         wf = load_workload(args.workload)

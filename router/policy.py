@@ -27,6 +27,7 @@ Baselines, selectable by config: round robin, power of two choices, consistent h
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
@@ -88,7 +89,8 @@ class Decision:
     total_blocks: int = 0
     score: float = 0.0
     scores: dict[str, float] = field(default_factory=dict)
-    #: Leading prompt blocks each candidate holds (cache-aware policy only; gated ones count 0).
+    #: Leading prompt blocks each candidate holds, where any (cache-aware policy only; a gated
+    #: candidate's count is 0; read with `.get(replica, 0)`).
     matched: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -166,21 +168,28 @@ class CacheAwarePolicy(Policy):
         w = self._w
         matched = self.index.match(req.block_keys) if total and w.prefix else {}
         # One pass for loads (stale stats: our own in-flight count, neutral KV score).
+        # NOTE(speed): this runs per request over every candidate (a thousand in a large pool), so
+        # the loops avoid per-candidate calls and tuples where a plain comparison will do.
         stale_before = now - self._stale
         inflight = self._inflight
         loads: list[float] = []
         kv_scores: list[float] = []
         recent = self._recent
         for r in cands:
-            if r.updated_at < stale_before:
+            ts = r.updated_at
+            if ts < stale_before:
                 loads.append(float(inflight.get(r.replica_id, 0)))
                 kv_scores.append(0.5)
             else:
                 sent = recent.get(r.replica_id)
-                while sent and sent[0] <= r.updated_at:
-                    sent.popleft()
-                loads.append(float(r.running + r.waiting + (len(sent) if sent else 0)))
-                kv_scores.append(1.0 - min(1.0, max(0.0, r.kv_usage)))
+                if sent:
+                    while sent and sent[0] <= ts:
+                        sent.popleft()
+                    loads.append(float(r.running + r.waiting + len(sent)))
+                else:
+                    loads.append(float(r.running + r.waiting))
+                kv = r.kv_usage
+                kv_scores.append(0.0 if kv >= 1.0 else 1.0 if kv <= 0.0 else 1.0 - kv)
         peak = max(loads)
         limit = self._gate.ratio * (sum(loads) / len(loads)) + self._gate.slack
         sticky = self._sessions.get(_session_key(req)) if req.session_id else None
@@ -189,25 +198,35 @@ class CacheAwarePolicy(Policy):
         wp, wl, wk, ws = w.prefix * inv_total, w.load, w.kv, w.session
         scores: dict[str, float] = {}
         held: dict[str, int] = {}
-        best: list[tuple[float, float, float, str]] = []  # the two best (score, -load, tiebreak)
+        # The two best as (score, -load, tiebreak, id); every candidate draws its tiebreak, in order.
+        best: list[tuple[float, float, float, str]] = []
+        second = (-math.inf, -math.inf, 0.0, "")
         rand = self._rng.random
         for r, load, kv in zip(cands, loads, kv_scores, strict=True):
             rid = r.replica_id
             score = wl * (1.0 - load * inv_peak) + wk * kv
             if load <= limit:  # the per-candidate gate: a hot replica gets no cache pull
-                n = matched.get(rid, 0)
-                held[rid] = n
-                score += wp * n
+                if matched:
+                    n = matched.get(rid, 0)
+                    if n:
+                        held[rid] = n
+                        score += wp * n
                 if rid == sticky:
                     score += ws
             scores[rid] = score
-            item = (score, -load, rand(), rid)
+            tiebreak = rand()
+            if score < second[0] and len(best) == 2:
+                continue
+            item = (score, -load, tiebreak, rid)
             if len(best) < 2:
                 best.append(item)
                 best.sort(reverse=True)
-            elif item > best[1]:
+                if len(best) == 2:
+                    second = best[1]
+            elif item > second:
                 best[1] = item
                 best.sort(reverse=True)
+                second = best[1]
         top = [b[3] for b in best]
         rest = [r.replica_id for r in cands if r.replica_id not in top]
         ranked = [[t] for t in top] + ([rest] if rest else [])

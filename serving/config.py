@@ -17,7 +17,10 @@ Shape::
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.admission import AdmissionController, Limits
 from router.contracts import DisaggMode, Role
 from router.resilience import RetryPolicy
 from router.tiers import Routing, Rule, RuleMatch, Tier, TierRouter
@@ -48,6 +52,10 @@ def default_model_dir() -> str:
 def default_state_path(name: str) -> str:
     """`name` under $TANDEM_STATE_DIR, else DEFAULT_STATE_DIR (not expanded)."""
     return str(Path(os.environ.get("TANDEM_STATE_DIR", DEFAULT_STATE_DIR)) / name)
+
+
+#: Stand-in for "no limit" (admission disabled).
+UNLIMITED = 1 << 30
 
 
 class SpecError(ValueError):
@@ -827,6 +835,34 @@ class ServingSpec(_Spec):
         """The tier router of this spec (router.tiers, on its own dataclasses)."""
         tiers = [t.policy() for t in self.tiers]
         return TierRouter(tiers, self.routing.policy(), [m.name for m in self.models])
+
+    def admission_controller(self, clock: Callable[[], float] = time.monotonic) -> AdmissionController:
+        """The admission controller of one ingress replica: every limit scaled to its share
+        (1 / `server.ingress_replicas`). The gateway and the simulator both build it here."""
+        share = 1.0 / self.server.ingress_replicas
+        adm = self.admission
+        named = {t.name: t for t in adm.tenants}
+
+        def limits_for(tenant: str) -> Limits:
+            t: TenantLimits = named.get(tenant, adm.default_tenant)
+            if not adm.enabled:
+                return Limits(math.inf, math.inf, UNLIMITED, t.priority.rank)
+            return Limits(
+                t.tokens_per_s * share,
+                max(1.0, t.burst_tokens * share),
+                t.fanout_width,
+                t.priority.rank,
+            )
+
+        explicit = {p.model: p.max_concurrency for p in adm.pool_limits}
+        pools = {}
+        for m in self.models:
+            pool = m.serving_pool
+            limit = explicit.get(m.name, pool.replicas.max * pool.parallelism.dp * pool.max_ongoing_requests)
+            pools[m.name] = max(1, math.ceil(limit * share)) if adm.enabled else UNLIMITED
+        return AdmissionController(
+            limits_for, pools, adm.max_queue if adm.enabled else UNLIMITED, adm.queue_timeout_s, clock
+        )
 
     def tier(self, name: str) -> TierSpec:
         """The tier called `name` (KeyError if absent)."""

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 
-from router.admission import AdmissionController, Limits
+from router.admission import AdmissionController
 from router.resilience import HealthState, RetryBudget, TargetHealth
 from router.tiers import TierRouter
-from serving.config import AuthSpec, Priority, ResilienceSpec, ServingSpec, TenantLimits
+from serving.config import AuthSpec, Priority, ResilienceSpec, ServingSpec
 from serving.http.auth import Authenticator
 from serving.http.metrics import IngressMetrics
 
@@ -24,8 +23,6 @@ logger = logging.getLogger(__name__)
 
 #: Tenant of requests when auth is disabled and no x-tandem-tenant header is sent.
 DEFAULT_TENANT = "default"
-#: Stand-in for "no limit" (admission disabled, or a model without a pool).
-_UNLIMITED = 1 << 30
 
 
 class Gateway:
@@ -68,37 +65,14 @@ class Gateway:
     @classmethod
     def from_spec(cls, spec: ServingSpec, metrics: IngressMetrics) -> Gateway:
         """The gateway for `spec`; every limit is scaled to this replica's share of the ingress."""
-        share = 1.0 / spec.server.ingress_replicas
-        adm = spec.admission
-        named = {t.name: t for t in adm.tenants}
-
-        def limits_for(tenant: str) -> Limits:
-            t: TenantLimits = named.get(tenant, adm.default_tenant)
-            if not adm.enabled:
-                return Limits(math.inf, math.inf, _UNLIMITED, t.priority.rank)
-            return Limits(
-                t.tokens_per_s * share,
-                max(1.0, t.burst_tokens * share),
-                t.fanout_width,
-                t.priority.rank,
-            )
-
-        explicit = {p.model: p.max_concurrency for p in adm.pool_limits}
-        pools = {}
-        for m in spec.models:
-            pool = m.serving_pool
-            limit = explicit.get(m.name, pool.replicas.max * pool.parallelism.dp * pool.max_ongoing_requests)
-            pools[m.name] = max(1, math.ceil(limit * share)) if adm.enabled else _UNLIMITED
-        controller = AdmissionController(
-            limits_for, pools, adm.max_queue if adm.enabled else _UNLIMITED, adm.queue_timeout_s
-        )
+        controller = spec.admission_controller()
         gateway = cls(
             Authenticator(spec.auth, DEFAULT_TENANT),
             spec.tier_router(),
             controller,
             spec.resilience,
             metrics,
-            adm.default_reserved_tokens,
+            spec.admission.default_reserved_tokens,
         )
         gateway.scale_to_zero = {m.name for m in spec.models if m.serving_pool.replicas.min == 0}
         return gateway

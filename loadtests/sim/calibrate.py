@@ -1,0 +1,120 @@
+"""Calibration: fit the simulator's serving-overhead terms to one measured load-test run.
+
+The engine profiles are measured on a bare engine (`python -m loadtests fit-profile`). What a real
+run adds around the engine is fitted here, from one Locust run's `summary.json` and its workload:
+
+- `Template`: the chat template's tokens, from the run's mean prompt tokens per request type
+  (`usage.prompt_tokens` = base + per_message x messages + content; least squares over the types);
+- `Overheads.slowdown`: measured TPOT p50 / simulated TPOT p50 (the serving stack's CPU beside the
+  engines stretches every step on a shared host);
+- `Overheads.ttft_s`: measured TTFT p50 - simulated TTFT p50 (ingress, Ray Serve hops, the stream).
+
+Then the calibration is frozen: other runs (another rate, another mix, a trace) are predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests.sim.calls import Jobs, Template
+from loadtests.sim.cluster import Overheads
+from loadtests.workload import AgentWorkload, FanoutWorkload, WorkloadFile
+
+SCHEMA = "tandem.sim-calibration/1"
+
+
+def call_shapes(jobs: Jobs, rate: float | None, duration_s: float | None) -> dict[str, tuple[float, float]]:
+    """Per request type of a run's plan: mean (messages, content tokens) of its calls."""
+    sums: dict[str, list[float]] = {}
+    for a in jobs.plan(rate, duration_s):
+        w = jobs.wf.workloads[a.workload]
+        if isinstance(w, AgentWorkload):
+            calls = list(jobs.agent(w, a.workload, "s"))
+        elif isinstance(w, FanoutWorkload):
+            calls = jobs.fanout(w, "t")
+        else:
+            calls = [jobs.single(w, a.item)]
+        for c in calls:
+            s = sums.setdefault(c.name, [0.0, 0.0, 0.0])
+            s[0] += 1
+            s[1] += c.messages
+            s[2] += c.content_tokens
+    return {k: (m / n, c / n) for k, (n, m, c) in sums.items()}
+
+
+def fit_template(measured: Mapping[str, Any], shapes: Mapping[str, tuple[float, float]]) -> Template:
+    """The template's tokens from measured mean prompt tokens per type (see the module docstring)."""
+    rows, ys = [], []
+    for name, (messages, content) in shapes.items():
+        t = measured.get("by_type", {}).get(name)
+        if not t or not t.get("ok") or messages == 0:
+            continue
+        rows.append([1.0, messages])
+        ys.append(t["tokens"]["input"] / t["ok"] - content)
+    if not rows:
+        return Template()
+    a, y = np.array(rows), np.array(ys)
+    if len({r[1] for r in rows}) < 2:  # one message count: only the total per request is known
+        return Template(max(0, round(float(y.mean()))), 0)
+    (base, per), *_ = np.linalg.lstsq(a, y, rcond=None)
+    if per < 0:
+        return Template(max(0, round(float(y.mean()))), 0)
+    return Template(max(0, round(float(base))), max(0, round(float(per))))
+
+
+def fit_overheads(
+    measured: Mapping[str, Any], simulate: Callable[[Overheads], Mapping[str, Any]], rounds: int = 3
+) -> tuple[Overheads, dict[str, Any]]:
+    """Slowdown and TTFT offset that make `simulate(overheads)` match `measured` at p50."""
+    m_ttft = measured["latency"]["ttft"]["p50"]
+    m_tpot = measured["latency"]["tpot"]["p50"]
+    oh = Overheads()
+    doc: Mapping[str, Any] = {}
+    for _ in range(rounds):
+        doc = simulate(oh)
+        s_tpot = doc["latency"]["tpot"]["p50"]
+        slowdown = oh.slowdown * (m_tpot / s_tpot) if m_tpot and s_tpot else oh.slowdown
+        doc = simulate(Overheads(0.0, slowdown))
+        s_ttft = doc["latency"]["ttft"]["p50"]
+        oh = Overheads(
+            max(0.0, m_ttft - s_ttft) if m_ttft is not None and s_ttft is not None else 0.0, slowdown
+        )
+    doc = simulate(oh)
+    return oh, dict(doc)
+
+
+def save(path: str | Path, template: Template, overheads: Overheads, source: Mapping[str, Any]) -> None:
+    Path(path).write_text(
+        json.dumps(
+            {
+                "schema": SCHEMA,
+                "template": {"base": template.base, "per_message": template.per_message},
+                "overheads": {"ttft_s": overheads.ttft_s, "slowdown": overheads.slowdown},
+                "source": dict(source),
+            },
+            indent=2,
+        )
+    )
+
+
+def load(path: str | Path) -> tuple[Template, Overheads]:
+    """A calibration file's template and overheads (ValueError naming the file otherwise)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"calibration {path}: cannot read it ({e})") from None
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"calibration {path}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+    t, o = doc["template"], doc["overheads"]
+    return Template(int(t["base"]), int(t["per_message"])), Overheads(
+        float(o["ttft_s"]), float(o["slowdown"])
+    )
+
+
+def default_rate(wf: WorkloadFile) -> float | None:
+    return wf.shape.rate

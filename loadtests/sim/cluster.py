@@ -1,0 +1,503 @@
+"""The cluster simulator: Tandem's own request path over modelled engines, on a simulated clock.
+
+A call goes through the code the ingress and the replicas run, not a copy of it:
+
+1. `router.tiers.TierRouter` (built by `ServingSpec.tier_router`) picks its tier and model;
+2. `router.admission.AdmissionController` (built by `ServingSpec.admission_controller`, on the
+   simulated clock) charges the tenant's bucket, takes a fan-out slot and a pool slot: rejections
+   are 429s with the real reasons;
+3. block keys: the unit ids' chained hashes (`calls.KeyChain`, `router.hashing`'s scheme), salted
+   per tenant when the model's `router.tenant_salt` is on;
+4. the model's `router.policy` policy (`make_policy` with the spec's `RouterSpec`) ranks the serving
+   pool's replicas from their reported stats (refreshed every `stats_period_s`, as Serve's
+   `record_routing_stats`); a replica at `max_ongoing_requests` is skipped as Ray Serve does, and
+   with all of them full the call waits for a slot. The block index is fed by the routing
+   decisions and, with `kv_events`, by the engines' BlockStored / BlockRemoved events
+   (`router.kv_events.apply_event`);
+5. on a P/D model `router.pd.decide` picks remote or local prefill from the router's match on the
+   chosen decode replica; a remote prefill runs on a prefill replica the prefill pool's policy
+   picks, then its KV (the part the decode replica does not hold) crosses the link;
+6. `engine.Engine` models each replica's continuous batching.
+
+The client sees the engine's token times plus `Overheads.ttft_s` (ingress, Serve hops, the stream),
+and every step runs `Overheads.slowdown` times its profile's time: the two serving-overhead terms
+that calibration fits against a real run (`loadtests.sim.calibrate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtests.plan import Arrival
+from loadtests.sim.calls import Call, Jobs, KeyChain, none_hash
+from loadtests.sim.clock import VirtualTimeLoop
+from loadtests.sim.engine import Engine, Sequence
+from loadtests.sim.profile import EngineProfile
+from loadtests.sim.stats import Recorder
+from loadtests.workload import AgentWorkload, FanoutWorkload
+from router.admission import AdmissionRequest, Rejected
+from router.contracts import Role, ServeMode
+from router.hashing import tenant_salt
+from router.kv_events import BlockRemoved, BlockStored, apply_event
+from router.pd import decide
+from router.policy import CacheAwarePolicy, Gate, Policy, ReplicaView, RoutingRequest, Weights, make_policy
+from router.tiers import TierError
+from serving.config import ModelSpec, RouterSpec, ServingSpec
+
+#: Records kept (an exact summary) up to this many expected requests; above, the summary streams.
+KEEP_RECORDS_UP_TO = 200_000
+#: Key chains cached (conversations and shared prefixes in use); older ones are rebuilt when needed.
+CHAINS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Overheads:
+    """Serving costs outside the engine: added to each request's first token (and so to its E2E),
+    and a factor on every engine step (the serving stack's CPU next to the engine on a shared host)."""
+
+    ttft_s: float = 0.0
+    slowdown: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolShape:
+    """One pool of a fleet: its profile and replica count."""
+
+    profile: EngineProfile
+    replicas: int
+
+
+@dataclass(slots=True)
+class SimOptions:
+    """How a simulation runs (everything else comes from the deployment spec)."""
+
+    unit_tokens: int = 128
+    overheads: Overheads = field(default_factory=Overheads)
+    seed: int = 0
+    keep_records: bool | None = None
+    window_s: float = 5.0
+    policy: str | None = None  # overrides every model's router.policy (a planner sweep)
+
+
+class Pool:
+    """The replicas of one pool, their router and what Ray Serve's router does around it."""
+
+    def __init__(
+        self, name: str, role: Role, shape: PoolShape, router: RouterSpec, max_ongoing: int, sim: Simulation,
+        policy_name: str,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.role = role
+        self.shape = shape
+        self.max_ongoing = max_ongoing
+        self.policy: Policy = make_policy(
+            policy_name,
+            index_budget=router.block_budget,
+            weights=Weights(**router.weights.model_dump()),
+            gate=Gate(**router.gate.model_dump()),
+            stale_after_s=router.stale_after_s,
+            sessions=router.sessions,
+            rng=random.Random(sim.options.seed),
+        )
+        self.cache_aware = isinstance(self.policy, CacheAwarePolicy)
+        index = getattr(self.policy, "index", None) if router.kv_events else None
+        on_stored = on_removed = None
+        if index is not None:
+
+            def on_stored(rid: str, keys: list[int]) -> None:
+                apply_event(index, rid, BlockStored(keys))
+
+            def on_removed(rid: str, keys: list[int]) -> None:
+                apply_event(index, rid, BlockRemoved(keys))
+
+        self.engines: dict[str, Engine] = {}
+        self.views: list[ReplicaView] = []
+        self.inflight: dict[str, int] = {}
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        for i in range(shape.replicas):
+            rid = f"{name}-{i}"
+            e = Engine(rid, shape.profile, sim.loop, sim.options.unit_tokens, sim.options.overheads.slowdown,
+                       on_stored, on_removed)  # fmt: skip
+            e.itl_sink = sim.recorder.itl_sink(name.split("/")[0])
+            self.engines[rid] = e
+            self.views.append(ReplicaView(rid, role=role))
+            self.inflight[rid] = 0
+        self.kv_moved_bytes = 0
+        self.kv_moved_tokens = 0
+
+    def refresh(self, now: float) -> None:
+        """Every replica reports its stats (Serve's `record_routing_stats`)."""
+        for v in self.views:
+            e = self.engines[v.replica_id]
+            v.running, v.waiting, v.kv_usage, v.updated_at = e.running, e.queued, e.kv_usage, now
+
+    async def pick(self, req: RoutingRequest, loop: asyncio.AbstractEventLoop) -> tuple[str, int | None]:
+        """The replica for `req` and the router's matched blocks there; waits while all are full."""
+        while True:
+            d = self.policy.route(req, self.views, loop.time())
+            for group in d.ranked:
+                for rid in group:
+                    if self.inflight[rid] < self.max_ongoing:
+                        self.policy.on_sent(req, rid)
+                        self.inflight[rid] += 1
+                        matched = d.matched.get(rid, 0) if self.cache_aware else None
+                        return rid, matched
+            fut = loop.create_future()
+            self._slot_waiters.append(fut)
+            await fut
+
+    def done(self, req: RoutingRequest, rid: str) -> None:
+        self.inflight[rid] -= 1
+        self.policy.on_done(req, rid)
+        while self._slot_waiters:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    def utilisation(self, span_s: float) -> float:
+        busy = sum(e.busy_s for e in self.engines.values())
+        return busy / (span_s * len(self.engines)) if self.engines and span_s > 0 else 0.0
+
+
+class SimModel:
+    """A served model: its serving pool (colocated or decode) and, with P/D, its prefill pool."""
+
+    def __init__(self, spec: ModelSpec, shapes: Mapping[Role, PoolShape], sim: Simulation) -> None:
+        self.spec = spec
+        self.name = spec.name
+        policy = sim.options.policy or spec.router.policy.value
+        self.pools: dict[Role, Pool] = {}
+        for p in spec.pools:
+            shape = shapes[p.role]
+            self.pools[p.role] = Pool(f"{spec.name}/{p.pool_name}", p.role, shape, spec.router,
+                                      p.max_ongoing_requests, sim, policy)  # fmt: skip
+        self.serving = self.pools[spec.serving_pool.role]
+        self.prefill = self.pools.get(Role.PREFILL)
+        self.salt = spec.router.tenant_salt
+        self.unit = sim.options.unit_tokens
+        self.min_prefill = spec.disaggregation.min_prefill_tokens
+        self.mode = spec.disaggregation.mode
+        self.transfers = {ServeMode.DISAGG: 0, ServeMode.COLOCATED: 0}
+
+
+class Simulation:
+    """One simulated deployment (see the module docstring).
+
+    Args:
+        spec: the deployment spec (tiers, routing, admission, router and P/D settings).
+        fleet: per model, per pool role, the profile and replica count.
+        options: unit size, overheads, seed.
+    """
+
+    def __init__(
+        self,
+        spec: ServingSpec,
+        fleet: Mapping[str, Mapping[Role, PoolShape]],
+        options: SimOptions | None = None,
+    ) -> None:
+        self.spec = spec
+        self.options = options or SimOptions()
+        self.loop = VirtualTimeLoop()
+        self.recorder = Recorder(True)
+        self._fleet = fleet
+        self._none_hash = none_hash()
+        #: Called with (now, simulation) at every stats report (tests sample the fleet with it).
+        self.probe: Callable[[float, Simulation], None] | None = None
+        self._chains: OrderedDict[tuple[str | None, int], KeyChain] = OrderedDict()
+
+    def _build(self, keep: bool) -> None:
+        self.recorder = Recorder(keep, self.options.window_s)
+        missing = [m.name for m in self.spec.models if m.name not in self._fleet]
+        if missing:
+            raise ValueError(
+                f"fleet: no pools given for model(s) {missing}; give each a profile and replicas"
+            )
+        self.models = {m.name: SimModel(m, self._fleet[m.name], self) for m in self.spec.models}
+        self.tiers = self.spec.tier_router()
+        self.admission = self.spec.admission_controller(clock=self.loop.time)
+        self.period = {m.name: m.router.stats_period_s for m in self.spec.models}
+        self._tier_of = {t.name: t for t in self.spec.tiers}
+        self.jobs_done = 0
+        self.calls_in_flight = 0
+        self.peak_in_flight = 0
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _keys(self, units: list[int], salt: str | None) -> list[int]:
+        """Block keys of prompt units; prompts with the same first unit extend one chain (an LRU
+        cache of `CHAINS` chains: memory stays bounded whatever the run's length)."""
+        if not units:
+            return []
+        chains = self._chains
+        key = (salt, units[0])
+        chain = chains.get(key)
+        if chain is None:
+            chain = chains[key] = KeyChain(self._none_hash, salt)
+            if len(chains) > CHAINS:
+                chains.popitem(last=False)
+        else:
+            chains.move_to_end(key)
+        return chain.keys(units)
+
+    # -- one call ------------------------------------------------------------------------------
+
+    async def _call(self, call: Call, due: float, tenant: str) -> dict[str, Any]:
+        loop = self.loop
+        sent = loop.time()
+        rec: dict[str, Any] = {
+            "name": call.name, "type": call.type, "endpoint": call.endpoint, "due": due, "sent": sent,
+            "outcome": "ok", "status": 200, "reason": None, "ttft": None, "tpot": None, "e2e": None,
+            "itl": None, "input": call.prompt_tokens, "cached": 0, "output": 0, "reasoning": 0,
+            "slo_met": False, "overhead": None, "tags": call.tags,
+        }  # fmt: skip
+        try:
+            res = self.tiers.resolve(call.model, call.task)
+        except TierError as e:
+            rec.update(outcome="failed", status=e.status, reason=str(e))
+            return rec
+        self.recorder.model_of.setdefault(call.name, res.model)
+        model = self.models[res.model]
+        try:
+            ticket = await self.admission.admit(
+                AdmissionRequest(tenant, call.prompt_tokens, call.max_tokens, call.task_id)
+            )
+        except Rejected as e:
+            rec.update(outcome="rejected", status=e.status, reason=e.reason)
+            return rec
+        used = None
+        try:
+            tier = self._tier_of.get(res.tier) if res.tier else None
+            try:
+                await ticket.enter_pool(res.model, tier.ttft_slo_s if tier else None)
+            except Rejected as e:
+                rec.update(outcome="rejected", status=e.status, reason=e.reason)
+                return rec
+            self.calls_in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.calls_in_flight)
+            try:
+                first, done, cached = await self._serve(model, call, tenant)
+            finally:
+                self.calls_in_flight -= 1
+            used = call.prompt_tokens + call.output_tokens
+        finally:
+            ticket.release(used)
+        extra = self.options.overheads.ttft_s + model.serving.shape.profile.request_s
+        ttft = first - sent + extra
+        e2e = done - sent + extra
+        n = call.output_tokens
+        tpot = (e2e - ttft) / (n - 1) if n > 1 else None
+        rec.update(ttft=ttft, e2e=e2e, tpot=tpot, cached=cached, output=n,
+                   reasoning=n if call.reasoning else 0)  # fmt: skip
+        rec["slo_met"] = (call.slo_ttft_s is None or ttft <= call.slo_ttft_s) and (
+            call.slo_tpot_s is None or tpot is None or tpot <= call.slo_tpot_s
+        )
+        return rec
+
+    async def _serve(self, model: SimModel, call: Call, tenant: str) -> tuple[float, float, int]:
+        """Route and run `call` on `model`: (first token time, last token time, cached prompt tokens)."""
+        loop = self.loop
+        salt = tenant_salt(tenant) if model.salt else None
+        keys = self._keys(call.units, salt)
+        done_keys = self._keys(call.done_units, salt)[len(keys) :] if call.done_units else []
+        pool = model.serving
+        req = RoutingRequest("", keys, tenant=tenant, session_id=call.session, role=pool.role)
+        rid, matched = await pool.pick(req, loop)
+        engine = pool.engines[rid]
+        first: asyncio.Future[float] = loop.create_future()
+        done: asyncio.Future[float] = loop.create_future()
+        try:
+            mode = ServeMode.COLOCATED
+            if model.prefill is not None:
+                held = matched if matched is not None else engine.cached_prefix(keys)
+                decision = decide(model.mode, call.prompt_tokens, min(held * model.unit, call.prompt_tokens),
+                                  model.min_prefill)  # fmt: skip
+                mode = decision.mode
+            model.transfers[mode] += 1
+            if mode is ServeMode.DISAGG:
+                cached = await self._remote_prefill(model, call, keys, tenant)
+                local = engine.cached_prefix(keys) * model.unit
+                moved = max(0, call.prompt_tokens - local)
+                prof = model.prefill.shape.profile
+                model.prefill.kv_moved_tokens += moved
+                model.prefill.kv_moved_bytes += moved * prof.kv_bytes_per_token
+                await asyncio.sleep(prof.transfer_s(moved))
+                seq = Sequence(call.prompt_tokens, call.output_tokens, keys, _setter(first), _setter(done),
+                               done_keys, preloaded=True)  # fmt: skip
+                engine.submit(seq)
+                await done
+                return first.result(), done.result(), cached
+            seq = Sequence(
+                call.prompt_tokens, call.output_tokens, keys, _setter(first), _setter(done), done_keys
+            )
+            engine.submit(seq)
+            await done
+            return first.result(), done.result(), seq.cached_tokens
+        finally:
+            pool.done(req, rid)
+
+    async def _remote_prefill(self, model: SimModel, call: Call, keys: list[int], tenant: str) -> int:
+        assert model.prefill is not None
+        pool = model.prefill
+        req = RoutingRequest("", keys, tenant=tenant, session_id=call.session, role=Role.PREFILL)
+        rid, _ = await pool.pick(req, self.loop)
+        try:
+            done: asyncio.Future[float] = self.loop.create_future()
+            seq = Sequence(call.prompt_tokens, 1, keys, _noop, _setter(done))
+            pool.engines[rid].submit(seq)
+            await done
+            return seq.cached_tokens
+        finally:
+            pool.done(req, rid)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def _job(self, jobs: Jobs, a: Arrival, tenant: str) -> None:
+        w = jobs.wf.workloads[a.workload]
+        rec = self.recorder
+        if isinstance(w, AgentWorkload):
+            session = f"{w.name or w.type}-{a.index}"
+            due: float | None = a.due
+            for call in jobs.agent(w, a.workload, session):
+                r = await self._call(call, due if due is not None else self.loop.time(), tenant)
+                due = None
+                rec.add(r)
+                if r["outcome"] != "ok":
+                    break
+        elif isinstance(w, FanoutWorkload):
+            calls = jobs.fanout(w, f"task-{a.index}")
+            for r in await asyncio.gather(*(self._call(c, a.due, tenant) for c in calls)):
+                rec.add(r)
+        else:
+            rec.add(await self._call(jobs.single(w, a.item), a.due, tenant))
+        self.jobs_done += 1
+
+    async def _feed(self, jobs: Jobs, arrivals: Iterable[Arrival], tenant: str) -> None:
+        loop = self.loop
+        tasks: set[asyncio.Task] = set()
+        for a in arrivals:
+            wait = a.due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            t = loop.create_task(self._job(jobs, a, tenant))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        while tasks:
+            await asyncio.gather(*list(tasks))
+
+    async def _stats(self, stop: asyncio.Event) -> None:
+        """Replicas report their stats every `stats_period_s` (per model)."""
+        loop = self.loop
+        period = min(self.period.values())
+        while not stop.is_set():
+            now = loop.time()
+            for m in self.models.values():
+                for pool in m.pools.values():
+                    pool.refresh(now)
+            if self.probe is not None:
+                self.probe(now, self)
+            await asyncio.sleep(period)
+
+    # -- a run ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        jobs: Jobs,
+        *,
+        rate: float | None = None,
+        duration_s: float | None = None,
+        arrivals: Iterable[Arrival] | None = None,
+        expected_requests: int | None = None,
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        """Simulate one run of `jobs` (its file's shape, or `rate` / `duration_s` as a search sets)
+        and return its summary (`loadtests.summary` shape, with a `sim` section)."""
+        wf = jobs.wf
+        duration = duration_s or wf.duration_s
+        plan = arrivals if arrivals is not None else jobs.plan(rate, duration)
+        if expected_requests is None:
+            expected_requests = len(plan) if isinstance(plan, list) else KEEP_RECORDS_UP_TO + 1
+        keep = self.options.keep_records
+        if keep is None:
+            keep = expected_requests <= KEEP_RECORDS_UP_TO
+        self._build(keep)
+        tenant = wf.tenant or "default"
+        loop = self.loop
+        stop = asyncio.Event()
+
+        async def main() -> float:
+            stats = loop.create_task(self._stats(stop))
+            await self._feed(jobs, plan, tenant)
+            stop.set()
+            end = loop.time()
+            await stats
+            return end
+
+        asyncio.set_event_loop(loop)
+        try:
+            end = loop.run_until_complete(main())
+        finally:
+            asyncio.set_event_loop(None)
+        slos = {(w.name or w.type): w.slo.model_dump() for w in wf.workloads}
+        offered = rate if rate is not None else (wf.shape.rate if wf.shape.kind != "closed" else None)
+        doc = self.recorder.summarize(duration_s=duration, offered_rate=offered, slos=slos, label=label)
+        doc["sim"] = self._sim_section(duration, end)
+        return doc
+
+    def _sim_section(self, duration: float, end: float) -> dict[str, Any]:
+        pools = {}
+        gpus = 0
+        cost = 0.0
+        for m in self.models.values():
+            for pool in m.pools.values():
+                prof = pool.shape.profile
+                n = len(pool.engines)
+                gpus += n * prof.gpus
+                cost += n * prof.gpus * prof.gpu_hour_usd
+                es = pool.engines.values()
+                pools[pool.name] = {
+                    "role": pool.role.value,
+                    "profile": prof.name,
+                    "replicas": n,
+                    "gpus": n * prof.gpus,
+                    "utilisation": pool.utilisation(end),
+                    "prefill_tokens": sum(e.prefill_tokens for e in es),
+                    "cached_hit_tokens": sum(e.cached_hit_tokens for e in es),
+                    "decode_tokens": sum(e.decode_tokens for e in es),
+                    "kv_moved_tokens": pool.kv_moved_tokens,
+                    "kv_moved_bytes": pool.kv_moved_bytes,
+                    "policy": type(pool.policy).__name__,
+                }
+            if m.prefill is not None:
+                pools[m.serving.name]["disagg"] = m.transfers[ServeMode.DISAGG]
+                pools[m.serving.name]["colocated"] = m.transfers[ServeMode.COLOCATED]
+        return {
+            "simulated_s": end,
+            "duration_s": duration,
+            "unit_tokens": self.options.unit_tokens,
+            "overheads": {
+                "ttft_s": self.options.overheads.ttft_s,
+                "slowdown": self.options.overheads.slowdown,
+            },
+            "gpus": gpus,
+            "gpu_hour_usd": cost,
+            "peak_calls_in_flight": self.peak_in_flight,
+            "pools": pools,
+        }
+
+
+def _setter(fut: asyncio.Future[float]):
+    def set_(now: float) -> None:
+        if not fut.done():
+            fut.set_result(now)
+
+    return set_
+
+
+def _noop(now: float) -> None:
+    return None
