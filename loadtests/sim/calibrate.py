@@ -7,7 +7,11 @@ run adds around the engine is fitted here, from one Locust run's `summary.json` 
   (`usage.prompt_tokens` = base + per_message x messages + content; least squares over the types);
 - `Overheads.slowdown`: measured TPOT p50 / simulated TPOT p50 (the serving stack's CPU beside the
   engines stretches every step on a shared host);
-- `Overheads.ttft_s`: measured TTFT p50 - simulated TTFT p50 (ingress, Ray Serve hops, the stream).
+- the per-request overheads' distributions (`Overheads.ttft_table`, `tpot_table`), from the run's
+  records: at each probability of `GRID` the measured TTFT quantile minus the simulated one (ingress,
+  Ray Serve hops, the stream, and the host's noise: a GC pause, a busy core), and the measured TPOT
+  quantile over the simulated one. A real run's tail is mostly that noise, so a simulator that
+  leaves it out can match a median and never a p99.
 
 Then the calibration is frozen: other runs (another rate, another mix, a trace) are predictions.
 """
@@ -23,7 +27,8 @@ import numpy as np
 
 from loadtests.sim.calls import Jobs, Template
 from loadtests.sim.cluster import Overheads
-from loadtests.workload import AgentWorkload, FanoutWorkload, WorkloadFile
+from loadtests.summary import percentile
+from loadtests.workload import AgentWorkload, FanoutWorkload
 
 SCHEMA = "tandem.sim-calibration/1"
 
@@ -67,6 +72,38 @@ def fit_template(measured: Mapping[str, Any], shapes: Mapping[str, tuple[float, 
     return Template(max(0, round(float(base))), max(0, round(float(per))))
 
 
+#: Probabilities at which the overhead distributions are tabulated.
+GRID = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+def _quantiles(values: list[float]) -> list[float]:
+    return [percentile(values, p * 100) or 0.0 for p in GRID]
+
+
+def _monotone(xs: list[float], floor: float) -> list[float]:
+    out, top = [], floor
+    for x in xs:
+        top = max(top, x)
+        out.append(top)
+    return out
+
+
+def noise_tables(
+    measured: list[Mapping[str, Any]], simulated: list[Mapping[str, Any]]
+) -> tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]:
+    """(ttft_table, tpot_table) from a measured run's ok records and the simulated run's (see the
+    module docstring); the simulated run has the slowdown and no TTFT overhead."""
+
+    def ok(rs: list[Mapping[str, Any]], k: str) -> list[float]:
+        return [r[k] for r in rs if r["outcome"] == "ok" and r.get(k) is not None]
+
+    mt, st = _quantiles(ok(measured, "ttft")), _quantiles(ok(simulated, "ttft"))
+    ttft = _monotone([m - s for m, s in zip(mt, st, strict=True)], 0.0)
+    mp, sp = _quantiles(ok(measured, "tpot")), _quantiles(ok(simulated, "tpot"))
+    tpot = _monotone([m / s if s > 0 else 1.0 for m, s in zip(mp, sp, strict=True)], 0.0)
+    return tuple(zip(GRID, ttft, strict=True)), tuple(zip(GRID, tpot, strict=True))
+
+
 def fit_overheads(
     measured: Mapping[str, Any], simulate: Callable[[Overheads], Mapping[str, Any]], rounds: int = 3
 ) -> tuple[Overheads, dict[str, Any]]:
@@ -94,7 +131,12 @@ def save(path: str | Path, template: Template, overheads: Overheads, source: Map
             {
                 "schema": SCHEMA,
                 "template": {"base": template.base, "per_message": template.per_message},
-                "overheads": {"ttft_s": overheads.ttft_s, "slowdown": overheads.slowdown},
+                "overheads": {
+                    "ttft_s": overheads.ttft_s,
+                    "slowdown": overheads.slowdown,
+                    "ttft_table": [list(x) for x in overheads.ttft_table],
+                    "tpot_table": [list(x) for x in overheads.tpot_table],
+                },
                 "source": dict(source),
             },
             indent=2,
@@ -111,10 +153,8 @@ def load(path: str | Path) -> tuple[Template, Overheads]:
     if doc.get("schema") != SCHEMA:
         raise ValueError(f"calibration {path}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
     t, o = doc["template"], doc["overheads"]
-    return Template(int(t["base"]), int(t["per_message"])), Overheads(
-        float(o["ttft_s"]), float(o["slowdown"])
+    tables = {k: tuple((float(p), float(v)) for p, v in o.get(k) or ()) for k in ("ttft_table", "tpot_table")}
+    overheads = Overheads(
+        float(o["ttft_s"]), float(o["slowdown"]), tables["ttft_table"], tables["tpot_table"]
     )
-
-
-def default_rate(wf: WorkloadFile) -> float | None:
-    return wf.shape.rate
+    return Template(int(t["base"]), int(t["per_message"])), overheads

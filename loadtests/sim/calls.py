@@ -201,7 +201,13 @@ class Jobs:
         ]  # fmt: skip
 
     def agent(self, w: AgentWorkload, position: int, session: str) -> Iterator[Call]:
-        """The turns of one agent session (the next is built once the previous is answered)."""
+        """The turns of one agent session (the next is built once the previous is answered).
+
+        NOTE(measured): a turn's cache hit stops at the end of the previous turn's prompt: the
+        answer comes back as text inside the chat template, and its tokens do not reproduce the
+        blocks the engine cached while generating it. With the answer's blocks counted as cached
+        the simulator over-predicted the local stack's hit rate (84 % against 73 % measured); without
+        them it predicts 72.5 %."""
         u, t = self.unit, self.template
         sys_i = self.rng.randrange(w.system_prompts)
         prefix = _SHARED + (position * 1024 + sys_i) * _BLOCK
@@ -210,11 +216,10 @@ class Jobs:
         messages, content = 2, w.system_tokens + w.user_tokens
         for turn in range(w.turns):
             p = t.prompt(messages, content)
-            after = t.prompt(messages + 1, content + w.max_tokens)
             yield Call(
                 w.name or w.type, w.type, "/v1/chat/completions", w.model, w.task, p, w.max_tokens,
                 w.max_tokens, units_of(prefix, shared, own, p, u), w.slo.ttft_s, w.slo.tpot_s,
-                done_units=units_of(prefix, shared, own, after, u), session=session,
+                session=session,
                 tags={"session": session, "turn": turn}, messages=messages, content_tokens=content,
             )  # fmt: skip
             messages += 2

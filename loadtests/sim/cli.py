@@ -132,13 +132,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return simulate(spec, fleet, jobs, o, rate=rate, duration_s=duration)
 
     overheads, sim_doc = cal.fit_overheads(measured, run)
+    records_path = Path(args.summary).parent / "records.jsonl"
+    if records_path.exists():  # the noise: per-request overhead distributions from the records
+        measured_records = [json.loads(line) for line in records_path.read_text().splitlines() if line]
+        base = Overheads(0.0, overheads.slowdown)
+        sim = Simulation(spec, fleet, SimOptions(opts.unit_tokens, base, opts.seed, keep_records=True))
+        sim.run(Jobs(wf, jobs.unit, template, jobs.loaded), rate=rate, duration_s=duration)
+        ttft_table, tpot_table = cal.noise_tables(measured_records, sim.recorder.records)
+        overheads = Overheads(0.0, overheads.slowdown, ttft_table, tpot_table)
+        sim_doc = run(overheads)
     cal.save(
         args.out, template, overheads, {"summary": args.summary, "run": args.run, "workload": args.workload}
     )
-    print(f"calibrate: template {template}, {overheads}", flush=True)
+    p50, p99 = (_tab(overheads.ttft_table, p, overheads.ttft_s) for p in (0.5, 0.99))
+    print(f"calibrate: template {template}, slowdown {overheads.slowdown:.3f}, TTFT overhead p50/p99 "
+          f"{p50}/{p99} ms", flush=True)  # fmt: skip
     print(f"calibrate: measured  {_line(measured)}", flush=True)
     print(f"calibrate: simulated {_line(sim_doc)}", flush=True)
     return 0
+
+
+def _tab(table: Any, p: float, offset: float) -> str:
+    from loadtests.sim.cluster import quantile
+
+    return f"{(offset + (quantile(table, p) if table else 0.0)) * 1000:.0f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

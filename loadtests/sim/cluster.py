@@ -57,11 +57,32 @@ CHAINS = 4096
 
 @dataclass(frozen=True, slots=True)
 class Overheads:
-    """Serving costs outside the engine: added to each request's first token (and so to its E2E),
-    and a factor on every engine step (the serving stack's CPU next to the engine on a shared host)."""
+    """Serving costs outside the engine.
+
+    Attributes:
+        ttft_s: added to every request's first token (and so to its E2E).
+        slowdown: a factor on every engine step (the serving stack's CPU beside the engines on a
+            shared host: it lengthens queues as well as streams).
+        ttft_table: the distribution of a further per-request delay of the first token, as its
+            quantile function: (probability, seconds) points, interpolated. Host noise (a GC pause,
+            a busy core) is what makes a real run's tail; a calibration measures it.
+        tpot_table: likewise, a per-request factor on the time from the first token to the last.
+    """
 
     ttft_s: float = 0.0
     slowdown: float = 1.0
+    ttft_table: tuple[tuple[float, float], ...] = ()
+    tpot_table: tuple[tuple[float, float], ...] = ()
+
+
+def quantile(table: tuple[tuple[float, float], ...], u: float) -> float:
+    """The value at probability `u` of a quantile table (piecewise linear; clamped at its ends)."""
+    if u <= table[0][0]:
+        return table[0][1]
+    for (p0, v0), (p1, v1) in zip(table, table[1:], strict=False):
+        if u <= p1:
+            return v0 + (v1 - v0) * (u - p0) / (p1 - p0) if p1 > p0 else v1
+    return table[-1][1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +228,14 @@ class Simulation:
         self.recorder = Recorder(True)
         self._fleet = fleet
         self._none_hash = none_hash()
+        self._noise = random.Random(self.options.seed + 7)
         #: Called with (now, simulation) at every stats report (tests sample the fleet with it).
         self.probe: Callable[[float, Simulation], None] | None = None
         self._chains: OrderedDict[tuple[str | None, int], KeyChain] = OrderedDict()
 
     def _build(self, keep: bool) -> None:
         self.recorder = Recorder(keep, self.options.window_s)
+        self._noise = random.Random(self.options.seed + 7)
         missing = [m.name for m in self.spec.models if m.name not in self._fleet]
         if missing:
             raise ValueError(
@@ -287,9 +310,13 @@ class Simulation:
             used = call.prompt_tokens + call.output_tokens
         finally:
             ticket.release(used)
-        extra = self.options.overheads.ttft_s + model.serving.shape.profile.request_s
+        oh = self.options.overheads
+        extra = oh.ttft_s + model.serving.shape.profile.request_s
+        if oh.ttft_table:
+            extra += quantile(oh.ttft_table, self._noise.random())
+        factor = quantile(oh.tpot_table, self._noise.random()) if oh.tpot_table else 1.0
         ttft = first - sent + extra
-        e2e = done - sent + extra
+        e2e = ttft + (done - first) * factor
         n = call.output_tokens
         tpot = (e2e - ttft) / (n - 1) if n > 1 else None
         rec.update(ttft=ttft, e2e=e2e, tpot=tpot, cached=cached, output=n,

@@ -1,0 +1,72 @@
+"""Calibration of the simulator's serving overheads: template tokens, slowdown and TTFT offset at the
+median, and the per-request noise distributions that make the tail."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtests.sim import calibrate as cal
+from loadtests.sim.calls import Jobs, Template
+from loadtests.sim.cluster import Overheads, SimOptions, Simulation, quantile
+from tests.unit.sim_helpers import fleet, profile, spec, workload
+
+
+def test_quantile_tables_interpolate_and_clamp():
+    table = ((0.0, 0.0), (0.5, 1.0), (1.0, 3.0))
+    assert quantile(table, 0.25) == pytest.approx(0.5)
+    assert quantile(table, 0.75) == pytest.approx(2.0)
+    assert quantile(table, -1) == 0.0 and quantile(table, 2) == 3.0
+
+
+def test_the_template_is_solved_from_two_request_types_with_different_message_counts():
+    shapes = {"intent": (1.0, 32.0), "agent": (4.0, 700.0)}
+    measured = {"by_type": {"intent": {"ok": 10, "tokens": {"input": 10 * (32 + 5 + 3)}},
+                            "agent": {"ok": 10, "tokens": {"input": 10 * (700 + 5 + 12)}}}}  # fmt: skip
+    assert cal.fit_template(measured, shapes) == Template(5, 3)
+    one = {"by_type": {"intent": measured["by_type"]["intent"]}}
+    assert cal.fit_template(one, shapes) == Template(8, 0)  # one message count: a total per request
+
+
+def test_fitted_median_overheads_reproduce_the_measured_medians():
+    sp, fl = spec(), fleet(profile())
+    wf = workload({"type": "intent", "model": "m", "prompt_tokens": 100, "max_tokens": 20}, rate=2.0, duration_s=60)
+
+    def simulate(oh: Overheads) -> dict:
+        return Simulation(sp, fl, SimOptions(unit_tokens=16, overheads=oh)).run(Jobs(wf, 16, Template(), {}))
+
+    truth = simulate(Overheads(0.05, 1.7))
+    oh, doc = cal.fit_overheads(truth, simulate)
+    assert oh.slowdown == pytest.approx(1.7, rel=0.01)
+    assert oh.ttft_s == pytest.approx(0.05, rel=0.02)
+    assert doc["latency"]["ttft"]["p50"] == pytest.approx(truth["latency"]["ttft"]["p50"], rel=0.01)
+
+
+def test_noise_tables_turn_a_measured_tail_into_a_simulated_one():
+    def recs(ttfts, tpots):
+        return [{"outcome": "ok", "ttft": a, "tpot": b} for a, b in zip(ttfts, tpots, strict=True)]
+
+    sim = recs([0.01] * 100, [0.002] * 100)
+    meas = recs([0.05] * 98 + [0.5, 0.9], [0.004] * 99 + [0.02])
+    ttft, tpot = cal.noise_tables(meas, sim)
+    assert quantile(ttft, 0.5) == pytest.approx(0.04)
+    assert quantile(ttft, 0.999) > 0.4
+    assert quantile(tpot, 0.5) == pytest.approx(2.0)
+    assert [v for _, v in ttft] == sorted(v for _, v in ttft)  # a quantile function never falls
+
+
+def test_a_run_with_the_tables_has_the_tail_and_a_calibration_file_round_trips(tmp_path):
+    sp, fl = spec(), fleet(profile())
+    wf = workload({"type": "intent", "model": "m", "prompt_tokens": 100, "max_tokens": 20}, rate=2.0, duration_s=300)
+    table = ((0.0, 0.0), (0.9, 0.0), (0.99, 1.0), (1.0, 1.0))
+    oh = Overheads(0.0, 1.0, table, ())
+    doc = Simulation(sp, fl, SimOptions(unit_tokens=16, overheads=oh)).run(Jobs(wf, 16, Template(), {}))
+    assert doc["latency"]["ttft"]["p50"] < 0.05
+    assert doc["latency"]["ttft"]["p99"] > 0.5
+    path = tmp_path / "cal.json"
+    cal.save(path, Template(1, 2), oh, {"summary": "x"})
+    assert cal.load(path) == (Template(1, 2), oh)
+    path.write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(ValueError, match="schema"):
+        cal.load(path)
