@@ -31,7 +31,8 @@ def test_the_template_is_solved_from_two_request_types_with_different_message_co
 
 def test_fitted_median_overheads_reproduce_the_measured_medians():
     sp, fl = spec(), fleet(profile())
-    wf = workload({"type": "intent", "model": "m", "prompt_tokens": 100, "max_tokens": 20}, rate=2.0, duration_s=60)
+    call = {"type": "intent", "model": "m", "prompt_tokens": 100, "max_tokens": 20}
+    wf = workload(call, rate=2.0, duration_s=60)
 
     def simulate(oh: Overheads) -> dict:
         return Simulation(sp, fl, SimOptions(unit_tokens=16, overheads=oh)).run(Jobs(wf, 16, Template(), {}))
@@ -58,7 +59,8 @@ def test_noise_tables_turn_a_measured_tail_into_a_simulated_one():
 
 def test_a_run_with_the_tables_has_the_tail_and_a_calibration_file_round_trips(tmp_path):
     sp, fl = spec(), fleet(profile())
-    wf = workload({"type": "intent", "model": "m", "prompt_tokens": 100, "max_tokens": 20}, rate=2.0, duration_s=300)
+    call = {"type": "intent", "model": "m", "prompt_tokens": 100, "max_tokens": 20}
+    wf = workload(call, rate=2.0, duration_s=300)
     table = ((0.0, 0.0), (0.9, 0.0), (0.99, 1.0), (1.0, 1.0))
     oh = Overheads(0.0, 1.0, table, ())
     doc = Simulation(sp, fl, SimOptions(unit_tokens=16, overheads=oh)).run(Jobs(wf, 16, Template(), {}))
