@@ -122,7 +122,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     spec, wf, fleet, jobs, opts = setup(args)
     doc = json.loads(Path(args.summary).read_text())
     measured = doc["runs"][args.run]
-    rate = measured.get("offered_rate")
+    rate = args.rate  # None: the workload's own shape (a ramp, a trace), as the run was offered
     duration = measured["duration_s"]
     template = cal.fit_template(measured, cal.call_shapes(jobs, rate, duration))
     jobs = Jobs(wf, jobs.unit, template, jobs.loaded)
@@ -135,11 +135,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     records_path = Path(args.summary).parent / "records.jsonl"
     if records_path.exists():  # the noise: per-request overhead distributions from the records
         measured_records = [json.loads(line) for line in records_path.read_text().splitlines() if line]
-        base = Overheads(0.0, overheads.slowdown)
-        sim = Simulation(spec, fleet, SimOptions(opts.unit_tokens, base, opts.seed, keep_records=True))
-        sim.run(Jobs(wf, jobs.unit, template, jobs.loaded), rate=rate, duration_s=duration)
-        ttft_table, tpot_table = cal.noise_tables(measured_records, sim.recorder.records)
-        overheads = Overheads(0.0, overheads.slowdown, ttft_table, tpot_table)
+
+        def records(oh: Overheads) -> list[dict[str, Any]]:
+            sim = Simulation(spec, fleet, SimOptions(opts.unit_tokens, oh, opts.seed, keep_records=True))
+            sim.run(Jobs(wf, jobs.unit, template, jobs.loaded), rate=rate, duration_s=duration)
+            return sim.recorder.records
+
+        overheads = cal.fit_noise(measured_records, overheads.slowdown, records)
         sim_doc = run(overheads)
     cal.save(
         args.out, template, overheads, {"summary": args.summary, "run": args.run, "workload": args.workload}
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(c)
     c.add_argument("--summary", required=True, help="summary.json of a `loadtests run`")
     c.add_argument("--run", type=int, default=0, help="which run of the summary")
+    c.add_argument(
+        "--rate", type=float, help="the rate the run was offered with --rate (default: the file's)"
+    )
     c.add_argument("--out", required=True, help="calibration file to write")
     return p
 

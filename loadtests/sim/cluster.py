@@ -4,7 +4,8 @@ A call goes through the code the ingress and the replicas run, not a copy of it:
 
 1. `router.tiers.TierRouter` (built by `ServingSpec.tier_router`) picks its tier and model;
 2. `router.admission.AdmissionController` (built by `ServingSpec.admission_controller`, on the
-   simulated clock) charges the tenant's bucket, takes a fan-out slot and a pool slot: rejections
+   simulated clock; one per ingress replica, each with its share of the limits, the calls dealt
+   to them in turn) charges the tenant's bucket, takes a fan-out slot and a pool slot: rejections
    are 429s with the real reasons;
 3. block keys: the unit ids' chained hashes (`calls.KeyChain`, `router.hashing`'s scheme), salted
    per tenant when the model's `router.tenant_salt` is on;
@@ -67,12 +68,25 @@ class Overheads:
             quantile function: (probability, seconds) points, interpolated. Host noise (a GC pause,
             a busy core) is what makes a real run's tail; a calibration measures it.
         tpot_table: likewise, a per-request factor on the time from the first token to the last.
+        ttft_per_rps: the first token's further delay per call per second sent in the last
+            `RATE_WINDOW_S` (the serving stack's CPU grows with the request rate and, on a shared
+            host, so does every request's wait for a core).
+        stream_s: the latency every streamed message has, the last token's included. The first
+            token's overhead beyond it is paid once: a stream whose tokens were all made before
+            its first reached the client delivers the rest at once (measured on the local stack:
+            8-token intent answers arrive in one piece, TPOT ~0).
     """
 
     ttft_s: float = 0.0
     slowdown: float = 1.0
     ttft_table: tuple[tuple[float, float], ...] = ()
     tpot_table: tuple[tuple[float, float], ...] = ()
+    stream_s: float = 0.0
+    ttft_per_rps: float = 0.0
+
+
+#: The window over which a request's recent sending rate is counted (for `Overheads.ttft_per_rps`).
+RATE_WINDOW_S = 2.0
 
 
 def quantile(table: tuple[tuple[float, float], ...], u: float) -> float:
@@ -229,6 +243,7 @@ class Simulation:
         self._fleet = fleet
         self._none_hash = none_hash()
         self._noise = random.Random(self.options.seed + 7)
+        self._recent_sends: deque[float] = deque()
         #: Called with (now, simulation) at every stats report (tests sample the fleet with it).
         self.probe: Callable[[float, Simulation], None] | None = None
         self._chains: OrderedDict[tuple[str | None, int], KeyChain] = OrderedDict()
@@ -236,6 +251,7 @@ class Simulation:
     def _build(self, keep: bool) -> None:
         self.recorder = Recorder(keep, self.options.window_s)
         self._noise = random.Random(self.options.seed + 7)
+        self._recent_sends: deque[float] = deque()
         missing = [m.name for m in self.spec.models if m.name not in self._fleet]
         if missing:
             raise ValueError(
@@ -243,7 +259,12 @@ class Simulation:
             )
         self.models = {m.name: SimModel(m, self._fleet[m.name], self) for m in self.spec.models}
         self.tiers = self.spec.tier_router()
-        self.admission = self.spec.admission_controller(clock=self.loop.time)
+        # One controller per ingress replica, each enforcing its share, as the real ingresses do.
+        self.admissions = [
+            self.spec.admission_controller(clock=self.loop.time)
+            for _ in range(self.spec.server.ingress_replicas)
+        ]
+        self._next_ingress = 0
         self.period = {m.name: m.router.stats_period_s for m in self.spec.models}
         self._tier_of = {t.name: t for t in self.spec.tiers}
         self.jobs_done = 0
@@ -273,11 +294,15 @@ class Simulation:
     async def _call(self, call: Call, due: float, tenant: str) -> dict[str, Any]:
         loop = self.loop
         sent = loop.time()
+        recent = self._recent_sends
+        recent.append(sent)
+        while recent[0] < sent - RATE_WINDOW_S:
+            recent.popleft()
         rec: dict[str, Any] = {
             "name": call.name, "type": call.type, "endpoint": call.endpoint, "due": due, "sent": sent,
             "outcome": "ok", "status": 200, "reason": None, "ttft": None, "tpot": None, "e2e": None,
             "itl": None, "input": call.prompt_tokens, "cached": 0, "output": 0, "reasoning": 0,
-            "slo_met": False, "overhead": None, "tags": call.tags,
+            "slo_met": False, "overhead": None, "tags": call.tags, "recent_rps": len(recent) / RATE_WINDOW_S,
         }  # fmt: skip
         try:
             res = self.tiers.resolve(call.model, call.task)
@@ -285,9 +310,12 @@ class Simulation:
             rec.update(outcome="failed", status=e.status, reason=str(e))
             return rec
         self.recorder.model_of.setdefault(call.name, res.model)
+        rec["model"] = res.model
         model = self.models[res.model]
         try:
-            ticket = await self.admission.admit(
+            admission = self.admissions[self._next_ingress]
+            self._next_ingress = (self._next_ingress + 1) % len(self.admissions)
+            ticket = await admission.admit(
                 AdmissionRequest(tenant, call.prompt_tokens, call.max_tokens, call.task_id)
             )
         except Rejected as e:
@@ -314,9 +342,11 @@ class Simulation:
         extra = oh.ttft_s + model.serving.shape.profile.request_s
         if oh.ttft_table:
             extra += quantile(oh.ttft_table, self._noise.random())
+        if oh.ttft_per_rps:
+            extra = max(0.0, extra + oh.ttft_per_rps * rec["recent_rps"])
         factor = quantile(oh.tpot_table, self._noise.random()) if oh.tpot_table else 1.0
         ttft = first - sent + extra
-        e2e = ttft + (done - first) * factor
+        e2e = max(ttft, (done - sent) + (done - first) * (factor - 1.0) + oh.stream_s)
         n = call.output_tokens
         tpot = (e2e - ttft) / (n - 1) if n > 1 else None
         rec.update(ttft=ttft, e2e=e2e, tpot=tpot, cached=cached, output=n,
@@ -493,6 +523,8 @@ class Simulation:
                     "replicas": n,
                     "gpus": n * prof.gpus,
                     "utilisation": pool.utilisation(end),
+                    "mean_batch": sum(e.seq_s for e in es) / (end * n) if end > 0 else 0.0,
+                    "mean_kv_usage": sum(e.kv_s for e in es) / (end * n) if end > 0 else 0.0,
                     "prefill_tokens": sum(e.prefill_tokens for e in es),
                     "cached_hit_tokens": sum(e.cached_hit_tokens for e in es),
                     "decode_tokens": sum(e.decode_tokens for e in es),
@@ -515,6 +547,7 @@ class Simulation:
             "gpu_hour_usd": cost,
             "peak_calls_in_flight": self.peak_in_flight,
             "pools": pools,
+            "by_model": self.recorder.by_model_doc(duration),
         }
 
 

@@ -110,6 +110,8 @@ class Engine:
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # evictable, LRU first
         # utilisation and counters
         self.busy_s = 0.0
+        self.seq_s = 0.0  # integral of running sequences over time (mean batch = seq_s / span)
+        self.kv_s = 0.0  # integral of KV usage over time
         self.prefill_tokens = 0
         self.cached_hit_tokens = 0
         self.decode_tokens = 0
@@ -296,6 +298,8 @@ class Engine:
             + c.per_context_token_s * self.decode_ctx
         ) * self.slowdown
         self.busy_s += dt
+        self.seq_s += (n_dec + len(chunks)) * dt
+        self.kv_s += self.kv_usage * dt
         self.prefill_tokens += new_tokens
         self._loop.call_at(now + dt, self._end_step, chunks, handoffs, dt)
 
@@ -340,6 +344,8 @@ class Engine:
         self._ff_handle = None
         n = self.n_decoding
         self.busy_s += t
+        self.seq_s += n * t
+        self.kv_s += self.kv_usage * t
         self.steps += k
         self.decode_ctx += k * n
         self.decode_tokens += k * n

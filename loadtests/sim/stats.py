@@ -141,8 +141,15 @@ class Recorder:
         #: ITL samples come from engine steps, per model: (step seconds, sequences in it).
         self.itl: dict[str, Histogram] = {}
         self.model_of: dict[str, str] = {}
+        self._by_model: dict[str, _Counts] = {}
 
     def add(self, r: dict[str, Any]) -> None:
+        model = r.get("model")
+        if model is not None:
+            counts = self._by_model.get(model)
+            if counts is None:
+                counts = self._by_model[model] = _Counts()
+            counts.add(r)
         if self.keep:
             self.records.append(r)
             return
@@ -166,6 +173,10 @@ class Recorder:
             w[2] += 1
         else:
             w[3] += 1
+
+    def by_model_doc(self, duration_s: float) -> dict[str, Any]:
+        """Counts and latencies per served model (histogram percentiles, whatever `keep`)."""
+        return {m: c.doc(duration_s) for m, c in sorted(self._by_model.items())}
 
     def itl_sink(self, model: str):
         h = self.itl.setdefault(model, Histogram())
