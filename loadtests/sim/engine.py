@@ -351,12 +351,7 @@ class Engine:
         self.decode_tokens += k * n
         if self.itl_sink is not None:
             self.itl_sink(t / k, k * n)
-        heap = self._decoding
-        while heap and heap[0][0] <= self.steps:
-            _, _, seq = heapq.heappop(heap)
-            self.n_decoding -= 1
-            self.decode_ctx -= seq.prompt_tokens + seq.output_tokens
-            self._finish(seq, now)
+        self._finish_due(now)
         self._step()
 
     def _start_decoding(self, seq: Sequence, now: float, first_step: bool = False) -> None:
@@ -383,12 +378,7 @@ class Engine:
         self.decode_tokens += n_dec
         if n_dec and self.itl_sink is not None:
             self.itl_sink(dt, n_dec)
-        heap = self._decoding
-        while heap and heap[0][0] <= self.steps:
-            _, _, seq = heapq.heappop(heap)
-            self.n_decoding -= 1
-            self.decode_ctx -= seq.prompt_tokens + seq.output_tokens
-            self._finish(seq, now)
+        self._finish_due(now)
         for seq, take in chunks:
             seq.computed += take
             if seq.computed >= seq.prompt_tokens:
@@ -398,6 +388,15 @@ class Engine:
                 seq.on_first(now)
                 self._start_decoding(seq, now)
         self._step()
+
+    def _finish_due(self, now: float) -> None:
+        """Every decoding sequence whose last token came with the step just done."""
+        heap = self._decoding
+        while heap and heap[0][0] <= self.steps:
+            _, _, seq = heapq.heappop(heap)
+            self.n_decoding -= 1
+            self.decode_ctx -= seq.prompt_tokens + seq.output_tokens
+            self._finish(seq, now)
 
     def _finish(self, seq: Sequence, now: float) -> None:
         self._release(seq)
