@@ -78,7 +78,7 @@ from typing import Any
 
 from benchmarks.common import BenchmarkError, load_average, machine_info, run_main
 from loadtests import plan as load_plan
-from loadtests.sim import planner
+from loadtests.sim import planner, sweep
 from loadtests.sim.planner import PlanError, Shape
 from loadtests.sim.profile import shipped_profiles
 from loadtests.workload import load_workload
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     phases: dict[str, float] = {}
     try:
-        with planner.ray_session(args.workers) if not args.no_ray else nullcontext():
+        with sweep.ray_session(args.workers) if not args.no_ray else nullcontext():
             # (1) every shape and policy; each (layout, policy)'s cheapest searched exactly.
             t = time.perf_counter()
             planned = planner.plan(
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios=args.ratios,
                 max_replicas=args.max_replicas,
                 prune="layout+policy",
-                progress=planner.Progress(),
+                progress=sweep.Progress(),
                 **common,
             )
             phases["plan_s"] = round(time.perf_counter() - t, 1)

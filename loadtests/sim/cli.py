@@ -24,7 +24,7 @@ from typing import Any
 from loadtests import plan, search
 from loadtests.sim import calibrate as cal
 from loadtests.sim.calls import Jobs, Template, unit_tokens_of
-from loadtests.sim.cluster import Overheads, SimOptions, Simulation
+from loadtests.sim.cluster import Overheads, SimOptions, Simulation, quantile
 from loadtests.sim.fleet import Fleet, assignments, fleet_from_spec
 from loadtests.sim.profile import ProfileError
 from loadtests.summary import search_section, summary
@@ -155,8 +155,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _tab(table: Any, p: float, offset: float) -> str:
-    from loadtests.sim.cluster import quantile
-
     return f"{(offset + (quantile(table, p) if table else 0.0)) * 1000:.0f}"
 
 

@@ -85,21 +85,18 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loadtests import plan as load_plan
 from loadtests import traces
+from loadtests.sim import sweep
 from loadtests.sim.calls import Jobs, Template, unit_tokens_of
 from loadtests.sim.cluster import Overheads, PoolShape, SimOptions, Simulation
 from loadtests.sim.profile import EngineProfile, ProfileError, load_profile, parse_profile, shipped_profiles
@@ -645,85 +642,8 @@ class Search:
         return self.runs[max(self.runs)] if self.runs else None
 
 
-class _InProcess:
-    """Runs each task when its result is asked for, in submission order."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.queue: deque[tuple[Any, dict[str, Any], int]] = deque()
-
-    def submit(self, tag: Any, shape: Shape, k: int) -> None:
-        self.queue.append((tag, shape.as_dict(), k))
-
-    def pending(self) -> int:
-        return len(self.queue)
-
-    def next_done(self) -> tuple[Any, dict[str, Any]]:
-        tag, shape, k = self.queue.popleft()
-        return tag, simulate_shape(self.ctx, shape, k)
-
-    def close(self) -> None:
-        pass
-
-
-class _RayPool:
-    """Each task a Ray task (Ray already initialised: `ray_session`); results as they finish."""
-
-    def __init__(self, ctx: Context) -> None:
-        import ray
-
-        self.ray = ray
-        self.box = [ray.put(ctx)]
-        self.remote = ray.remote(num_cpus=1)(simulate_shape)
-        self.tasks: dict[Any, Any] = {}
-
-    def submit(self, tag: Any, shape: Shape, k: int) -> None:
-        self.tasks[self.remote.remote(self.box, shape.as_dict(), k)] = tag
-
-    def pending(self) -> int:
-        return len(self.tasks)
-
-    def next_done(self) -> tuple[Any, dict[str, Any]]:
-        (ref,), _ = self.ray.wait(list(self.tasks), num_returns=1)
-        tag = self.tasks.pop(ref)
-        return tag, self.ray.get(ref)
-
-    def close(self) -> None:
-        for ref in self.tasks:
-            self.ray.cancel(ref, force=True)
-        self.tasks.clear()
-
-
-class Progress:
-    """A tqdm bar on a terminal; a plain line per finished run otherwise (None: silent)."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream or sys.stdout
-        self.bar = None
-        if self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, unit="sim", file=self.stream, dynamic_ncols=True, desc="plan")
-
-    def submitted(self) -> None:
-        if self.bar is not None:
-            self.bar.total += 1
-            self.bar.refresh()
-
-    def finished(self, done: int, total: int, line: str) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(line[-60:], refresh=True)
-        else:
-            print(f"plan: [{done}/{total}] {line}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run_searches(
-    searches: Sequence[Search], executor: Any, progress: Progress | None, labels: Mapping[str, str]
+    searches: Sequence[Search], executor: Any, progress: sweep.Progress | None, labels: Mapping[str, str]
 ) -> int:
     """Drive every search to its end (each shape's next run is submitted as soon as its last is in);
     returns the simulations run."""
@@ -916,52 +836,6 @@ def _setup(
     return _Setup(ctx, planned, busy, held, all_profiles, per_model, searches, labels)
 
 
-@contextmanager
-def ray_session(workers: int | None = None, address: str | None = None) -> Iterator[None]:
-    """Ray for the planner's tasks: a fresh local cluster of `workers` CPUs (default: the machine's;
-    no dashboard, auth off, its own temp dir under /tmp, removed after), or the cluster at `address`
-    (e.g. 'auto' inside a Ray job); shut down on exit. Reuses (and leaves) a Ray already initialised,
-    so that several plans can share one cluster."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    temp_dir = None
-    if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    else:
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        temp_dir = tempfile.mkdtemp(prefix="tandem-plan-", dir="/tmp")
-        ray.init(
-            address="local",
-            num_cpus=workers or os.cpu_count() or 1,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            logging_level="WARNING",
-            log_to_driver=False,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@contextmanager
-def _executor(ctx: Context, use_ray: bool, workers: int | None, address: str | None) -> Iterator[Any]:
-    if not use_ray:
-        yield _InProcess(ctx)
-        return
-    with ray_session(workers, address):
-        pool = _RayPool(ctx)
-        try:
-            yield pool
-        finally:
-            pool.close()
-
-
 def _timing(t0: float, t_setup: float, t_sims: float, use_ray: bool) -> dict[str, Any]:
     workers = 1
     if use_ray:
@@ -1009,7 +883,7 @@ def plan(
     use_ray: bool = True,
     workers: int | None = None,
     address: str | None = None,
-    progress: Progress | None = None,
+    progress: sweep.Progress | None = None,
     prune: str | None = None,
 ) -> dict[str, Any]:
     """Search the cheapest fleet shape per model (see the module docstring); the report as a dict.
@@ -1041,7 +915,7 @@ def plan(
     )
     t_setup = time.perf_counter() - t0
     try:
-        with _executor(st.ctx, use_ray, workers, address) as executor:
+        with sweep.executor(simulate_shape, st.ctx, use_ray, workers, address) as executor:
             t_start = time.perf_counter()
             n_sims = run_searches(st.searches, executor, progress, st.labels)
             t_sims = time.perf_counter() - t_start
@@ -1103,7 +977,7 @@ def evaluate(
         fixed=runs,
     )
     out: dict[int, dict[str, Any]] = {}
-    with _executor(st.ctx, use_ray, workers, address) as executor:
+    with sweep.executor(simulate_shape, st.ctx, use_ray, workers, address) as executor:
         for i, (shape, k) in enumerate(runs):
             executor.submit(i, shape, k)
         while executor.pending():
@@ -1524,7 +1398,7 @@ def main(argv: list[str] | None = None) -> int:
             use_ray=not args.no_ray,
             workers=args.workers,
             address=args.address,
-            progress=Progress(),
+            progress=sweep.Progress(),
             prune=args.prune,
         )
     except (PlanError, WorkloadError, SpecError, ProfileError, traces.TraceError, OSError) as e:
