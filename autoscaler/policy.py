@@ -24,14 +24,14 @@ For each pool, the replicas it needs are the largest of:
 Then, in this order: scale-up steps limited to `max_step_up` (a fraction of the pool); scale-down only
 when the latencies are under `scale_down_latency_fraction` of their objectives, nothing is queued or
 rejected, every recommendation of the last `downscale_stabilization_s` has been below the current
-size, `downscale_cooldown_s` has passed since the pool's
-last change in either direction, one replica at a time, and the **N/(N-1) check** passes: the N-1
-replicas left must carry the load of N (demand, KV and requests in flight) within their targets
-(Dynamo PR #9294's fix for 2<->1 flapping). A pool at zero with a request waiting, or arriving,
-scales to one at once; a pool with `min_replicas: 0` goes to zero only after `idle_to_zero_s` with
-no arrivals and nothing in flight. The prefill:decode ratio is kept within
-`[min_prefill_decode_ratio, max_prefill_decode_ratio]` by raising the pool that lags. Every pool's
-decision carries its reasons.
+size, `downscale_cooldown_s` has passed since the pool's last change in either direction, no replica
+asked for within `cold_start_s` is still starting, one replica at a time, and the **N/(N-1) check**
+passes: the N-1 replicas left must carry the load of N (demand and KV) within `scale_down_margin` of
+their targets (Dynamo PR #9294's fix for 2<->1 flapping; the margin is the hysteresis band under the
+scale-up point). A pool at zero with a request waiting, or arriving, scales to one at once; a pool
+with `min_replicas: 0` goes to zero only after `idle_to_zero_s` with no arrivals and nothing in
+flight. The prefill:decode ratio is kept within `[min_prefill_decode_ratio,
+max_prefill_decode_ratio]` by raising the pool that lags. Every pool's decision carries its reasons.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class PolicyConfig:
     kv_high: float
     queue_wait_fraction: float
     scale_down_latency_fraction: float
+    scale_down_margin: float
     max_step_up: float
     downscale_stabilization_s: float
     downscale_cooldown_s: float
@@ -291,15 +292,14 @@ def _down_blockers(
         out.append(f"{ing.queued:.0f} queued / {ing.rejected_per_s:.2f} rejected per s at the ingress")
     if n > 1:
         grow = n / (n - 1)
-        if work / (n - 1) > cfg.target_utilization + 1e-9:
-            out.append(
-                f"N/(N-1): {n - 1} replica(s) would run at {work / (n - 1):.0%}"
-                f" > {cfg.target_utilization:.0%}"
-            )
+        busy_max = cfg.target_utilization * cfg.scale_down_margin
+        if work / (n - 1) > busy_max + 1e-9:
+            out.append(f"N/(N-1): {n - 1} replica(s) would run at {work / (n - 1):.0%} > {busy_max:.0%}")
         if pool.role != "prefill" and samples:
             kv = sum(s.kv_usage for s in samples) / len(samples)
-            if kv * grow > cfg.kv_target:
-                out.append(f"N/(N-1): KV would be {kv * grow:.0%} > {cfg.kv_target:.0%}")
+            kv_max = cfg.kv_target * cfg.scale_down_margin
+            if kv * grow > kv_max:
+                out.append(f"N/(N-1): KV would be {kv * grow:.0%} > {kv_max:.0%}")
     return out
 
 
@@ -360,6 +360,11 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
                 reasons.append(Reason(name, DOWN, "idle", f"nothing arrived for {now - idle_since:.0f}s"))
             elif below is not None and n > max(pool.min_replicas, 1):
                 cooldown = _cooldown_left(ps, now, cfg)
+                # A replica asked for and not yet up has not had its chance to help: not removed
+                # before it is (or before cold_start_s, after which it is presumed unplaceable).
+                starting = (
+                    pool.running < n and ps.last_up_s is not None and now - ps.last_up_s < cfg.cold_start_s
+                )
                 blockers = _down_blockers(pool, samples, work, signals, cfg, p_d)
                 if now - below < cfg.downscale_stabilization_s:
                     reasons.append(
@@ -373,6 +378,15 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
                     )
                 elif cooldown > 0:
                     reasons.append(Reason(name, HOLD, "cooldown", f"{cooldown:.0f}s of cooldown left"))
+                elif starting:
+                    reasons.append(
+                        Reason(
+                            name,
+                            HOLD,
+                            "starting",
+                            f"{n - pool.running} replica(s) asked for are still starting",
+                        )
+                    )
                 elif blockers:
                     reasons.append(
                         Reason(

@@ -177,13 +177,56 @@ def deployment_options(pool: PoolSpec, model: ModelSpec | None = None) -> dict[s
     if reps.min == reps.max:
         opts["num_replicas"] = placement.max_replicas
     else:
-        opts["autoscaling_config"] = {
-            "min_replicas": reps.min,
-            "initial_replicas": reps.start,
-            "max_replicas": reps.max,
-            "target_ongoing_requests": max(1, pool.max_ongoing_requests // 2),
-        }
+        opts["autoscaling_config"] = autoscaling_config(pool, model)
+        if model is not None:
+            opts["graceful_shutdown_timeout_s"] = model.autoscaling.drain_timeout_s
     return opts
+
+
+def autoscaling_config(pool: PoolSpec, model: ModelSpec | None = None) -> dict[str, Any]:
+    """Serve `autoscaling_config` of an autoscaled pool.
+
+    Deployed from a config (`serve_config`, `serve deploy`, a RayService), the application-level SLO
+    policy (serving.autoscaling) decides and owns every delay and step: Serve's own delays are 0 and
+    its scaling factors unset. `target_ongoing_requests` (half of `max_ongoing_requests`) is the rule
+    Serve's default policy falls back to for an application deployed with `serve.run`.
+    """
+    reps = pool.replicas
+    cfg: dict[str, Any] = {
+        "min_replicas": reps.min,
+        "initial_replicas": reps.start,
+        "max_replicas": reps.max,
+        "target_ongoing_requests": max(1, pool.max_ongoing_requests // 2),
+    }
+    if model is not None:
+        a = model.autoscaling
+        cfg.update(
+            metrics_interval_s=a.metrics_interval_s,
+            look_back_period_s=max(a.window_s, 2 * a.metrics_interval_s),
+            upscale_delay_s=0.0,
+            downscale_delay_s=0.0,
+            downscale_to_zero_delay_s=0.0,
+        )
+    return cfg
+
+
+def ingress_autoscaling_config(spec: ServingSpec) -> dict[str, Any] | None:
+    """The ingress's fixed-size `autoscaling_config` when the SLO autoscaler runs: it keeps
+    `ingress_replicas` but publishes its per-model stats (queue, rejections, arrivals) to the policy."""
+    intervals = [m.autoscaling.metrics_interval_s for m in spec.models if spec.autoscaled(m)]
+    if not intervals:
+        return None
+    n = spec.server.ingress_replicas
+    interval = min(intervals)
+    return {
+        "min_replicas": n,
+        "initial_replicas": n,
+        "max_replicas": n,
+        "metrics_interval_s": interval,
+        "look_back_period_s": max(2 * interval, 10.0),
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+    }
 
 
 def _anonymous(pool: PoolSpec) -> ModelSpec:
@@ -209,7 +252,13 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
         if model.disaggregated:
             pre, dec = model.pool(Role.PREFILL), model.pool(Role.DECODE)
             prefill = deploy(PrefillServer, pre).bind(
-                model.name, source, pre.engine, engine_args_for(pre, model), pre.pool_name, pre.role
+                model.name,
+                source,
+                pre.engine,
+                engine_args_for(pre, model),
+                pre.pool_name,
+                pre.role,
+                meter_window_s=model.autoscaling.window_s,
             )
             engines[model.name] = deploy(DecodeServer, dec).bind(
                 model.name,
@@ -219,6 +268,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 dec.pool_name,
                 dec.role,
                 dec.stream_flush_ms,
+                model.autoscaling.window_s,
                 prefill=prefill,
                 disaggregation=model.disaggregation.model_dump(mode="json"),
             )
@@ -232,6 +282,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 pool.pool_name,
                 pool.role,
                 pool.stream_flush_ms,
+                model.autoscaling.window_s,
             )
     server = spec.server
     sessions = None
@@ -248,13 +299,47 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
             )
             .bind(spec.model_dump(mode="json"), engines)
         )
+    scaling = ingress_autoscaling_config(spec)
+    sizing = {"num_replicas": server.ingress_replicas} if scaling is None else {"autoscaling_config": scaling}
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress",
-        num_replicas=server.ingress_replicas,
         max_ongoing_requests=server.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0.5},
+        **sizing,
     )
     return ingress.bind(spec.model_dump(mode="json"), engines, sessions)
+
+
+def run_app(spec: ServingSpec, name: str, route_prefix: str = "/", timeout_s: float = 1800.0) -> None:
+    """Deploy `spec` as Serve application `name` on the connected Ray cluster and wait until it runs.
+
+    With autoscaled pools it is deployed from its Serve config (serving.autoscaling.serve_config), as
+    `serve deploy` and a RayService do: only then does Serve run the application-level SLO policy.
+    Otherwise `serve.run` (the same application, built here).
+    """
+    import time
+
+    if not any(spec.autoscaled(m) for m in spec.models):
+        serve.run(build_app_from_spec(spec), name=name, route_prefix=route_prefix)
+        return
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.autoscaling import serve_config
+
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate(serve_config(spec, name, route_prefix)))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        status = getattr(app, "status", None)
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {name} is {status}: {app.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name} not running after {timeout_s:g}s (status {status})")
+        time.sleep(1.0)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -102,7 +102,7 @@ def start_local_ray(spec: ServingSpec, num_cpus: int | None = None) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from serving.app import build_app_from_spec
+    from serving.app import run_app
 
     spec = load_spec(args.config)
     overrides = {
@@ -128,8 +128,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         # SIGTERM (Ray installs its own handler in ray.init) and Ctrl-C both end in a clean stop.
         signal.signal(signal.SIGTERM, _on_signal)
-        app = build_app_from_spec(spec)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        run_app(spec, APP_NAME, route_prefix="/")
         signal.signal(signal.SIGINT, _on_signal)
         if stop.is_set():
             return 0

@@ -314,6 +314,153 @@ class ReasoningSpec(_Spec):
     )
 
 
+class PoolCapacitySpec(_Spec):
+    """What one replica of a pool processes while meeting the SLO (from `python -m loadtests search`,
+    or the simulator's profile: `python -m loadtests plan` prints it)."""
+
+    input_tokens_per_s: float | None = Field(
+        None, gt=0, description="Prompt tokens computed per second (cache hits excluded)."
+    )
+    output_tokens_per_s: float | None = Field(None, gt=0, description="Output tokens per second.")
+
+
+class AutoscalingSpec(_Spec):
+    """The SLO autoscaler of one model (autoscaler/policy.py): applies to its pools with min < max.
+
+    Every default here comes with its reason; `policy_config()` hands them to the pure policy.
+    """
+
+    ttft_slo_s: float | None = Field(
+        None,
+        gt=0,
+        description="TTFT objective (p90) the prefill (or colocated) pool is sized for. None: the "
+        "tightest `ttft_slo_s` of the tiers this model serves (the objective admission enforces).",
+    )
+    tpot_slo_s: float = Field(
+        0.05,
+        gt=0,
+        description="TPOT objective (p90) the decode (or colocated) pool is sized for. 50 ms = 20 "
+        "tokens/s, faster than people read, the interactive target DistServe and Dynamo use.",
+    )
+    target_utilization: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Fraction of a replica's capacity demand sizing fills: the headroom absorbs the "
+        "arrivals of the cold start (a Poisson burst at 75 % load keeps p90 queueing under one service "
+        "time).",
+    )
+    kv_target: float = Field(
+        0.7, gt=0, le=1, description="KV-cache use per replica to size decode for (room for the "
+        "outputs of running requests to grow)."
+    )
+    kv_high: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="A replica's KV use past this scales up at once (vLLM preempts near 100 %).",
+    )
+    queue_wait_fraction: float = Field(
+        0.25, ge=0, description="Requests queued at the ingress longer than this fraction of the TTFT "
+        "objective scale the serving pool up (queue wait is TTFT the engine never sees)."
+    )
+    scale_down_latency_fraction: float = Field(
+        0.6, gt=0, le=1, description="Scale down only while p90 TTFT and TPOT are under this fraction "
+        "of their objectives (the gap between the up and down thresholds is the hysteresis)."
+    )
+    scale_down_margin: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="The N/(N-1) check: the replicas left after a scale-down must run within this "
+        "fraction of target_utilization and kv_target (0.8: 60 % busy at the 75 % target). The band up to "
+        "the scale-up point absorbs the noise of a 30 s window at a few requests per second (about "
+        "+-20 %), so a load near a boundary does not flap 2<->1.",
+    )
+    max_step_up: float = Field(
+        1.0, gt=0, description="Most replicas added at once, as a fraction of the pool (1: double; at "
+        "least one): a burst is met in log2 steps, a noisy signal cannot start the whole fleet."
+    )
+    downscale_stabilization_s: float = Field(
+        60.0, ge=0, description="Every recommendation for this long must be below the pool's size "
+        "before a replica is removed (Kubernetes HPA's scale-down window; sessions come back in bursts)."
+    )
+    downscale_cooldown_s: float = Field(
+        120.0, ge=0, description="No scale-down within this long of the pool's last change in either "
+        "direction: a replica just added is not removed before it had a chance to help, nor two at once."
+    )
+    cold_start_s: float = Field(
+        120.0, ge=0, description="How long a new replica takes to serve (an 8B engine loads in ~1 min, a "
+        "70B TP8 in 2-5): replicas starting count as capacity for this long, and the forecast looks "
+        "this far ahead."
+    )
+    warmup_s: float = Field(
+        10.0, ge=0, description="A replica's samples count only after it has served this long (its "
+        "first seconds have an empty cache and no latency history)."
+    )
+    stale_after_s: float = Field(
+        30.0, gt=0, description="Samples older than this are ignored (a replica that stopped reporting "
+        "is not a load figure): three of Ray Serve's 10 s metrics intervals."
+    )
+    idle_to_zero_s: float = Field(
+        300.0, ge=0, description="A pool with min 0 goes to zero after this long with no arrivals and "
+        "nothing in flight (longer than a cold start, so that idle gaps shorter than it cost no start-up)."
+    )
+    min_prefill_decode_ratio: float = Field(
+        0.125, gt=0, description="Lowest prefill:decode replica ratio kept while both pools move (1:8; "
+        "a decode pool with no prefill to feed it idles)."
+    )
+    max_prefill_decode_ratio: float = Field(
+        8.0, gt=0, description="Highest prefill:decode replica ratio kept (8:1)."
+    )
+    forecast: bool = Field(
+        False, description="Scale up for the arrival rate predicted cold_start_s ahead (Holt's linear "
+        "trend); off by default: a trend fitted to noise adds replicas that a steady load does not need."
+    )
+    forecast_alpha: float = Field(0.5, gt=0, le=1, description="Holt's level smoothing.")
+    forecast_beta: float = Field(0.3, gt=0, le=1, description="Holt's trend smoothing.")
+    window_s: float = Field(
+        30.0, gt=0, description="How far back a replica's rates and latency percentiles look (long "
+        "enough for a p90 of a few requests per second, short enough to follow a burst)."
+    )
+    drain_timeout_s: float = Field(
+        600.0, gt=0, description="A replica being removed stops taking requests and finishes those in "
+        "flight for up to this long (Serve's graceful shutdown): the longest stream, e.g. 8k tokens at "
+        "50 ms, "
+        "ends before it goes."
+    )
+    metrics_interval_s: float = Field(
+        2.0, gt=0, description="How often each replica publishes its autoscaling stats (Ray Serve's "
+        "default 10 s leaves a burst unseen for that long)."
+    )
+    capacity: dict[str, PoolCapacitySpec] = Field(
+        default_factory=dict,
+        description="Per pool name: what one replica processes at the SLO. A pool not listed is sized by "
+        "requests in flight against its max_ongoing_requests.",
+    )
+
+    @model_validator(mode="after")
+    def _ratio_ordered(self) -> AutoscalingSpec:
+        if self.min_prefill_decode_ratio > self.max_prefill_decode_ratio:
+            raise ValueError(
+                "min_prefill_decode_ratio is greater than max_prefill_decode_ratio; swap them"
+            )
+        if self.kv_target > self.kv_high:
+            raise ValueError(f"kv_target ({self.kv_target}) is above kv_high ({self.kv_high}); lower it")
+        return self
+
+    def policy_config(self, ttft_slo_s: float) -> Any:
+        """The pure policy's settings (autoscaler.policy.PolicyConfig), `ttft_slo_s` resolved."""
+        from autoscaler.policy import PolicyConfig, PoolCapacity
+
+        serve_only = {"ttft_slo_s", "capacity", "metrics_interval_s", "window_s", "drain_timeout_s"}
+        fields = self.model_dump(exclude=serve_only)
+        caps = {
+            k: PoolCapacity(v.input_tokens_per_s, v.output_tokens_per_s) for k, v in self.capacity.items()
+        }
+        return PolicyConfig(ttft_slo_s=self.ttft_slo_s or ttft_slo_s, capacity=caps, **fields)
+
+
 class ModelSpec(_Spec):
     """A served model: its name in the API, where its weights are, and its pools."""
 
@@ -333,6 +480,10 @@ class ModelSpec(_Spec):
         default_factory=Disaggregation, description="Prefill/decode settings (P/D pools only)."
     )
     router: RouterSpec = Field(default_factory=RouterSpec, description="Replica choice (cache-aware).")
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec,
+        description="SLO autoscaler of the pools with replicas.min < replicas.max.",
+    )
     reasoning: ReasoningSpec | None = Field(
         None,
         description="The model thinks in a tagged block (`<think>…</think>`): reasoning budgets, "
@@ -351,6 +502,9 @@ class ModelSpec(_Spec):
                 f"pools: roles {roles} are not a valid layout; use one pool with role: colocated, or "
                 "one pool with role: prefill and one with role: decode"
             )
+        unknown = sorted(set(self.autoscaling.capacity) - set(names))
+        if unknown:
+            raise ValueError(f"autoscaling.capacity: unknown pools {unknown}; choose from {names}")
         engines = {p.engine for p in self.pools}
         if len(engines) > 1:
             raise ValueError(f"pools: prefill and decode must run the same engine, got {sorted(engines)}")
@@ -863,6 +1017,17 @@ class ServingSpec(_Spec):
         return AdmissionController(
             limits_for, pools, adm.max_queue if adm.enabled else UNLIMITED, adm.queue_timeout_s, clock
         )
+
+    def autoscaling_policy_config(self, model: str) -> Any:
+        """`model`'s autoscaler settings (autoscaler.policy.PolicyConfig); a TTFT objective not set
+        is the tightest of the tiers serving it (else the tiers' default)."""
+        m = self.model(model)
+        slos = [t.ttft_slo_s for t in self.tiers if t.model == model]
+        return m.autoscaling.policy_config(min(slos) if slos else TierSpec.model_fields["ttft_slo_s"].default)
+
+    def autoscaled(self, model: ModelSpec) -> list[PoolSpec]:
+        """`model`'s pools the autoscaler sizes (replicas.min < replicas.max)."""
+        return [p for p in model.pools if p.replicas.min < p.replicas.max]
 
     def tier(self, name: str) -> TierSpec:
         """The tier called `name` (KeyError if absent)."""

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from autoscaler.meters import IngressMeter
 from router.admission import AdmissionController
 from router.resilience import HealthState, RetryBudget, TargetHealth
 from router.tiers import TierRouter
@@ -60,6 +61,11 @@ class Gateway:
         #: Models whose pool may scale to zero: no running replica is normal there (Serve starts one
         #: for the next request), so it does not make the target terminal.
         self.scale_to_zero: set[str] = set()
+        #: Per model: seconds added to the first-token timeout while its pool may be starting from
+        #: zero (the model's `autoscaling.cold_start_s`): the first request waits for the cold start.
+        self.cold_start_s: dict[str, float] = {}
+        #: What the SLO autoscaler sees of this ingress (arrivals, capacity rejections, queue waits).
+        self.autoscaling = IngressMeter(time.monotonic)
         metrics.watch_admission(admission)
 
     @classmethod
@@ -75,7 +81,15 @@ class Gateway:
             spec.admission.default_reserved_tokens,
         )
         gateway.scale_to_zero = {m.name for m in spec.models if m.serving_pool.replicas.min == 0}
+        gateway.cold_start_s = {m: spec.model(m).autoscaling.cold_start_s for m in gateway.scale_to_zero}
+        gateway.autoscaling = IngressMeter(time.monotonic, max(m.autoscaling.window_s for m in spec.models))
         return gateway
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """The ingress's `record_autoscaling_stats` dict: `<model>:<field>`
+        (autoscaler.signals.INGRESS_FIELDS)."""
+        pools = self.admission.snapshot()["pools"]
+        return self.autoscaling.snapshot({m: p["queued"] for m, p in pools.items()})
 
     @classmethod
     def open(cls, models: list[str], metrics: IngressMetrics) -> Gateway:

@@ -104,6 +104,11 @@ class OpenAIIngress:
                     )
                     self._gateway.pool_status(model, running)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Per model, what this ingress replica saw (for the SLO autoscaler, serving.autoscaling):
+        requests queued for a pool slot, their wait, capacity rejections and arrivals."""
+        return self._gateway.autoscaling_stats()
+
     async def __del__(self) -> None:
         self._watcher.cancel()
         await self._gateway.close()

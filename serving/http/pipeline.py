@@ -208,6 +208,7 @@ class RequestPipeline:
     def rejected(self, e: Rejected, model: str) -> ApiError:
         """An admission or overload rejection as the client sees it (counted by reason)."""
         self.metrics.rejections.labels(e.reason, model).inc()
+        self.gateway.autoscaling.rejected(model, e.reason)
         headers = {}
         retry = e.retry_after_header()
         if retry is not None:
@@ -303,6 +304,7 @@ class RequestPipeline:
     async def admit(self, plan: Plan) -> Ticket:
         """Admission's ticket for `plan` (ApiError 429/503 with Retry-After when rejected)."""
         inp = plan.input
+        self.gateway.autoscaling.arrived(plan.served.name, len(plan.prompt_ids), plan.reserved)
         try:
             return await self.gateway.admission.admit(
                 AdmissionRequest(inp.tenant, len(plan.prompt_ids), plan.reserved, inp.task_id, inp.rank)
@@ -359,13 +361,16 @@ class RequestPipeline:
             tier = g.tiers.tier(target.tier) if target.tier else None
             slo = tier.ttft_slo_s if tier else None
             timeout = (tier.first_token_timeout_s if tier else None) or g.resilience.first_token_timeout_s
+            timeout += g.cold_start_s.get(target.model, 0.0)  # a pool at zero starts a replica first
             attempt = 0
             while True:
                 attempt += 1
+                queued_at = time.monotonic()
                 try:
                     await ticket.enter_pool(target.model, slo)
                 except Rejected as e:  # the pool's queue is full, too slow for the SLO, or timed out
                     raise self.rejected(e, plan.served.name) from None
+                g.autoscaling.waited(target.model, time.monotonic() - queued_at)
                 req = GenerateRequest(
                     rid if i == 0 and attempt == 1 else f"{rid}-{i}.{attempt}",
                     ids,

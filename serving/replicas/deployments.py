@@ -31,10 +31,11 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
+from autoscaler.meters import ReplicaMeter
 from router.contracts import DisaggMode, ReplicaStats, Role, RouteFeedback, ServeMode
 from router.pd import PDDecision, PrefixTracker, decide
 from router.resilience import Fail, NextTarget, classify
-from serving.config import Disaggregation, EngineKind
+from serving.config import AutoscalingSpec, Disaggregation, EngineKind
 from serving.replicas.engines import make_engine
 from serving.replicas.engines.base import (
     Chunk,
@@ -197,6 +198,7 @@ class EngineServer:
         pool: pool name (for logs and status).
         role: the pool's role.
         stream_flush_ms: the pool's `stream_flush_ms` (serving.replicas.streaming.coalesce).
+        meter_window_s: the model's `autoscaling.window_s` (the autoscaler's view of this replica).
     """
 
     async def __init__(
@@ -208,8 +210,10 @@ class EngineServer:
         pool: str,
         role: Role = Role.COLOCATED,
         stream_flush_ms: float = 0.0,
+        meter_window_s: float = AutoscalingSpec.model_fields["window_s"].default,
     ) -> None:
         self._pool = pool
+        self._meter = ReplicaMeter(time.monotonic, meter_window_s)
         self._role = Role(role)
         self._flush_s = stream_flush_ms / 1000.0
         self._replica = replica_name()
@@ -246,8 +250,30 @@ class EngineServer:
         stats = ReplicaStats(self._role, s.running, s.waiting, s.kv_usage, time.time(), self._kv_events)
         return stats.as_dict()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """This replica's load for the SLO autoscaler (Ray Serve pushes it to the controller every
+        `autoscaling.metrics_interval_s`): autoscaler.signals.REPLICA_FIELDS."""
+        s = self._engine.stats()
+        return self._meter.snapshot(s.running, s.waiting, s.kv_usage, s.prompt_tokens_computed)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        """Stream chunks for `request`; the first carries the route. Cancelling aborts the engine request."""
+        """Stream chunks for `request`; the first carries the route. Cancelling aborts the engine request.
+        The replica's meter sees its start, first token and end (TTFT and TPOT as served here)."""
+        rid, meter = request.request_id, self._meter
+        meter.started(rid, len(request.prompt_token_ids))
+        tokens = 0
+        first = True
+        try:
+            async for chunk in self._generate(request):
+                if first:
+                    meter.first_token(rid)
+                    first = False
+                tokens = max(tokens, chunk.completion_tokens)
+                yield chunk
+        finally:
+            meter.finished(rid, tokens)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         first = True
         async for chunk in self._guarded(request.request_id, self._engine.generate(request)):
             if first:
@@ -320,11 +346,16 @@ class PrefillServer(EngineServer):
 
     async def prefill(self, request: GenerateRequest) -> KVHandle:
         """Prefill `request`'s prompt; the handle names this replica. Cancelling aborts it."""
+        rid = request.request_id
+        self._meter.started(rid, len(request.prompt_token_ids))
         try:
             kv = await self._engine.prefill(request)
         except asyncio.CancelledError:
             await asyncio.shield(self._engine.abort(request.request_id))
             raise
+        finally:
+            self._meter.first_token(rid)  # a prefill's TTFT is its whole time here
+            self._meter.finished(rid, 0)
         kv.replica = self._replica
         return kv
 
@@ -346,11 +377,14 @@ class DecodeServer(EngineServer):
         pool: str,
         role: Role = Role.DECODE,
         stream_flush_ms: float = 0.0,
+        meter_window_s: float = AutoscalingSpec.model_fields["window_s"].default,
         *,
         prefill: Any,
         disaggregation: dict[str, Any],
     ) -> None:
-        await super().__init__(model_name, model_path, engine, engine_args, pool, role, stream_flush_ms)
+        await super().__init__(
+            model_name, model_path, engine, engine_args, pool, role, stream_flush_ms, meter_window_s
+        )
         self._prefill = prefill
         self._d = Disaggregation.model_validate(disaggregation)
         # NOTE: an SGLang decode engine only serves requests whose KV comes from a prefill engine
@@ -367,7 +401,7 @@ class DecodeServer(EngineServer):
         await super().reset_prefix_cache()
         self._prefix.clear()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Decide, prefill (remotely or here), then stream. The first chunk carries the route."""
         ids = request.prompt_token_ids
         wanted = request.disagg if request.disagg != DisaggMode.AUTO else self._d.mode

@@ -161,7 +161,7 @@ def diurnal(lo: float, hi: float, period: float) -> Callable[[float, str], float
         ("step", step(0.4, 3.6, 100, 600), 1500, 5, 1),
         ("ramp", ramp(0.3, 4.4, 50, 650), 700, 6, 6),
         ("burst", step(0.4, 6.0, 100, 160), 1200, 2, 1),
-        ("diurnal", diurnal(0.4, 3.6, 1200), 1200, 5, 1),
+        ("diurnal", diurnal(0.4, 3.6, 2400), 2400, 5, 1),
     ],
 )
 def test_traces_follow_load_and_come_back(name, trace, duration, peak_at_least, final):
@@ -401,3 +401,14 @@ def test_spec_validates_and_resolves_the_ttft_objective():
                 ]
             }
         )
+
+
+def test_no_scale_down_while_a_replica_asked_for_is_still_starting():
+    """A start-up longer than the cooldown: the load dips while the new replica loads; it is kept."""
+    cfg = config(downscale_stabilization_s=10, downscale_cooldown_s=20, cold_start_s=120)
+    run = closed_loop(colocated(), lambda t, r: 1.2 if t < 40 else 0.5, 200, cfg, startup_s=90)
+    ups = [t for t, d in run.changes("colocated") if d == UP]
+    downs = [t for t, d in run.changes("colocated") if d == DOWN]
+    assert ups == [0.0]
+    assert downs and downs[0] >= 90  # only once the replica is up
+    assert any("[starting]" in r for r in run.reasons)
