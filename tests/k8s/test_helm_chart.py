@@ -178,6 +178,26 @@ def test_serve_config_is_a_ray_serve_deploy_config_carrying_a_valid_tandem_spec(
     assert spec.auth.enabled and spec.auth.keys_file == "/etc/tandem/keys/keys.yaml"
 
 
+@pytest.mark.parametrize("name", [r[0] for r in RENDERINGS])
+def test_autoscaled_pools_get_tandems_slo_policy_with_the_deployed_spec(
+    rendered: dict[str, str], name: str
+) -> None:
+    """As serving.autoscaling.serve_config writes it: the policy iff a pool has min < max, same spec."""
+    from serving.autoscaling import POLICY_PATH
+    from serving.autoscaling import serve_config as tandem_serve_config
+
+    docs = docs_of(rendered[name])
+    (app,) = serve_config(docs)["applications"]
+    spec = parse_spec(deployed_spec(docs), origin=name)
+    expected = tandem_serve_config(spec, "tandem")["applications"][0]
+    if any(spec.autoscaled(m) for m in spec.models):
+        assert app["autoscaling_policy"]["policy_function"] == POLICY_PATH
+        assert parse_spec(app["autoscaling_policy"]["policy_kwargs"]["spec"]) == spec
+        assert "autoscaling_policy" in expected
+    else:
+        assert "autoscaling_policy" not in app and "autoscaling_policy" not in expected
+
+
 @pytest.mark.parametrize("values_file", sorted(CLUSTER_CONFIGS))
 def test_cluster_values_deploy_exactly_the_spec_of_their_config_file(helm: Helm, values_file: str) -> None:
     deployed = parse_spec(deployed_spec(helm.template([values_file])))

@@ -66,10 +66,32 @@ and (when not set) local models and the SQLite session store live on the chart's
 {{- toYaml $spec -}}
 {{- end -}}
 
-{{/* serveConfigV2: one application, `serving.app:build_app` with the spec inline. */}}
+{{/* "true" when a pool of the spec is autoscaled (replicas.min < replicas.max; both default to 1). */}}
+{{- define "tandem.autoscaled" -}}
+{{- $any := false -}}
+{{- range $m := (get .Values.tandem "models" | default list) -}}
+{{- range $p := (get $m "pools" | default list) -}}
+{{- $r := get $p "replicas" | default dict -}}
+{{- if lt (int (get $r "min" | default 1)) (int (get $r "max" | default 1)) -}}
+{{- $any = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $any -}}
+{{- end -}}
+
+{{/*
+serveConfigV2: one application, `serving.app:build_app` with the spec inline. With autoscaled pools,
+Tandem's SLO autoscaler is the application's autoscaling policy (serving/autoscaling.py, as
+serving.autoscaling.serve_config writes it), with the same spec.
+*/}}
 {{- define "tandem.serveConfig" -}}
 {{- $app := dict "name" "tandem" "route_prefix" "/" "import_path" "serving.app:build_app" -}}
-{{- $_ := set $app "args" (dict "spec" (fromYaml (include "tandem.spec" .))) -}}
+{{- $spec := fromYaml (include "tandem.spec" .) -}}
+{{- $_ := set $app "args" (dict "spec" $spec) -}}
+{{- if eq (include "tandem.autoscaled" .) "true" -}}
+{{- $_ := set $app "autoscaling_policy" (dict "policy_function" "serving.autoscaling:TandemAutoscalingPolicy" "policy_kwargs" (dict "spec" $spec)) -}}
+{{- end -}}
 {{- $http := dict "host" "0.0.0.0" "port" (include "tandem.servePort" . | int) -}}
 {{- toYaml (dict "http_options" $http "applications" (list $app)) -}}
 {{- end -}}
