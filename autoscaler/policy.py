@@ -24,7 +24,8 @@ For each pool, the replicas it needs are the largest of:
 Then, in this order: scale-up steps limited to `max_step_up` (a fraction of the pool); scale-down only
 when the latencies are under `scale_down_latency_fraction` of their objectives, nothing is queued or
 rejected, every recommendation of the last `downscale_stabilization_s` has been below the current
-size, `downscale_cooldown_s` has passed since the pool's last change in either direction, no replica
+size, `downscale_cooldown_s` has passed since the pool's last change in either direction took effect
+(a replica asked for is up, one removed is gone), no replica
 asked for within `cold_start_s` is still starting, one replica at a time, and the **N/(N-1) check**
 passes: the N-1 replicas left must carry the load of N (demand and KV) within `scale_down_margin` of
 their targets (Dynamo PR #9294's fix for 2<->1 flapping; the margin is the hysteresis band under the
@@ -104,6 +105,9 @@ class PoolState:
     below_since_s: float | None = None
     #: Since when nothing has arrived or been in flight (None: something has).
     idle_since_s: float | None = None
+    #: Last time a replica of the pool was seen still starting: the cooldown runs from when the
+    #: pool's last change took effect, not from when it was asked for.
+    starting_seen_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +182,10 @@ def _load(
     cap = cfg.capacity.get(pool.pool) or PoolCapacity()
     inp = sum(s.input_tokens_per_s for s in samples) * demand_scale
     out = sum(s.output_tokens_per_s for s in samples) * demand_scale
-    backlog = sum(s.prefill_tokens_queued for s in samples) / max(cfg.ttft_slo_s, 1e-3)
+    # Queued prompt tokens include the prompts being prefilled (already in `inp`): drained over the cold
+    # start, a backlog is work for new replicas only if it outlasts their start-up (a burst the ready
+    # replicas clear in seconds starts none; a growing one still does).
+    backlog = sum(s.prefill_tokens_queued for s in samples) / max(cfg.ttft_slo_s, cfg.cold_start_s, 1e-3)
     parts: list[str] = []
     work = 0.0
     uses_in = pool.role in ("prefill", "colocated") and cap.input_tokens_per_s
@@ -263,7 +270,11 @@ def _pool_need(
             need.reasons.append(("cold_start", f"{detail}; {n - pool.running} replica(s) still starting"))
             need.latency = n
         else:
-            need.latency = max(n + 1, math.ceil(n * min(ratio, 1.0 + cfg.max_step_up)))
+            # Proportional to how far over the objective only when the demand or the KV confirms a
+            # shortage; else one replica (a p90 of a few requests after one burst is not a trend).
+            confirmed = max(need.demand, need.kv) > n
+            step = math.ceil(n * min(ratio, 1.0 + cfg.max_step_up)) if confirmed else n + 1
+            need.latency = max(n + 1, step)
             need.reasons.append((code, detail))
     return need, samples, work
 
@@ -345,9 +356,11 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
             )
         else:
             target = n
-            below = (
-                ps.below_since_s if rec < n and ps.below_since_s is not None else (now if rec < n else None)
-            )
+            # The stabilization window holds the N/(N-1) check and the latency / queue blockers at every
+            # decision, not only at the last: one low sample of a noisy 30 s window removes no replica
+            # that the next sample asks back.
+            low = rec < n and not _down_blockers(pool, samples, work, signals, cfg, p_d)
+            below = ps.below_since_s if low and ps.below_since_s is not None else (now if low else None)
             ps = replace(ps, below_since_s=below)
             to_zero = (
                 pool.min_replicas == 0
@@ -406,7 +419,8 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
                     Reason(name, HOLD, "cold_start", next(d for c, d in need.reasons if c == "cold_start"))
                 )
         targets[name] = target
-        new_pools[name] = replace(ps, idle_since_s=idle_since)
+        seen = now if pool.running < n else ps.starting_seen_s
+        new_pools[name] = replace(ps, idle_since_s=idle_since, starting_seen_s=seen)
     _hold_ratio(signals, targets, reasons, cfg)
     for name, pool in signals.pools.items():
         t = min(max(targets[name], pool.min_replicas), pool.max_replicas)
@@ -442,7 +456,7 @@ def _main_reason(need: _Need, rec: int) -> tuple[str, str]:
 
 
 def _cooldown_left(ps: PoolState, now: float, cfg: PolicyConfig) -> float:
-    last = max((t for t in (ps.last_up_s, ps.last_down_s) if t is not None), default=None)
+    last = max((t for t in (ps.last_up_s, ps.last_down_s, ps.starting_seen_s) if t is not None), default=None)
     return 0.0 if last is None else max(0.0, cfg.downscale_cooldown_s - (now - last))
 
 

@@ -396,7 +396,7 @@ def test_spec_validates_and_resolves_the_ttft_objective():
                         "name": "m",
                         "source": "x",
                         "pools": [{"role": "colocated"}],
-                        "autoscaling": {"kv_target": 0.95},
+                        "autoscaling": {"kv_target": 0.99},
                     }
                 ]
             }
@@ -410,5 +410,17 @@ def test_no_scale_down_while_a_replica_asked_for_is_still_starting():
     ups = [t for t, d in run.changes("colocated") if d == UP]
     downs = [t for t, d in run.changes("colocated") if d == DOWN]
     assert ups == [0.0]
-    assert downs and downs[0] >= 90  # only once the replica is up
+    # Once the replica is up (seen starting until 85 s), plus the cooldown.
+    assert downs and downs[0] >= 90 + 20 - TICK_S
+    held = [r for r in run.reasons if 60 <= float(r.split()[0]) < 90]
+    assert held and all("[cooldown]" in r or "[starting]" in r or "[stabilizing]" in r for r in held), held
+    # With no cooldown at all, the starting replica alone holds the pool.
+    run = closed_loop(
+        colocated(),
+        lambda t, r: 1.2 if t < 40 else 0.5,
+        200,
+        config(downscale_stabilization_s=10, downscale_cooldown_s=0, cold_start_s=120),
+        startup_s=90,
+    )
+    assert [t for t, d in run.changes("colocated") if d == DOWN][0] >= 90
     assert any("[starting]" in r for r in run.reasons)
