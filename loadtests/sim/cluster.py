@@ -20,6 +20,11 @@ A call goes through the code the ingress and the replicas run, not a copy of it:
    picks, then its KV (the part the decode replica does not hold) crosses the link;
 6. `engine.Engine` models each replica's continuous batching.
 
+With `SimOptions.autoscaler` the autoscaled pools change size on simulated time
+(`loadtests.sim.autoscale`: the policy's signals from the replicas' and the ingress's meters,
+replicas that start after their profile's `startup_s` and drain before they go, a pool at zero that
+holds its calls at the ingress); without one every pool keeps its fleet's size, as before.
+
 The client sees the engine's token times plus `Overheads.ttft_s` (ingress, Serve hops, the stream),
 and every step runs `Overheads.slowdown` times its profile's time: the two serving-overhead terms
 that calibration fits against a real run (`loadtests.sim.calibrate`).
@@ -34,7 +39,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoscaler.meters import IngressMeter
 from loadtests.plan import Arrival
+from loadtests.sim import autoscale
 from loadtests.sim.calls import Call, Jobs, KeyChain, none_hash
 from loadtests.sim.clock import VirtualTimeLoop
 from loadtests.sim.engine import Engine, Sequence
@@ -117,6 +124,8 @@ class SimOptions:
     keep_records: bool | None = None
     window_s: float = 5.0
     policy: str | None = None  # overrides every model's router.policy (a planner sweep)
+    #: Sizes the autoscaled pools on simulated time (loadtests.sim.autoscale); None: fixed pools.
+    autoscaler: autoscale.Autoscaler | None = None
 
 
 class Pool:
@@ -154,16 +163,57 @@ class Pool:
         self.views: list[ReplicaView] = []
         self.inflight: dict[str, int] = {}
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._sim = sim
+        self._on_stored, self._on_removed = on_stored, on_removed
         for i in range(shape.replicas):
-            rid = f"{name}-{i}"
-            e = Engine(rid, shape.profile, sim.loop, sim.options.unit_tokens, sim.options.overheads.slowdown,
-                       on_stored, on_removed)  # fmt: skip
-            e.itl_sink = sim.recorder.itl_sink(name.split("/")[0])
-            self.engines[rid] = e
-            self.views.append(ReplicaView(rid, role=role))
-            self.inflight[rid] = 0
+            self._add_engine(f"{name}-{i}")
+        self._next_id = shape.replicas
         self.kv_moved_bytes = 0
         self.kv_moved_tokens = 0
+        #: Calls waiting in `pick` (for a free slot, or for a replica of a pool at zero).
+        self.pick_waiting = 0
+        #: With an autoscaler: its replica lifecycle (loadtests.sim.autoscale.PoolScaler).
+        self.scaler: Any = None
+        #: Engines removed by a scale-down (their counters stay in the summary).
+        self.retired: list[Engine] = []
+        #: With an autoscaler: how long a call waits for a replica of this pool at zero.
+        self.hold_s: float | None = None
+
+    def _add_engine(self, rid: str) -> None:
+        sim = self._sim
+        e = Engine(rid, self.shape.profile, sim.loop, sim.options.unit_tokens, sim.options.overheads.slowdown,
+                   self._on_stored, self._on_removed)  # fmt: skip
+        e.itl_sink = sim.recorder.itl_sink(self.name.split("/")[0])
+        self.engines[rid] = e
+        self.views.append(ReplicaView(rid, role=self.role))
+        self.inflight[rid] = 0
+
+    # -- autoscaling (loadtests.sim.autoscale) -------------------------------------------------
+
+    def new_replica_id(self) -> str:
+        rid = f"{self.name}-{self._next_id}"
+        self._next_id += 1
+        return rid
+
+    def add_replica(self, rid: str) -> None:
+        """A new replica is ready: routable from now on (calls waiting for a slot try again)."""
+        self._add_engine(rid)
+        waiters, self._slot_waiters = self._slot_waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def stop_routing(self, rid: str) -> None:
+        """`rid` drains: no new call is routed to it (it leaves the router's candidates)."""
+        self.views = [v for v in self.views if v.replica_id != rid]
+
+    def remove_replica(self, rid: str) -> None:
+        """`rid` is idle and goes: its blocks leave the router's index, its engine stops reporting."""
+        e = self.engines.pop(rid)
+        e._on_stored = e._on_removed = None
+        self.retired.append(e)
+        del self.inflight[rid]
+        self.policy.drop_replica(rid)
 
     def refresh(self, now: float) -> None:
         """Every replica reports its stats (Serve's `record_routing_stats`)."""
@@ -172,8 +222,15 @@ class Pool:
             v.running, v.waiting, v.kv_usage, v.updated_at = e.running, e.queued, e.kv_usage, now
 
     async def pick(self, req: RoutingRequest, loop: asyncio.AbstractEventLoop) -> tuple[str, int | None]:
-        """The replica for `req` and the router's matched blocks there; waits while all are full."""
+        """The replica for `req` and the router's matched blocks there; waits while all are full (and,
+        autoscaled, while the pool has no ready replica: `hold_s` at most, then a queue_timeout)."""
+        deadline = None
         while True:
+            if not self.views and self.hold_s is not None:
+                if deadline is None:
+                    deadline = loop.time() + self.hold_s
+                await self._hold(loop, deadline)
+                continue
             d = self.policy.route(req, self.views, loop.time())
             for group in d.ranked:
                 for rid in group:
@@ -184,11 +241,35 @@ class Pool:
                         return rid, matched
             fut = loop.create_future()
             self._slot_waiters.append(fut)
-            await fut
+            self.pick_waiting += 1
+            try:
+                await fut
+            finally:
+                self.pick_waiting -= 1
+
+    async def _hold(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Wait for a replica of this pool (at zero) until `deadline`; Rejected past it."""
+        left = deadline - loop.time()
+        if left > 0:
+            fut = loop.create_future()
+            self._slot_waiters.append(fut)
+            self.pick_waiting += 1
+            try:
+                await asyncio.wait_for(fut, left)
+                return
+            except TimeoutError:
+                pass
+            finally:
+                self.pick_waiting -= 1
+        raise Rejected(
+            "queue_timeout", f"no replica of {self.name} became ready within {self.hold_s:g}s; retry later"
+        )
 
     def done(self, req: RoutingRequest, rid: str) -> None:
         self.inflight[rid] -= 1
         self.policy.on_done(req, rid)
+        if self.scaler is not None:
+            self.scaler.on_done(rid)
         while self._slot_waiters:
             fut = self._slot_waiters.popleft()
             if not fut.done():
@@ -196,6 +277,10 @@ class Pool:
                 break
 
     def utilisation(self, span_s: float) -> float:
+        if self.scaler is not None:
+            ready = self.scaler.ready_seconds(span_s)
+            busy = sum(e.busy_s for e in [*self.engines.values(), *self.retired])
+            return busy / ready if ready > 0 else 0.0
         busy = sum(e.busy_s for e in self.engines.values())
         return busy / (span_s * len(self.engines)) if self.engines and span_s > 0 else 0.0
 
@@ -270,6 +355,37 @@ class Simulation:
         self.jobs_done = 0
         self.calls_in_flight = 0
         self.peak_in_flight = 0
+        self._qid = 0
+        self.ingress_meter: IngressMeter | None = None
+        self.scalers: dict[str, autoscale.ModelScaler] = {}
+        if self.options.autoscaler is not None:
+            window = max(float(getattr(m.autoscaling, "window_s", 30.0)) for m in self.spec.models)
+            self.ingress_meter = IngressMeter(self.loop.time, window)
+            self.scalers = autoscale.build(self)
+            for name in self.scalers:
+                for pool in self.models[name].pools.values():
+                    pool.hold_s = self.spec.admission.queue_timeout_s
+        empty = [
+            p.name
+            for m in self.models.values()
+            for p in m.pools.values()
+            if not p.engines and p.hold_s is None
+        ]
+        if empty:
+            raise ValueError(f"fleet: pool(s) {empty} have no replica and no autoscaler to start one")
+
+    def admission_queued(self, model: str) -> int:
+        """Calls of `model` waiting for an admission pool slot, over the ingress replicas."""
+        n = 0
+        for adm in self.admissions:
+            limiter = adm._pools.get(model)
+            if limiter is not None:
+                n += limiter.queued
+        return n
+
+    def _next_qid(self) -> str:
+        self._qid += 1
+        return f"q{self._qid}"
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -312,6 +428,9 @@ class Simulation:
         self.recorder.model_of.setdefault(call.name, res.model)
         rec["model"] = res.model
         model = self.models[res.model]
+        meter = self.ingress_meter
+        if meter is not None:
+            meter.arrived(res.model, call.prompt_tokens, call.max_tokens)
         try:
             admission = self.admissions[self._next_ingress]
             self._next_ingress = (self._next_ingress + 1) % len(self.admissions)
@@ -320,19 +439,31 @@ class Simulation:
             )
         except Rejected as e:
             rec.update(outcome="rejected", status=e.status, reason=e.reason)
+            if meter is not None:
+                meter.rejected(res.model, e.reason)
             return rec
         used = None
         try:
             tier = self._tier_of.get(res.tier) if res.tier else None
+            queued_at = loop.time()
             try:
                 await ticket.enter_pool(res.model, tier.ttft_slo_s if tier else None)
             except Rejected as e:
                 rec.update(outcome="rejected", status=e.status, reason=e.reason)
+                if meter is not None:
+                    meter.rejected(res.model, e.reason)
                 return rec
+            if meter is not None:
+                meter.waited(res.model, loop.time() - queued_at)
             self.calls_in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.calls_in_flight)
             try:
                 first, done, cached = await self._serve(model, call, tenant)
+            except Rejected as e:  # autoscaled: no replica of a pool at zero became ready in time
+                rec.update(outcome="rejected", status=e.status, reason=e.reason)
+                if meter is not None:
+                    meter.rejected(res.model, e.reason)
+                return rec
             finally:
                 self.calls_in_flight -= 1
             used = call.prompt_tokens + call.output_tokens
@@ -368,6 +499,10 @@ class Simulation:
         engine = pool.engines[rid]
         first: asyncio.Future[float] = loop.create_future()
         done: asyncio.Future[float] = loop.create_future()
+        on_first, on_done = _setter(first), _setter(done)
+        if pool.scaler is not None:  # the replica's meter sees the call from here (DecodeServer.generate)
+            on_first, on_done = _metered(pool.scaler.meters[rid], self._next_qid(), call.prompt_tokens,
+                                         call.output_tokens, on_first, on_done)  # fmt: skip
         try:
             mode = ServeMode.COLOCATED
             if model.prefill is not None:
@@ -384,14 +519,12 @@ class Simulation:
                 model.prefill.kv_moved_tokens += moved
                 model.prefill.kv_moved_bytes += moved * prof.kv_bytes_per_token
                 await asyncio.sleep(prof.transfer_s(moved))
-                seq = Sequence(call.prompt_tokens, call.output_tokens, keys, _setter(first), _setter(done),
+                seq = Sequence(call.prompt_tokens, call.output_tokens, keys, on_first, on_done,
                                done_keys, preloaded=True)  # fmt: skip
                 engine.submit(seq)
                 await done
                 return first.result(), done.result(), cached
-            seq = Sequence(
-                call.prompt_tokens, call.output_tokens, keys, _setter(first), _setter(done), done_keys
-            )
+            seq = Sequence(call.prompt_tokens, call.output_tokens, keys, on_first, on_done, done_keys)
             engine.submit(seq)
             await done
             return first.result(), done.result(), seq.cached_tokens
@@ -405,7 +538,11 @@ class Simulation:
         rid, _ = await pool.pick(req, self.loop)
         try:
             done: asyncio.Future[float] = self.loop.create_future()
-            seq = Sequence(call.prompt_tokens, 1, keys, _noop, _setter(done))
+            on_done = _setter(done)
+            if pool.scaler is not None:  # a prefill's TTFT is its whole time here (PrefillServer.prefill)
+                _, on_done = _metered(pool.scaler.meters[rid], self._next_qid(), call.prompt_tokens, 0,
+                                      _noop, on_done, first_at_done=True)  # fmt: skip
+            seq = Sequence(call.prompt_tokens, 1, keys, _noop, on_done)
             pool.engines[rid].submit(seq)
             await done
             return seq.cached_tokens
@@ -489,9 +626,15 @@ class Simulation:
 
         async def main() -> float:
             stats = loop.create_task(self._stats(stop))
+            scaling = [loop.create_task(ms.run(stop)) for ms in self.scalers.values()]
             await self._feed(jobs, plan, tenant)
             stop.set()
             end = loop.time()
+            for ms in self.scalers.values():
+                ms.close()
+            for t in scaling:
+                t.cancel()
+            await asyncio.gather(*scaling, return_exceptions=True)
             await stats
             return end
 
@@ -510,21 +653,33 @@ class Simulation:
         pools = {}
         gpus = 0
         cost = 0.0
+        gpu_hours = 0.0
         for m in self.models.values():
+            scaler = self.scalers.get(m.name)
             for pool in m.pools.values():
                 prof = pool.shape.profile
                 n = len(pool.engines)
                 gpus += n * prof.gpus
                 cost += n * prof.gpus * prof.gpu_hour_usd
                 es = pool.engines.values()
+                span = end * n
+                auto = None
+                if pool.scaler is not None:
+                    es = [*es, *pool.retired]
+                    span = pool.scaler.ready_seconds(end)
+                    cfg = scaler.cfg if scaler is not None else None
+                    auto = pool.scaler.section(end, cfg.downscale_cooldown_s if cfg is not None else None)
+                hours = auto["gpu_hours"] if auto is not None else n * prof.gpus * end / 3600.0
+                gpu_hours += hours
                 pools[pool.name] = {
                     "role": pool.role.value,
                     "profile": prof.name,
                     "replicas": n,
                     "gpus": n * prof.gpus,
+                    "gpu_hours": hours,
                     "utilisation": pool.utilisation(end),
-                    "mean_batch": sum(e.seq_s for e in es) / (end * n) if end > 0 else 0.0,
-                    "mean_kv_usage": sum(e.kv_s for e in es) / (end * n) if end > 0 else 0.0,
+                    "mean_batch": sum(e.seq_s for e in es) / span if span > 0 else 0.0,
+                    "mean_kv_usage": sum(e.kv_s for e in es) / span if span > 0 else 0.0,
                     "prefill_tokens": sum(e.prefill_tokens for e in es),
                     "cached_hit_tokens": sum(e.cached_hit_tokens for e in es),
                     "decode_tokens": sum(e.decode_tokens for e in es),
@@ -532,6 +687,8 @@ class Simulation:
                     "kv_moved_bytes": pool.kv_moved_bytes,
                     "policy": type(pool.policy).__name__,
                 }
+                if auto is not None:
+                    pools[pool.name]["autoscaling"] = auto
             if m.prefill is not None:
                 pools[m.serving.name]["disagg"] = m.transfers[ServeMode.DISAGG]
                 pools[m.serving.name]["colocated"] = m.transfers[ServeMode.COLOCATED]
@@ -545,6 +702,7 @@ class Simulation:
             },
             "gpus": gpus,
             "gpu_hour_usd": cost,
+            "gpu_hours": gpu_hours,
             "peak_calls_in_flight": self.peak_in_flight,
             "pools": pools,
             "by_model": self.recorder.by_model_doc(duration),
@@ -561,3 +719,21 @@ def _setter(fut: asyncio.Future[float]):
 
 def _noop(now: float) -> None:
     return None
+
+
+def _metered(meter: Any, qid: str, prompt_tokens: int, output_tokens: int, on_first: Callable[[float], None],
+             on_done: Callable[[float], None], first_at_done: bool = False):  # fmt: skip
+    """`on_first` / `on_done` that also tell the replica's meter (autoscaler.meters.ReplicaMeter)."""
+    meter.started(qid, prompt_tokens)
+
+    def first(now: float) -> None:
+        meter.first_token(qid)
+        on_first(now)
+
+    def done(now: float) -> None:
+        if first_at_done:
+            meter.first_token(qid)
+        meter.finished(qid, output_tokens)
+        on_done(now)
+
+    return first, done

@@ -5,7 +5,8 @@ for it (`profiles["<model>/<pool>"]` or `profiles["<model>"]`), else the shipped
 `model` (or one it `serves`) is the model's `source` (or name) and whose accelerator and TP degree
 are the pool's; the pool's `engine_args` `max_num_seqs` / `max_num_batched_tokens` replace the
 profile's scheduler limits. Replica counts
-are the pool's `replicas.initial` (else `min`, at least 1) unless `replicas` names them.
+are the pool's `replicas.initial` (else `min`, at least 1) unless `replicas` names them; 0 only for a
+pool with `replicas.min: 0` (an autoscaler, `SimOptions.autoscaler`, starts its replicas).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def fleet_from_spec(
             )
             prof = with_engine_args(prof, p.engine_args)
             n = replicas.get(key, p.replicas.start)
-            if n < 1:
+            if n < 1 and not (n == 0 and p.replicas.min == 0 and p.replicas.max > 0):
                 raise ValueError(f"replicas: {key} needs at least 1 replica to simulate, not {n}")
             pools[p.role] = PoolShape(prof, n)
         fleet[m.name] = pools

@@ -50,3 +50,32 @@ def workload(*workloads: dict, kind: str = "poisson", rate: float = 1.0, duratio
 def run(sp: ServingSpec, fl: dict, wf, unit: int = 16, sim: Simulation | None = None, **opts: Any) -> dict:
     sim = sim or Simulation(sp, fl, SimOptions(unit_tokens=unit, **opts))
     return sim.run(Jobs(wf, unit, Template(), {}))
+
+
+# -- autoscaling ---------------------------------------------------------------------------------
+
+
+def autoscaled_spec(pools: list[dict], autoscaling: dict | None = None, **over: Any) -> ServingSpec:
+    """A one-model spec whose pools (dicts with role and replicas) the simulator's autoscaler sizes."""
+    model = {"pools": pools, "autoscaling": {"warmup_s": 0.0, **(autoscaling or {})}, **over.pop("model", {})}
+    return spec(model=model, **over)
+
+
+def scripted(plan: dict[float, dict[str, int]]):
+    """A policy (autoscaler.policy.decide's call shape) that sets each pool's target at the times given:
+    from `t` on, `plan[t]` (pool name -> replicas); before the first, pools keep their size. It logs
+    every call's signals in `.calls`."""
+    from autoscaler.policy import Decision
+
+    times = sorted(plan)
+
+    def policy(signals, state, cfg):
+        policy.calls.append(signals)
+        targets = {name: p.current for name, p in signals.pools.items()}
+        for t in times:
+            if signals.now >= t:
+                targets.update(plan[t])
+        return Decision(targets, state, [])
+
+    policy.calls = []
+    return policy
