@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, replace
 from autoscaler.signals import ModelSignals, PoolSignals, ReplicaSample
 
 UP, DOWN, HOLD = "up", "down", "hold"
+#: Reasons of a latency-driven scale-up (the load per replica it happened at is remembered).
+LATENCY_CODES = frozenset({"ttft", "tpot", "queue", "rejections"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ class PolicyConfig:
     queue_wait_fraction: float
     scale_down_latency_fraction: float
     scale_down_margin: float
+    slo_memory_s: float
     max_step_up: float
     downscale_stabilization_s: float
     downscale_cooldown_s: float
@@ -108,6 +111,11 @@ class PoolState:
     #: Last time a replica of the pool was seen still starting: the cooldown runs from when the
     #: pool's last change took effect, not from when it was asked for.
     starting_seen_s: float | None = None
+    #: Work per replica (replica-equivalents of `capacity`) at which a latency objective was last
+    #: missed and a replica added for it: a scale-down that would bring the replicas back to it is
+    #: refused for `slo_memory_s` (what one replica really carries at the SLO, learned; None: never).
+    slo_miss_work: float | None = None
+    slo_miss_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +294,7 @@ def _down_blockers(
     signals: ModelSignals,
     cfg: PolicyConfig,
     p_d: bool,
+    ps: PoolState,
 ) -> list[str]:
     """Why `pool` may not lose a replica now (empty: it may)."""
     n = pool.current
@@ -303,6 +312,13 @@ def _down_blockers(
         out.append(f"{ing.queued:.0f} queued / {ing.rejected_per_s:.2f} rejected per s at the ingress")
     if n > 1:
         grow = n / (n - 1)
+        missed = ps.slo_miss_work
+        recent = ps.slo_miss_s is not None and signals.now - ps.slo_miss_s < cfg.slo_memory_s
+        if missed is not None and recent and work / (n - 1) > missed * cfg.scale_down_margin:
+            out.append(
+                f"N/(N-1): {n - 1} replica(s) would each carry {work / (n - 1):.0%}; its latency objective "
+                f"was missed at {missed:.0%}"
+            )
         busy_max = cfg.target_utilization * cfg.scale_down_margin
         if work / (n - 1) > busy_max + 1e-9:
             out.append(f"N/(N-1): {n - 1} replica(s) would run at {work / (n - 1):.0%} > {busy_max:.0%}")
@@ -322,6 +338,7 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
     forecast, scale = _forecast(signals, state, cfg)
     targets: dict[str, int] = {}
     new_pools: dict[str, PoolState] = {}
+    slo_work: dict[str, float] = {}
     for name, pool in signals.pools.items():
         ps = state.pools.get(name, PoolState())
         n = pool.current
@@ -351,6 +368,8 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
             step = max(1, math.ceil(n * cfg.max_step_up))
             target = min(rec, n + step)
             code, detail = _main_reason(need, rec)
+            if code in LATENCY_CODES and samples:
+                slo_work[name] = work / len(samples)
             reasons.append(
                 Reason(name, UP, code, detail + (f" (step limited to +{step})" if target < rec else ""))
             )
@@ -359,7 +378,8 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
             # The stabilization window holds the N/(N-1) check and the latency / queue blockers at every
             # decision, not only at the last: one low sample of a noisy 30 s window removes no replica
             # that the next sample asks back.
-            low = rec < n and not _down_blockers(pool, samples, work, signals, cfg, p_d)
+            blockers = _down_blockers(pool, samples, work, signals, cfg, p_d, ps) if rec < n else []
+            low = rec < n and not blockers
             below = ps.below_since_s if low and ps.below_since_s is not None else (now if low else None)
             ps = replace(ps, below_since_s=below)
             to_zero = (
@@ -371,6 +391,11 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
             if to_zero:
                 target = 0
                 reasons.append(Reason(name, DOWN, "idle", f"nothing arrived for {now - idle_since:.0f}s"))
+            elif blockers and n > max(pool.min_replicas, 1):
+                code = "n_minus_1" if blockers[-1].startswith("N/(N-1)") else "latency"
+                reasons.append(
+                    Reason(name, HOLD, code, f"{rec} needed by demand, but " + "; ".join(blockers))
+                )
             elif below is not None and n > max(pool.min_replicas, 1):
                 cooldown = _cooldown_left(ps, now, cfg)
                 # A replica asked for and not yet up has not had its chance to help: not removed
@@ -378,7 +403,6 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
                 starting = (
                     pool.running < n and ps.last_up_s is not None and now - ps.last_up_s < cfg.cold_start_s
                 )
-                blockers = _down_blockers(pool, samples, work, signals, cfg, p_d)
                 if now - below < cfg.downscale_stabilization_s:
                     reasons.append(
                         Reason(
@@ -398,15 +422,6 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
                             HOLD,
                             "starting",
                             f"{n - pool.running} replica(s) asked for are still starting",
-                        )
-                    )
-                elif blockers:
-                    reasons.append(
-                        Reason(
-                            name,
-                            HOLD,
-                            "n_minus_1" if blockers[-1].startswith("N/(N-1)") else "latency",
-                            "; ".join(blockers),
                         )
                     )
                 else:
@@ -437,6 +452,8 @@ def decide(signals: ModelSignals, state: ModelState, cfg: PolicyConfig) -> Decis
         ps = new_pools[name]
         if t > pool.current:
             ps = replace(ps, last_up_s=now, below_since_s=None)
+            if name in slo_work:
+                ps = replace(ps, slo_miss_work=slo_work[name], slo_miss_s=now)
         elif t < pool.current:
             ps = replace(ps, last_down_s=now, below_since_s=None)
         new_pools[name] = ps

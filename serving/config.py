@@ -378,6 +378,14 @@ class AutoscalingSpec(_Spec):
         "of a 30 s window of long prompts and the cache misses a removed replica's prefixes cost the "
         "others (0.8 still reversed scale-downs in the simulated diurnal day: benchmarks/autoscale.py).",
     )
+    slo_memory_s: float = Field(
+        1800.0,
+        ge=0,
+        description="After a latency objective is missed and a replica added for it, no scale-down for "
+        "this long may bring the load per replica back to where it was missed (the capacity the "
+        "profile or `capacity` gives is not what a replica carries at the SLO under this traffic); "
+        "forgotten after it, as the traffic mix changes over tens of minutes.",
+    )
     max_step_up: float = Field(
         1.0, gt=0, description="Most replicas added at once, as a fraction of the pool (1: double; at "
         "least one): a burst is met in log2 steps, a noisy signal cannot start the whole fleet."

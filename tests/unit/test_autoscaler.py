@@ -424,3 +424,32 @@ def test_no_scale_down_while_a_replica_asked_for_is_still_starting():
     )
     assert [t for t, d in run.changes("colocated") if d == DOWN][0] >= 90
     assert any("[starting]" in r for r in run.reasons)
+
+
+def test_a_load_that_missed_the_latency_objective_is_not_returned_to():
+    """Capacity says 2 replicas carry 1.0 replica-equivalents; TTFT says otherwise: the third replica
+    added for it is kept while the load stays, for slo_memory_s."""
+    cfg = config(downscale_stabilization_s=0, downscale_cooldown_s=0, slo_memory_s=600)
+
+    def signals(t: float, n: int, ttft: float) -> ModelSignals:
+        per = 1.0 / n
+        s = tuple(
+            ReplicaSample(
+                f"r{i}",
+                1,
+                100,
+                input_tokens_per_s=per * CAP_IN / 2,
+                output_tokens_per_s=per * CAP_OUT / 2,
+                ttft_s=ttft,
+            )
+            for i in range(n)
+        )
+        return ModelSignals("m", t, {"colocated": PoolSignals("colocated", "colocated", n, n, 1, 8, 64, s)})
+
+    d = decide(signals(0, 2, 5.0), ModelState(), cfg)
+    assert d.targets == {"colocated": 3} and d.reasons[0].code == "ttft"
+    d = decide(signals(10, 3, 0.2), d.state, cfg)
+    assert d.targets == {"colocated": 3}
+    assert "latency objective was missed at 50%" in d.reasons[0].detail
+    d = decide(signals(700, 3, 0.2), d.state, cfg)  # forgotten after slo_memory_s
+    assert d.targets == {"colocated": 2}
