@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from autoscaler.policy import DOWN, HOLD, UP, Decision, PolicyConfig, PoolCapacity, Reason
-from autoscaler.signals import ModelSignals, PoolSignals
+from autoscaler.signals import ModelSignals, PoolSignals, p90
 
 SERVING_ROLES = ("decode", "colocated")
 
@@ -225,13 +225,6 @@ class PlannerState:
     d_correction: float = 1.0
 
 
-def _p90(values: list[float]) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)]
-
-
 @dataclass(frozen=True, slots=True)
 class ThroughputPlanner:
     """Dynamo's SLA planner, throughput mode (see the module docstring).
@@ -331,7 +324,7 @@ class ThroughputPlanner:
                     if s.tpot_s is not None:
                         itl.append(s.tpot_s)
                     conc.append(s.running)
-        t90, i90 = _p90(ttft), _p90(itl)
+        t90, i90 = p90(ttft), p90(itl)
         return _Interval(
             acc.n + (1 if ing is not None else 0),
             acc.input_tps + (ing.input_tokens_per_s if ing is not None else 0.0),

@@ -9,11 +9,10 @@ what is rejected for capacity and how long requests waited for a pool slot
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 
-from autoscaler.signals import NO_VALUE
+from autoscaler.signals import NO_VALUE, p90
 
 #: Rejection reasons that mean "not enough capacity" (a tenant's own rate limit is not one).
 CAPACITY_REJECTIONS = frozenset({"queue_full", "predicted_wait", "queue_timeout", "engine_overloaded"})
@@ -45,10 +44,8 @@ class Window:
 
     def p90(self, now: float) -> float:
         """90th percentile of the values in the window (NO_VALUE when empty)."""
-        v = sorted(self.values(now))
-        if not v:
-            return NO_VALUE
-        return v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)]
+        p = p90(self.values(now))
+        return NO_VALUE if p is None else p
 
 
 class ReplicaMeter:

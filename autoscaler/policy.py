@@ -41,7 +41,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from autoscaler.signals import ModelSignals, PoolSignals, ReplicaSample
+from autoscaler.signals import ModelSignals, PoolSignals, ReplicaSample, p90
 
 UP, DOWN, HOLD = "up", "down", "hold"
 #: Reasons of a latency-driven scale-up (the load per replica it happened at is remembered).
@@ -176,13 +176,6 @@ def fresh_samples(pool: PoolSignals, cfg: PolicyConfig) -> list[ReplicaSample]:
     return [s for s in pool.samples if s.age_s <= cfg.stale_after_s and s.uptime_s >= cfg.warmup_s]
 
 
-def _p90(values: list[float]) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)]
-
-
 def _load(
     pool: PoolSignals, samples: list[ReplicaSample], cfg: PolicyConfig, demand_scale: float
 ) -> tuple[float, str]:
@@ -238,13 +231,13 @@ def _pool_need(
     ratios: list[tuple[str, float, str]] = []
     owns_ttft = pool.role == "prefill" or (pool.role == "colocated") or (pool.role == "decode" and not p_d)
     if owns_ttft:
-        ttft = _p90([s.ttft_s for s in samples if s.ttft_s is not None])
+        ttft = p90([s.ttft_s for s in samples if s.ttft_s is not None])
         if ttft is not None and ttft > cfg.ttft_slo_s:
             ratios.append(
                 ("ttft", ttft / cfg.ttft_slo_s, f"TTFT p90 {ttft:.2f}s > SLO {cfg.ttft_slo_s:.2f}s")
             )
     if pool.role in ("decode", "colocated"):
-        tpot = _p90([s.tpot_s for s in samples if s.tpot_s is not None])
+        tpot = p90([s.tpot_s for s in samples if s.tpot_s is not None])
         if tpot is not None and tpot > cfg.tpot_slo_s:
             ratios.append(
                 (
@@ -301,10 +294,10 @@ def _down_blockers(
     out: list[str] = []
     lat_max = cfg.scale_down_latency_fraction
     owns_ttft = pool.role in ("prefill", "colocated") or not p_d
-    ttft = _p90([s.ttft_s for s in samples if s.ttft_s is not None])
+    ttft = p90([s.ttft_s for s in samples if s.ttft_s is not None])
     if owns_ttft and ttft is not None and ttft > lat_max * cfg.ttft_slo_s:
         out.append(f"TTFT p90 {ttft:.2f}s > {lat_max:.0%} of SLO")
-    tpot = _p90([s.tpot_s for s in samples if s.tpot_s is not None])
+    tpot = p90([s.tpot_s for s in samples if s.tpot_s is not None])
     if pool.role != "prefill" and tpot is not None and tpot > lat_max * cfg.tpot_slo_s:
         out.append(f"TPOT p90 {tpot * 1e3:.0f}ms > {lat_max:.0%} of SLO")
     ing = signals.ingress

@@ -9,6 +9,7 @@ prefix cache and no latency history: it is not yet a sample of the pool's load).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +36,14 @@ INGRESS_FIELDS = (
 )
 #: A latency figure of -1 in a metrics dict means "no request finished in the window".
 NO_VALUE = -1.0
+
+
+def p90(values: list[float]) -> float | None:
+    """The 90th percentile (nearest rank) of `values`; None when there are none."""
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)]
 
 
 @dataclass(frozen=True, slots=True)
