@@ -27,7 +27,8 @@ import httpx
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
+#: Each test waits on engine cold starts (2-3 min here) with the app deploy in the first one's set-up.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[2]
 APP, PREFIX = "autoscale-test", "/as"
 #: Length of one Locust run (heavy runs repeat until the scale-up is seen; the light one loops).
