@@ -1,2 +1,5 @@
-"""SLO autoscaling policies: not built yet (issue 16). The one scaling rule today is Ray Serve's
-autoscaler with `target_ongoing_requests` = half of a pool's `max_ongoing_requests` (serving/app.py)."""
+"""SLO autoscaling, pure (no Ray): `signals` (what the replicas and the ingress report, with its age),
+`meters` (the windows they keep), `policy` (Tandem's decision for all of a model's pools) and
+`baselines` (Ray Serve's default rule, a Dynamo-style throughput planner, fixed) for comparison.
+The Ray Serve adapter is serving/autoscaling.py; the simulator runs the same policies
+(loadtests/sim/autoscale.py)."""
