@@ -33,6 +33,7 @@ that calibration fits against a real run (`loadtests.sim.calibrate`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -255,10 +256,9 @@ class Pool:
             self._slot_waiters.append(fut)
             self.pick_waiting += 1
             try:
-                await asyncio.wait_for(fut, left)
-                return
-            except TimeoutError:
-                pass
+                with contextlib.suppress(TimeoutError):  # timed out: the Rejected below
+                    await asyncio.wait_for(fut, left)
+                    return
             finally:
                 self.pick_waiting -= 1
         raise Rejected(
