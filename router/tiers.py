@@ -3,10 +3,15 @@
 A request picks its tier, in this order:
 
 1. an explicit model name: that model (and the first tier it serves, if any);
-2. the alias `auto` (``routing.auto_model``) with ``x-tandem-task: <tier>``;
+2. the alias `auto` (``routing.auto_model``) with ``x-tandem-task: <tier>``, or with
+   ``x-tandem-task: <task type>`` (``routing.tasks``: a named kind of call, such as math or code, served
+   by a tier);
 3. `auto` alone: the first ``routing.rules`` entry whose conditions the request's shape meets
-   (reasoning effort, tools, prompt length, max_tokens);
+   (reasoning effort, tools, prompt length, max_tokens); a rule may also name the task type;
 4. otherwise ``routing.default_tier`` (the first tier when unset).
+
+The task type a request ends up with (`Resolution.task`) picks its prompt template
+(router.templates); a request that names a model keeps a task type its header names.
 
 `chain()` lists the targets to try: the tier itself, then its ``fallback`` tiers in order.
 Pure: no I/O; the ingress applies health and context-window checks along the chain. The router's
@@ -41,10 +46,19 @@ class RuleMatch:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """Send `auto` requests whose shape matches `when` to `tier`."""
+    """Send `auto` requests whose shape matches `when` to `tier` (as task type `task`, if given)."""
 
     tier: str
     when: RuleMatch = field(default_factory=RuleMatch)
+    task: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task type (math, code, classify, ...): a kind of call, served by `tier`."""
+
+    name: str
+    tier: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +79,7 @@ class Routing:
     auto_model: str
     default_tier: str | None = None
     rules: tuple[Rule, ...] = ()
+    tasks: tuple[Task, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +94,13 @@ class RequestShape:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """The tier chosen for a request and how: model | task | rule:<index> | default."""
+    """The tier chosen for a request and how: model | task | rule:<index> | default; and its task
+    type (None: the request named none)."""
 
     model: str
     tier: str | None
     how: str
+    task: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +137,17 @@ class TierRouter:
         self._tier_of_model: dict[str, str] = {}
         for t in tiers:
             self._tier_of_model.setdefault(t.model, t.name)
+        self._tasks = {t.name: t for t in routing.tasks}
 
     @property
     def auto_model(self) -> str:
         """The model alias that means 'pick a tier for me'."""
         return self._routing.auto_model
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task type names, in spec order."""
+        return list(self._tasks)
 
     @property
     def tiers(self) -> list[str]:
@@ -153,23 +176,30 @@ class TierRouter:
                     "model",
                     404,
                 )
-            return Resolution(model, self._tier_of_model.get(model), "model")
+            named = task.strip().lower() if task else None
+            kind = named if named in self._tasks else None
+            return Resolution(model, self._tier_of_model.get(model), "model", kind)
         if not self._order:
             raise TierError(
                 f"model `{self.auto_model}` needs tiers in the deployment spec; name a model instead", "model"
             )
         if task:
-            tier = self._tiers.get(task.strip().lower())
+            name = task.strip().lower()
+            kind = self._tasks.get(name)
+            if kind is not None:
+                return Resolution(self._tiers[kind.tier].model, kind.tier, "task", kind.name)
+            tier = self._tiers.get(name)
             if tier is None:
+                types = f" or a task type of {list(self._tasks)}" if self._tasks else ""
                 raise TierError(
-                    f"header x-tandem-task: {task!r} is not a tier; choose one of {self._order}",
+                    f"header x-tandem-task: {task!r} is not a tier; choose one of {self._order}{types}",
                     "x-tandem-task",
                 )
             return Resolution(tier.model, tier.name, "task")
         if shape is not None:
             for i, rule in enumerate(self._routing.rules):
                 if matches(rule.when, shape):
-                    return Resolution(self._tiers[rule.tier].model, rule.tier, f"rule:{i}")
+                    return Resolution(self._tiers[rule.tier].model, rule.tier, f"rule:{i}", rule.task)
         name = self.default_tier()
         assert name is not None
         return Resolution(self._tiers[name].model, name, "default")

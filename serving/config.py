@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from router.admission import AdmissionController, Limits
 from router.contracts import DisaggMode, Role
 from router.resilience import RetryPolicy
-from router.tiers import Routing, Rule, RuleMatch, Tier, TierRouter
+from router.tiers import Routing, Rule, RuleMatch, Task, Tier, TierRouter
+from serving.upstreams import PROFILES, UpstreamServer
 
 #: Where `tandem model build` writes the tiny local models (overridden by $TANDEM_MODEL_DIR).
 DEFAULT_MODEL_DIR = "~/.cache/tandem/models"
@@ -72,6 +73,9 @@ class EngineKind(StrEnum):
     VLLM = "vllm"
     SGLANG = "sglang"
     FAKE = "fake"
+    #: An existing OpenAI-compatible server (vllm serve, SGLang, TGI, trtllm-serve, llama.cpp) behind
+    #: the ingress: the pool's `upstream` (serving.replicas.external).
+    OPENAI = "openai"
 
 
 class Parallelism(_Spec):
@@ -123,12 +127,129 @@ class Replicas(_Spec):
         return self.initial if self.initial is not None else max(self.min, 1)
 
 
+class UpstreamSpec(_Spec):
+    """The external server of an `engine: openai` pool: one replica per endpoint.
+
+    The ingress plans, admits, routes (cache-aware, over the endpoints) and streams as for an
+    in-process engine; requests go to the server's `/v1/completions` as token ids (or text, for servers
+    that take no ids: see serving/upstreams.py). Credentials come from the environment or a mounted
+    Secret, never from the client's request.
+    """
+
+    endpoints: list[str] = Field(
+        min_length=1,
+        description="Base URLs of the server's replicas (http://host:port, without /v1); each is one "
+        "replica to the cache-aware router.",
+    )
+    server: UpstreamServer = Field(
+        UpstreamServer.VLLM,
+        description="What the server is (vllm, sglang, tgi, trtllm, llamacpp, openai): which request "
+        "fields, prompt form, load metrics and cache salt it understands (serving/upstreams.py).",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="The model name the server serves (its --served-model-name); None: the first model "
+        "its /v1/models lists.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the server's API key (from a Secret)."
+    )
+    api_key_file: str | None = Field(
+        None, description="File holding the server's API key (a mounted Secret)."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Context length the ingress plans requests against; None: the `max_model_len` of "
+        "the server's /v1/models (vllm, sglang); required for servers that do not report it.",
+    )
+    block_size: int = Field(
+        16,
+        ge=1,
+        description="The server's KV-cache block size in tokens (vLLM: 16 on GPUs, 128 on its CPU "
+        "build): prompts are hashed in blocks of this size for cache-aware routing.",
+    )
+    kv_events: list[str] = Field(
+        default_factory=list,
+        description="Per endpoint, in the same order, its vLLM KV-event publisher (--kv-events-config "
+        "with the zmq publisher, e.g. tcp://10.0.0.5:5557): the block index then follows the server's "
+        "cache exactly. Empty: the index is fed by the ingress's own routing decisions.",
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Time to open a connection to an endpoint.")
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Most time between two chunks of a stream (the first token's own limit is "
+        "resilience.first_token_timeout_s); past it the stream ends with a 504.",
+    )
+    health_period_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often each endpoint's health path is checked: a failed one leaves routing at "
+        "once (also on a refused connection) and returns when it answers again.",
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        out = []
+        for i, url in enumerate(v):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoints[{i}]: {url!r} is not an http:// or https:// URL")
+            url = url.rstrip("/")
+            if url.endswith("/v1"):
+                raise ValueError(f"endpoints[{i}]: give the base URL without /v1 ({url[:-3]!r})")
+            out.append(url)
+        if len(set(out)) != len(out):
+            raise ValueError("endpoints: duplicate URLs")
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UpstreamSpec:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give at most one of api_key_env or api_key_file")
+        if self.kv_events and len(self.kv_events) != len(self.endpoints):
+            raise ValueError(
+                f"kv_events: {len(self.kv_events)} publishers for {len(self.endpoints)} endpoints; give one "
+                "per endpoint, in the same order, or none"
+            )
+        if self.kv_events and self.server is not UpstreamServer.VLLM:
+            raise ValueError(f"kv_events: only vLLM publishes KV events, not server {self.server.value}")
+        if self.max_model_len is None and not PROFILES[self.server].models_report_context:
+            raise ValueError(
+                f"max_model_len: server {self.server.value} does not report its context length in "
+                "/v1/models; set it (the server's own limit)"
+            )
+        return self
+
+    def api_key(self) -> str | None:
+        """The server's API key, read from the environment or the mounted file (None: no key)."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "").strip()
+            if not key:
+                raise SpecError(
+                    f"upstream.api_key_env: ${self.api_key_env} is not set (mount it from a Secret)"
+                )
+            return key
+        if self.api_key_file:
+            try:
+                return Path(self.api_key_file).read_text().strip()
+            except OSError as e:
+                why = f"cannot read {self.api_key_file}: {e.strerror}"
+                raise SpecError(f"upstream.api_key_file: {why}") from None
+        return None
+
+
 class PoolSpec(_Spec):
     """A group of identical engine replicas serving one model in one role."""
 
     name: str | None = Field(None, pattern=_NAME_RE, description="Pool name; defaults to its role.")
     role: Role = Field(Role.COLOCATED, description="colocated (prefill+decode), prefill or decode.")
-    engine: EngineKind = Field(EngineKind.VLLM, description="Inference engine: vllm, sglang or fake.")
+    engine: EngineKind = Field(
+        EngineKind.VLLM,
+        description="Inference engine: vllm, sglang, fake, or openai (an external server, see `upstream`).",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed through to the engine (vLLM AsyncEngineArgs / SGLang ServerArgs).",
@@ -167,6 +288,39 @@ class PoolSpec(_Spec):
     def uses_gpu(self) -> bool:
         """Whether replicas of this pool need GPUs."""
         return self.accelerator.lower() != "cpu"
+
+    upstream: UpstreamSpec | None = Field(
+        None, description="engine: openai only: the external OpenAI-compatible server and its endpoints."
+    )
+
+    @model_validator(mode="after")
+    def _external(self) -> PoolSpec:
+        external = self.engine is EngineKind.OPENAI
+        if external and self.upstream is None:
+            raise ValueError("upstream: required with engine: openai (the server's endpoints)")
+        if not external and self.upstream is not None:
+            raise ValueError(f"upstream: only for engine: openai; remove it (engine is {self.engine.value})")
+        if external:
+            if self.role is not Role.COLOCATED:
+                raise ValueError(
+                    "role: an external server is one colocated pool (its own prefill/decode split is its "
+                    "business); set role: colocated"
+                )
+            if self.engine_args:
+                raise ValueError("engine_args: an external server takes its own arguments; remove them")
+            if "replicas" in self.model_fields_set or "parallelism" in self.model_fields_set:
+                raise ValueError(
+                    "replicas: an external pool's replicas are its upstream.endpoints; remove replicas "
+                    "and parallelism"
+                )
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas (Serve replicas, or an external pool's endpoints) the pool may run."""
+        if self.upstream is not None:
+            return len(self.upstream.endpoints)
+        return self.replicas.max * self.parallelism.dp
 
     @model_validator(mode="after")
     def _dp_groups_fixed(self) -> PoolSpec:
@@ -517,7 +671,20 @@ class ModelSpec(_Spec):
         engines = {p.engine for p in self.pools}
         if len(engines) > 1:
             raise ValueError(f"pools: prefill and decode must run the same engine, got {sorted(engines)}")
+        for p in self.pools:
+            up = p.upstream
+            if up is not None and self.router.tenant_salt and not PROFILES[up.server].cache_salt:
+                raise ValueError(
+                    f"router.tenant_salt: server {up.server.value} cannot salt its prefix cache per tenant, "
+                    "so tenants would share cache entries (a timing side channel); set router.tenant_salt: "
+                    "false for this model to accept that, or serve it with vLLM"
+                )
         return self
+
+    @property
+    def external(self) -> UpstreamSpec | None:
+        """The external server of an `engine: openai` model (None: Tandem runs its engines)."""
+        return self.serving_pool.upstream
 
     @property
     def disaggregated(self) -> bool:
@@ -573,10 +740,26 @@ class TierRule(_Spec):
 
     tier: str = Field(description="Tier for matching requests.")
     when: TierRuleMatch = Field(default_factory=TierRuleMatch, description="Conditions.")
+    task: str | None = Field(
+        None, description="Task type (routing.tasks) of matching requests: picks their prompt template."
+    )
 
     def policy(self) -> Rule:
         """The router's form (router.tiers)."""
-        return Rule(self.tier, self.when.policy())
+        return Rule(self.tier, self.when.policy(), self.task)
+
+
+class TaskSpec(_Spec):
+    """A task type: a named kind of call (math, code, classify, ...) that `x-tandem-task` may name
+    instead of a tier. It is served by `tier` and picks its own prompt template (`templates`)."""
+
+    name: str = Field(pattern=_NAME_RE, description="Task type name, e.g. math.")
+    tier: str = Field(description="Tier that serves it.")
+    description: str = Field("", description="What calls are of this type.")
+
+    def policy(self) -> Task:
+        """The router's form (router.tiers)."""
+        return Task(self.name, self.tier)
 
 
 class TierSpec(_Spec):
@@ -617,10 +800,170 @@ class RoutingSpec(_Spec):
     rules: list[TierRule] = Field(
         default_factory=list, description="Shape rules for `auto` requests without an x-tandem-task header."
     )
+    tasks: list[TaskSpec] = Field(
+        default_factory=list,
+        description="Task types x-tandem-task may name besides tiers (each served by a tier, each with "
+        "its own prompt template).",
+    )
 
     def policy(self) -> Routing:
         """The router's form (router.tiers)."""
-        return Routing(self.auto_model, self.default_tier, tuple(r.policy() for r in self.rules))
+        return Routing(
+            self.auto_model,
+            self.default_tier,
+            tuple(r.policy() for r in self.rules),
+            tuple(t.policy() for t in self.tasks),
+        )
+
+
+class InjectMode(StrEnum):
+    """When a prompt template's messages are put before the request's (router.templates.Inject)."""
+
+    IF_MISSING = "if_missing"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class TemplateTurn(_Spec):
+    """One few-shot message of a template."""
+
+    role: Literal["user", "assistant"] = Field(description="user or assistant.")
+    content: str = Field(min_length=1, description="The message's text.")
+
+
+class TemplateSampling(_Spec):
+    """Sampling defaults of a template: used for the fields a request does not set itself."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=1, description="Output limit of a request that sets none.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+
+class PromptTemplateSpec(_Spec):
+    """A versioned prompt template: the system prompt (and few-shot turns) a small specialised model
+    needs to answer in the role it was trained for, with its stop sequences and sampling defaults."""
+
+    name: str = Field(pattern=_NAME_RE, description="Template name, e.g. math.")
+    version: int = Field(
+        1, ge=1, description="Version; a binding names `name` (the highest) or `name@version`."
+    )
+    description: str = Field("", description="What the template is for.")
+    language: str = Field("en", min_length=2, description="Language of the prompt (BCP 47), for operators.")
+    system: str = Field("", description="System prompt put first (a shared, cached prefix).")
+    few_shot: list[TemplateTurn] = Field(
+        default_factory=list, description="Example turns after the system prompt: user/assistant pairs."
+    )
+    stop: list[str] = Field(
+        default_factory=list, max_length=8, description="Stop sequences added to the request's."
+    )
+    sampling: TemplateSampling = Field(default_factory=TemplateSampling, description="Sampling defaults.")
+    inject: InjectMode = Field(
+        InjectMode.IF_MISSING,
+        description="if_missing: only when the request has no system/developer message of its own; "
+        "always: the template's system prompt goes first and the request's own follows it in the same "
+        "system message; never: the template is not used (e.g. a tenant override that turns it off).",
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> PromptTemplateSpec:
+        if not self.system and not self.few_shot and self.inject is not InjectMode.NEVER:
+            raise ValueError("a template needs a system prompt or few-shot turns (or inject: never)")
+        roles = [t.role for t in self.few_shot]
+        if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
+            raise ValueError("few_shot: user/assistant pairs, starting with user")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop sequences must be non-empty")
+        return self
+
+    @property
+    def ref(self) -> str:
+        """`name@version`."""
+        return f"{self.name}@{self.version}"
+
+
+class TemplateBinding(_Spec):
+    """Which template serves which requests. A binding matches a request when every field it gives
+    matches; the most specific match wins (tenant > task > tier; ties: the first listed)."""
+
+    template: str = Field(
+        description="`name` (its highest version), `name@version` (pinned), or `none` (no template).",
+        pattern=r"^(none|[a-z0-9][a-z0-9._-]{0,62}(@[1-9][0-9]*)?)$",
+    )
+    tier: str | None = Field(None, description="Requests served by this tier.")
+    task: str | None = Field(None, description="Requests of this task type (routing.tasks, x-tandem-task).")
+    tenant: str | None = Field(None, description="Requests of this tenant (a per-tenant override).")
+
+    @model_validator(mode="after")
+    def _scoped(self) -> TemplateBinding:
+        if self.tier is None and self.task is None and self.tenant is None:
+            raise ValueError("a binding needs at least one of tier, task or tenant")
+        return self
+
+
+class TemplateLibrarySpec(_Spec):
+    """A prompt template library: templates and their bindings (inline, or a mounted ConfigMap's file)."""
+
+    templates: list[PromptTemplateSpec] = Field(default_factory=list, description="The templates.")
+    bindings: list[TemplateBinding] = Field(default_factory=list, description="Which requests use which.")
+
+    @model_validator(mode="after")
+    def _references(self) -> TemplateLibrarySpec:
+        refs = [t.ref for t in self.templates]
+        dup = sorted({r for r in refs if refs.count(r) > 1})
+        if dup:
+            raise ValueError(f"templates: {dup} defined twice; give each version once")
+        names = {t.name for t in self.templates}
+        for i, b in enumerate(self.bindings):
+            if b.template == "none":
+                continue
+            name = b.template.split("@", 1)[0]
+            if b.template not in refs and ("@" in b.template or name not in names):
+                raise ValueError(
+                    f"bindings[{i}].template: {b.template!r} is not in the library; choose from "
+                    f"{sorted(refs)}"
+                )
+        return self
+
+    def check_scopes(self, tiers: list[str], tasks: list[str]) -> None:
+        """ValueError naming the binding when one names a tier or task type the spec does not have."""
+        for i, b in enumerate(self.bindings):
+            if b.tier is not None and b.tier not in tiers:
+                raise ValueError(f"bindings[{i}].tier: unknown tier {b.tier!r}; choose from {tiers}")
+            if b.task is not None and b.task not in tasks:
+                raise ValueError(f"bindings[{i}].task: unknown task type {b.task!r}; choose from {tasks}")
+
+
+class TemplatesSpec(_Spec):
+    """Prompt templates per task type, tier and tenant (router.templates; serving.http.templates)."""
+
+    library: TemplateLibrarySpec = Field(
+        default_factory=TemplateLibrarySpec, description="The library given inline."
+    )
+    library_file: str | None = Field(
+        None,
+        description="YAML file holding a library ({templates, bindings}), e.g. a mounted ConfigMap. It "
+        "replaces `library` and is re-read every reload_interval_s: a valid change applies without a "
+        "restart; an invalid one keeps the library in use and is logged and counted with the reason.",
+    )
+    reload_interval_s: float = Field(
+        5.0, gt=0, description="How often library_file is checked for a change (kubelet updates a "
+        "mounted ConfigMap within about a minute)."
+    )
+
+
+class TruncationSpec(_Spec):
+    """Context overflow: `truncation: "auto"` on /v1/responses, x-tandem-truncation: auto on chat."""
+
+    min_output_tokens: int = Field(
+        256,
+        ge=1,
+        description="Truncation drops turns until at least this many output tokens fit, when the request "
+        "sets no max_tokens or lets it be clamped (x-tandem-max-tokens: clamp); else it makes room for "
+        "the max_tokens asked.",
+    )
 
 
 class ApiKey(_Spec):
@@ -930,6 +1273,10 @@ class ServingSpec(_Spec):
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec, description="Admission control.")
     resilience: ResilienceSpec = Field(default_factory=ResilienceSpec, description="Retries and health.")
     sessions: SessionsSpec = Field(default_factory=SessionsSpec, description="Background sessions.")
+    templates: TemplatesSpec = Field(
+        default_factory=TemplatesSpec, description="Prompt templates per task type, tier and tenant."
+    )
+    truncation: TruncationSpec = Field(default_factory=TruncationSpec, description="Context overflow.")
 
     @model_validator(mode="after")
     def _references(self) -> ServingSpec:
@@ -954,11 +1301,32 @@ class ServingSpec(_Spec):
             raise ValueError(
                 f"routing.default_tier: unknown tier {routing.default_tier!r}; choose from {tier_names}"
             )
+        task_names = [t.name for t in routing.tasks]
+        if len(set(task_names)) != len(task_names):
+            raise ValueError("routing.tasks: duplicate task type names")
+        for i, task in enumerate(routing.tasks):
+            if task.tier not in tier_names:
+                raise ValueError(
+                    f"routing.tasks[{i}].tier: unknown tier {task.tier!r}; choose from {tier_names}"
+                )
+            if task.name in tier_names:
+                raise ValueError(
+                    f"routing.tasks[{i}].name: {task.name!r} is also a tier; x-tandem-task could mean "
+                    "either, rename one"
+                )
         for i, rule in enumerate(routing.rules):
             if rule.tier not in tier_names:
                 raise ValueError(
                     f"routing.rules[{i}].tier: unknown tier {rule.tier!r}; choose from {tier_names}"
                 )
+            if rule.task is not None and rule.task not in task_names:
+                raise ValueError(
+                    f"routing.rules[{i}].task: unknown task type {rule.task!r}; choose from {task_names}"
+                )
+        try:
+            self.templates.library.check_scopes(tier_names, task_names)
+        except ValueError as e:
+            raise ValueError(f"templates.library.{e}") from None
         if routing.auto_model in names:
             raise ValueError(f"routing.auto_model: {routing.auto_model!r} is also a model name; rename one")
         for i, tier in enumerate(self.tiers):
@@ -1021,7 +1389,7 @@ class ServingSpec(_Spec):
         pools = {}
         for m in self.models:
             pool = m.serving_pool
-            limit = explicit.get(m.name, pool.replicas.max * pool.parallelism.dp * pool.max_ongoing_requests)
+            limit = explicit.get(m.name, pool.max_replicas * pool.max_ongoing_requests)
             pools[m.name] = max(1, math.ceil(limit * share)) if adm.enabled else UNLIMITED
         return AdmissionController(
             limits_for, pools, adm.max_queue if adm.enabled else UNLIMITED, adm.queue_timeout_s, clock

@@ -52,6 +52,16 @@ class PromptTokenizer:
         """Text of generated ids (special tokens, such as reasoning tags, left out)."""
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def decode_prompt(self, ids: list[int]) -> str:
+        """The text of prompt ids with every special token kept: what an external server that takes no
+        token ids is sent (its tokenizer reads the chat template's markers back as the same tokens)."""
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of a piece of generated text (no special tokens added): an external server's streamed
+        text, when it sends no token ids."""
+        return self._tok.encode(text, add_special_tokens=False)
+
     def decode_stream(self) -> TextStream:
         """An incremental decoder of generated ids (special tokens left out)."""
         return TextStream(self._tok._tokenizer)

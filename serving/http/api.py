@@ -39,12 +39,15 @@ from serving.http.protocol import (
     TASK_HEADER,
     TASK_ID_HEADER,
     TENANT_HEADER,
+    TRUNCATED_HEADER,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     _SamplingBody,
     error_body,
+    max_tokens_clamp,
     now,
+    truncation_header,
 )
 from serving.http.responses import SessionsFrontend, add_responses_routes
 from serving.replicas.engines.base import Chunk
@@ -100,7 +103,7 @@ class OpenAIApi:
         body: ChatCompletionRequest | CompletionRequest,
         headers: Any,
         tenant: str,
-        encode: Callable[[ServedModel], Awaitable[list[int]]],
+        encode: Callable[[ServedModel], Awaitable[list[int]]] | None,
         prompt_param: str,
         **extra: Any,
     ) -> PlanInput:
@@ -108,6 +111,8 @@ class OpenAIApi:
         completion = getattr(body, "max_completion_tokens", None)
         asked_field = "max_completion_tokens" if completion else "max_tokens"
         return PlanInput(
+            clamp=max_tokens_clamp(headers),
+            sampling_set=frozenset(body.model_fields_set),
             model=body.model,
             tenant=tenant,
             encode=encode,
@@ -156,6 +161,9 @@ class OpenAIApi:
                 m.in_flight.labels(served.name).dec()
                 ticket.release(last.prompt_tokens + last.completion_tokens)
         resp.headers[ROUTE_HEADER] = opened.route
+        truncated = plan.truncation_header()
+        if truncated:
+            resp.headers[TRUNCATED_HEADER] = truncated
         return resp
 
     def _account(self, served: ServedModel, last: Chunk, start: float, endpoint: str, status: int) -> None:
@@ -536,16 +544,18 @@ def build_api(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion (streaming with `stream: true`). `model: auto` picks a tier."""
 
-        async def encode(served: ServedModel) -> list[int]:
+        def check(served: ServedModel) -> None:
             _check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
-            return await asyncio.to_thread(served.tokenizer.encode_chat, body.messages)
 
         inp = api.plan_input(
             body,
             request.headers,
             request.state.tenant,
-            encode,
+            None,
             "messages",
+            messages=body.messages,
+            check=check,
+            truncate=truncation_header(request.headers),
             reasoning_effort=body.reasoning_effort,
             tools=bool(body.tools),
             reasoning_budget=body.max_reasoning_tokens,

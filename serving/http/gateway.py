@@ -8,17 +8,20 @@ The request path that uses it is `serving.http.api.OpenAIApi.serve`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from autoscaler.meters import IngressMeter
 from router.admission import AdmissionController
 from router.resilience import HealthState, RetryBudget, TargetHealth
 from router.tiers import TierRouter
-from serving.config import AuthSpec, Priority, ResilienceSpec, ServingSpec
+from serving.config import AuthSpec, Priority, ResilienceSpec, ServingSpec, TemplatesSpec, TruncationSpec
 from serving.http.auth import Authenticator
 from serving.http.metrics import IngressMetrics
+from serving.http.templates import TemplateLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ class Gateway:
         resilience: retry and health settings.
         metrics: the ingress's metrics (health transitions and probes are counted there).
         default_reserved_tokens: output tokens reserved for requests without max_tokens.
+        templates: the prompt template library (reloaded from its file; default: none).
+        truncation: context-overflow settings.
     """
 
     def __init__(
@@ -46,8 +51,14 @@ class Gateway:
         resilience: ResilienceSpec,
         metrics: IngressMetrics,
         default_reserved_tokens: int,
+        templates: TemplateLibrary | None = None,
+        truncation: TruncationSpec | None = None,
     ) -> None:
         self.auth = auth
+        self.templates = templates or TemplateLibrary(TemplatesSpec(), tiers.tiers, tiers.tasks, metrics)
+        self.truncation = truncation or TruncationSpec()
+        #: Per (model, template): the token ids of the template's messages alone (its prefix).
+        self.template_prefix: dict[tuple[str, Any], list[int]] = {}
         self.tiers = tiers
         self.admission = admission
         self.resilience = resilience
@@ -72,14 +83,19 @@ class Gateway:
     def from_spec(cls, spec: ServingSpec, metrics: IngressMetrics) -> Gateway:
         """The gateway for `spec`; every limit is scaled to this replica's share of the ingress."""
         controller = spec.admission_controller()
+        tiers = spec.tier_router()
         gateway = cls(
             Authenticator(spec.auth, DEFAULT_TENANT),
-            spec.tier_router(),
+            tiers,
             controller,
             spec.resilience,
             metrics,
             spec.admission.default_reserved_tokens,
+            TemplateLibrary(spec.templates, tiers.tiers, tiers.tasks, metrics),
+            spec.truncation,
         )
+        with contextlib.suppress(RuntimeError):  # no running loop (pure unit use): no reloads
+            gateway.templates.start()
         gateway.scale_to_zero = {m.name for m in spec.models if m.serving_pool.replicas.min == 0}
         gateway.cold_start_s = {m: spec.model(m).autoscaling.cold_start_s for m in gateway.scale_to_zero}
         gateway.autoscaling = IngressMeter(time.monotonic, max(m.autoscaling.window_s for m in spec.models))
@@ -186,7 +202,8 @@ class Gateway:
             h.on_probe(ok, time.monotonic())
 
     async def close(self) -> None:
-        """Stop the probe tasks."""
+        """Stop the probe tasks and the template reloads."""
+        await self.templates.close()
         for task in self._probe_tasks.values():
             task.cancel()
         await asyncio.gather(*self._probe_tasks.values(), return_exceptions=True)

@@ -127,6 +127,44 @@ class IngressMetrics:
         self.probes = Counter(
             "tandem_health_probes", "Recovery probes of terminal targets.", ["model", "result"], registry=r
         )
+        self.templates = Counter(
+            "tandem_template_requests",
+            "Requests by the prompt template chosen for them (name@version) and whether it was put in "
+            "(applied) or left out (the request had its own system message).",
+            ["model", "template", "applied"],
+            registry=r,
+        )
+        self.template_reloads = Counter(
+            "tandem_template_reloads",
+            "Reloads of the template library file, by result (ok, invalid: the old library stays).",
+            ["result"],
+            registry=r,
+        )
+        self.template_library = Gauge(
+            "tandem_template_library_templates", "Templates in the library in use.", registry=r
+        )
+        self.truncations = Counter(
+            "tandem_truncations",
+            "Requests whose conversation was truncated to fit the context (items dropped), or whose "
+            "max_tokens was clamped, by kind.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.truncated_tokens = Counter(
+            "tandem_truncated_tokens", "Prompt tokens dropped by truncation.", ["model"], registry=r
+        )
+        self.upstream_up = Gauge(
+            "tandem_upstream_up",
+            "External servers (engine: openai pools): 1 while an endpoint's health answers, else 0.",
+            ["model", "endpoint"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "tandem_upstream_errors",
+            "Failed calls to external servers, by kind (connect, status, stalled, protocol).",
+            ["model", "endpoint", "kind"],
+            registry=r,
+        )
 
     def watch_admission(self, controller: Any) -> None:
         """Export the admission controller's levels (read at scrape time)."""

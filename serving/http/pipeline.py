@@ -1,8 +1,11 @@
 """One request pipeline for every endpoint: plan → admit → open.
 
-1. `RequestPipeline.plan(PlanInput) -> Plan`: the tier and model (router.tiers), the prompt ids
-   (tokenized once per model), the context and max-tokens checks (400 naming the endpoint's field),
-   the output tokens reserved for admission, the tenant's cache salt and the prompt's block keys.
+1. `RequestPipeline.plan(PlanInput) -> Plan`: the tier and model (router.tiers), the prompt template
+   of a chat-shaped request (router.templates: put first, so it is a shared cached prefix), the prompt
+   ids (tokenized once per model), the context and max-tokens checks (400 naming the endpoint's
+   field) with the opt-in overflow handling (router.truncation drops the oldest turns;
+   `x-tandem-max-tokens: clamp` lowers max_tokens to what fits), the output tokens reserved for
+   admission, the tenant's cache salt and the prompt's block keys.
 2. `RequestPipeline.admit(Plan) -> Ticket`: router.admission (token bucket, fan-out, pool queue);
    a rejection is an `ApiError` (429/503 with Retry-After and the reason as `code`).
 3. `RequestPipeline.open(Plan, Ticket, ...) -> Opened`: walks the tier's degradation chain. Per
@@ -28,11 +31,20 @@ from router.admission import AdmissionRequest, Rejected, Ticket
 from router.contracts import DisaggMode
 from router.hashing import BlockHasher, tenant_salt
 from router.resilience import ErrorClass, Fail, Retry, classify
+from router.templates import Choice, common_prefix, compose, merged_stop, sampling_defaults
 from router.tiers import RequestShape, Resolution, TierError
+from router.truncation import NothingToDrop, fewest_to_drop, plan_units
 from serving.backends import Backend
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
-from serving.http.protocol import PRIORITY_HEADER, ApiError, usage
+from serving.http.protocol import (
+    MAX_TOKENS_HEADER,
+    PRIORITY_HEADER,
+    TRUNCATION_HEADER,
+    ApiError,
+    ChatMessage,
+    usage,
+)
 from serving.replicas.engines.base import Chunk, EngineError, GenerateRequest, SamplingOptions
 from serving.thinking import ThinkingRun, ThinkTags
 
@@ -97,16 +109,23 @@ class PlanInput:
     Args:
         model: the body's `model` (a served model or the `auto` alias).
         tenant: from the API key (serving.http.auth).
-        encode: the prompt's token ids for a model (each model is tokenized at most once).
+        encode: the prompt's token ids for a model (each model is tokenized at most once); None for a
+            chat-shaped request, whose `messages` the pipeline renders with each model's chat template.
         requested_max_tokens: the client's output limit (None: the rest of the context).
         prompt_param / max_tokens_param: the fields a 400 names when the prompt or the limit does not fit.
+        messages: a chat-shaped request's conversation (chat completions, /v1/responses): it gets the
+            prompt template of its tier / task type / tenant, and may be truncated.
+        check: validates the request against a model before it is tokenized (e.g. stop_token_ids).
+        truncate: drop the oldest turns when the conversation does not fit (router.truncation).
+        clamp: lower max_tokens to what fits rather than answer 400 (x-tandem-max-tokens: clamp).
+        sampling_set: the sampling fields the client set (a template's defaults fill the others).
         first_usable: plan on the chain's first usable target (a session, which is not opened here)
             rather than on the resolved model (whose chain `open` walks).
     """
 
     model: str
     tenant: str
-    encode: Callable[[ServedModel], Awaitable[list[int]]]
+    encode: Callable[[ServedModel], Awaitable[list[int]]] | None
     requested_max_tokens: int | None
     prompt_param: str
     max_tokens_param: str
@@ -120,6 +139,22 @@ class PlanInput:
     reasoning_budget: int | None = None
     budget_param: str = "max_reasoning_tokens"
     first_usable: bool = False
+    messages: list[ChatMessage] | None = None
+    check: Callable[[ServedModel], None] | None = None
+    truncate: bool = False
+    clamp: bool = False
+    sampling_set: frozenset[str] = frozenset()
+
+
+def _chat_encoder(
+    messages: list[ChatMessage], check: Callable[[ServedModel], None] | None
+) -> Callable[[ServedModel], Awaitable[list[int]]]:
+    async def encode(served: ServedModel) -> list[int]:
+        if check is not None:
+            check(served)
+        return await asyncio.to_thread(served.tokenizer.encode_chat, messages)
+
+    return encode
 
 
 @dataclass(slots=True)
@@ -151,6 +186,45 @@ class Plan:
     salt: str | None
     block_keys: list[int]
     prompts: Prompts
+    #: The prompt template chosen for the request (router.templates) and its tokens at the prompt's start.
+    template: Choice = field(default_factory=lambda: Choice(None))
+    template_tokens: int = 0
+    #: The conversation sent (template first, truncated); None for a text completion.
+    messages: list[ChatMessage] | None = None
+    #: Truncation: messages and prompt tokens dropped; max_tokens before it was clamped (None: not).
+    dropped_items: int = 0
+    dropped_tokens: int = 0
+    clamped_from: int | None = None
+    #: The output limit asked for: the client's, else the template's default (None: neither).
+    requested: int | None = None
+
+    @property
+    def template_ref(self) -> str | None:
+        """`name@version` of the template put in (None: none was)."""
+        t = self.template
+        return t.template.ref if t.template is not None and t.applied else None
+
+    def truncation_header(self) -> str | None:
+        """The `x-tandem-truncated` response header: what overflow handling did (None: nothing)."""
+        parts = []
+        if self.dropped_items:
+            parts.append(f"dropped_items={self.dropped_items}; dropped_tokens={self.dropped_tokens}")
+        if self.clamped_from is not None:
+            parts.append(f"max_tokens={self.clamped_from}->{self.max_tokens}")
+        return "; ".join(parts) or None
+
+    def sampling(self, opts: SamplingOptions) -> SamplingOptions:
+        """`opts` with the template's stop sequences added and its defaults for fields not set."""
+        t = self.template.template if self.template.applied else None
+        if t is None:
+            return opts
+        opts.stop = merged_stop(t, opts.stop)
+        for k, v in sampling_defaults(t, self.input.sampling_set).items():
+            if k == "top_k":
+                opts.top_k = None if v in (-1, 0) else v
+            elif k != "max_tokens":  # planned: Plan.max_tokens
+                setattr(opts, k, v)
+        return opts
 
     @property
     def reasoning_budget(self) -> int | None:
@@ -225,9 +299,13 @@ class RequestPipeline:
     # -- 1. plan -------------------------------------------------------------------------------
 
     async def plan(self, inp: PlanInput) -> Plan:
-        """Tier, model, prompt ids, limits, salt and block keys (ApiError 4xx naming the field)."""
+        """Tier, model, template, prompt ids, limits, salt and block keys (ApiError 4xx naming the field)."""
         g = self.gateway
-        prompts = Prompts(inp.encode)
+        encode = inp.encode
+        if encode is None:
+            assert inp.messages is not None, "a request without `encode` is chat-shaped"
+            encode = _chat_encoder(inp.messages, inp.check)
+        prompts = Prompts(encode)
         try:
             shape = None
             if g.tiers.needs_shape(inp.model, inp.task):
@@ -248,12 +326,104 @@ class RequestPipeline:
                 "invalid_request_error",
                 inp.budget_param,
             )
+        messages = inp.messages
+        choice = Choice(None)
+        if messages is not None:
+            template = g.templates.library.select(inp.tenant, res.tier, res.task)
+            messages, choice = compose(template, messages, _role, _text, _message)
+            if choice.applied:
+                prompts = Prompts(_chat_encoder(messages, inp.check))
+            if choice.template is not None:
+                applied = str(choice.applied).lower()
+                self.metrics.templates.labels(served.name, choice.template.ref, applied).inc()
+        requested, defaulted = inp.requested_max_tokens, False
+        if requested is None and choice.applied:
+            requested = dict(choice.template.sampling).get("max_tokens")  # type: ignore[union-attr]
+            defaulted = requested is not None
         ids = await prompts.for_model(served)
-        max_tokens = self._max_tokens(served, inp, len(ids))
-        reserved = inp.requested_max_tokens or min(max_tokens, g.default_reserved_tokens)
+        dropped = (0, 0)
+        if messages is not None and inp.truncate:
+            need = self._output_need(inp, requested, defaulted)
+            if served.max_model_len - len(ids) < need:
+                messages, ids, dropped = await self._truncate(served, inp, messages, ids, need)
+                prompts = Prompts(_chat_encoder(messages, inp.check), {served.name: ids})
+                self.metrics.truncations.labels(served.name, "items").inc()
+                self.metrics.truncated_tokens.labels(served.name).inc(dropped[1])
+        max_tokens, clamped_from = self._max_tokens(served, inp, len(ids), requested, defaulted)
+        if clamped_from is not None:
+            self.metrics.truncations.labels(served.name, "max_tokens").inc()
+        reserved = requested or min(max_tokens, g.default_reserved_tokens)
+        reserved = min(reserved, max_tokens)
         salt = tenant_salt(inp.tenant) if served.salt_tenants else None
         keys = await block_keys(served, ids, salt)
-        return Plan(inp, res, served, ids, max_tokens, reserved, salt, keys, prompts)
+        template_tokens = await self._template_tokens(served, choice, ids) if choice.applied else 0
+        return Plan(
+            inp, res, served, ids, max_tokens, reserved, salt, keys, prompts,
+            template=choice, template_tokens=template_tokens, messages=messages,
+            dropped_items=dropped[0], dropped_tokens=dropped[1], clamped_from=clamped_from,
+            requested=requested,
+        )  # fmt: skip
+
+    def _output_need(self, inp: PlanInput, requested: int | None, defaulted: bool) -> int:
+        """Output tokens truncation makes room for: the max_tokens asked, or (none asked, or clamping
+        allowed) `truncation.min_output_tokens`."""
+        least = self.gateway.truncation.min_output_tokens
+        if requested is None:
+            return least
+        if inp.clamp or defaulted:
+            return min(requested, least)
+        return requested
+
+    async def _truncate(
+        self, served: ServedModel, inp: PlanInput, messages: list[ChatMessage], ids: list[int], need: int
+    ) -> tuple[list[ChatMessage], list[int], tuple[int, int]]:
+        """The conversation with its fewest oldest turns dropped so that `need` output tokens fit
+        (router.truncation), its ids, and (messages dropped, prompt tokens dropped). 400 if even the
+        instructions and the last turn alone do not leave room."""
+        units = plan_units([m.role for m in messages])
+        ctx = served.max_model_len
+        encoded: dict[int, list[int]] = {0: ids}
+
+        def candidate(k: int) -> list[int]:
+            if k not in encoded:
+                encoded[k] = served.tokenizer.encode_chat([messages[i] for i in units.without(k)])
+            return encoded[k]
+
+        def search() -> int:
+            return fewest_to_drop(len(units.turns), lambda k: ctx - len(candidate(k)) >= need)
+
+        try:
+            k = await asyncio.to_thread(search)
+        except NothingToDrop:
+            n = len(units.turns)
+            kept = len(encoded.get(n) or await asyncio.to_thread(candidate, n))
+            raise ApiError(
+                400,
+                f"{inp.prompt_param}: the conversation is {len(ids)} tokens and model `{served.name}` has a "
+                f"context of {ctx} tokens. Truncation dropped all {n} earlier turns "
+                f"({units.dropped(n)} messages), but the instructions and the last turn alone are {kept} "
+                f"tokens, which leaves {max(0, ctx - kept)} for output where {need} are needed. Shorten "
+                f"the last turn or the instructions, or lower {inp.max_tokens_param}.",
+                "invalid_request_error",
+                inp.prompt_param,
+            ) from None
+        new = candidate(k)
+        return [messages[i] for i in units.without(k)], new, (units.dropped(k), len(ids) - len(new))
+
+    async def _template_tokens(self, served: ServedModel, choice: Choice, ids: list[int]) -> int:
+        """Leading prompt tokens that are the template's (its shared, cached prefix)."""
+        t = choice.template
+        assert t is not None
+        key = (served.name, t)  # the content, not the ref: a reload may change a version in place
+        cache = self.gateway.template_prefix
+        if len(cache) > 1024:
+            cache.clear()
+        alone = cache.get(key)
+        if alone is None:
+            head, _ = compose(t, [], _role, _text, _message)
+            alone = await asyncio.to_thread(served.tokenizer.encode_chat, head) if head else []
+            cache[key] = alone
+        return common_prefix(alone, ids)
 
     def _first_usable(self, res: Resolution) -> ServedModel:
         """The first model along the tier's chain that is served here and usable (503 if none)."""
@@ -274,30 +444,44 @@ class RequestPipeline:
         )
 
     @staticmethod
-    def _max_tokens(served: ServedModel, inp: PlanInput, prompt_len: int) -> int:
+    def _max_tokens(
+        served: ServedModel, inp: PlanInput, prompt_len: int, asked: int | None, defaulted: bool = False
+    ) -> tuple[int, int | None]:
+        """Output tokens on `served` and, when they were clamped to fit, what was asked."""
         room = served.max_model_len - prompt_len
+        chat = inp.messages is not None
         if room <= 0:
+            hint = (
+                " Shorten the prompt, or let the oldest turns be dropped (truncation: \"auto\" on "
+                f"/v1/responses, header {TRUNCATION_HEADER}: auto on chat completions)."
+                if chat and not inp.truncate
+                else " Shorten the prompt."
+            )
             raise ApiError(
                 400,
                 f"{inp.prompt_param}: the prompt is {prompt_len} tokens; model `{served.name}` has a "
-                f"context of {served.max_model_len} tokens. Shorten the prompt.",
+                f"context of {served.max_model_len} tokens.{hint}",
                 "invalid_request_error",
                 inp.prompt_param,
             )
-        asked = inp.requested_max_tokens
         if asked is None:
-            return room
+            return room, None
         if asked > room:
+            if defaulted:  # the template's default is an upper bound, not the client's ask
+                return room, None
+            if inp.clamp:
+                return room, asked
             field_ = inp.max_tokens_param
             raise ApiError(
                 400,
                 f"{field_} is {asked} but the prompt is {prompt_len} tokens and model "
                 f"`{served.name}` has a context of {served.max_model_len} tokens: at most "
-                f"{room} tokens can be generated. Lower {field_} or shorten the prompt.",
+                f"{room} tokens can be generated. Lower {field_} or shorten the prompt (or send "
+                f"{MAX_TOKENS_HEADER}: clamp to get at most what fits).",
                 "invalid_request_error",
                 field_,
             )
-        return asked
+        return asked, None
 
     # -- 2. admit ------------------------------------------------------------------------------
 
@@ -333,7 +517,9 @@ class RequestPipeline:
         inp = plan.input
         g.budget.on_request()
         chain = g.tiers.chain(plan.resolution)
-        requested = inp.requested_max_tokens
+        requested = plan.requested
+        # The least output a fallback target must fit: all that was asked, or one token when clamping.
+        least = 1 if inp.clamp or requested is None else requested
         skipped: list[str] = []
         for i, target in enumerate(chain):
             served = self.models.get(target.model)
@@ -349,13 +535,13 @@ class RequestPipeline:
             else:
                 ids = await plan.prompts.for_model(served)
                 room = served.max_model_len - len(ids)
-                if room < (requested or 1):
+                if room < least:
                     skipped.append(
                         f"{target.model}: context window {served.max_model_len} cannot hold "
-                        f"{len(ids)} prompt + {requested or 1} output tokens"
+                        f"{len(ids)} prompt + {least} output tokens"
                     )
                     continue
-                out_tokens = requested or room
+                out_tokens = min(requested, room) if requested else room
                 salt = tenant_salt(inp.tenant) if served.salt_tenants else None
                 keys = await block_keys(served, ids, salt)
             tier = g.tiers.tier(target.tier) if target.tier else None
@@ -374,7 +560,7 @@ class RequestPipeline:
                 req = GenerateRequest(
                     rid if i == 0 and attempt == 1 else f"{rid}-{i}.{attempt}",
                     ids,
-                    sampling(out_tokens),
+                    plan.sampling(sampling(out_tokens)),
                     disagg=inp.disagg,
                     cache_salt=salt,
                     block_keys=keys,
@@ -440,13 +626,42 @@ class RequestPipeline:
         degraded = i > 0
         labels = (target.tier or "", target.model, res.how, str(degraded).lower())
         self.metrics.tier_requests.labels(*labels).inc()
-        route = f"tier={target.tier or '-'}; model={target.model}; how={res.how}"
+        route = f"tier={target.tier or '-'}; model={target.model}; how={res.how}" + _shaping(plan)
         if degraded:
             route += f"; degraded_from={chain[0].tier or chain[0].model}; degraded_reason="
             route += skipped[0].split(": ", 1)[1].replace(";", ",") if skipped else "unknown"
         if first.route is not None:
             route += "; " + first.route.header()
         return route
+
+
+    def session_route(self, plan: Plan) -> str:
+        """The `x-tandem-route` header of a /v1/responses request (the session worker serves it)."""
+        res = plan.resolution
+        route = f"tier={res.tier or '-'}; model={plan.served.name}; how={res.how}"
+        return route + _shaping(plan) + "; mode=session"
+
+
+def _shaping(plan: Plan) -> str:
+    """The task type and template parts of `x-tandem-route`."""
+    out = f"; task={plan.resolution.task}" if plan.resolution.task else ""
+    if plan.template_ref:
+        out += f"; template={plan.template_ref}; template_tokens={plan.template_tokens}"
+    elif plan.template.template is not None:
+        out += f"; template_skipped={plan.template.template.ref}:{plan.template.skipped}"
+    return out
+
+
+def _role(m: ChatMessage) -> str:
+    return m.role
+
+
+def _text(m: ChatMessage) -> str:
+    return m.text()
+
+
+def _message(role: str, content: str) -> ChatMessage:
+    return ChatMessage(role=role, content=content)  # type: ignore[arg-type]
 
 
 async def first_chunk(

@@ -215,6 +215,11 @@ class ResponsesRequest(_Body):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    truncation: Literal["auto", "disabled"] = Field(
+        "disabled",
+        description="auto: when the conversation does not fit the context, drop its oldest turns (never "
+        "the instructions or the last turn); disabled: answer 400.",
+    )
 
     @field_validator("input")
     @classmethod
@@ -301,5 +306,34 @@ PRIORITY_HEADER = "x-tandem-priority"
 SESSION_HEADER = "x-session-id"
 #: Request header: prefill/decode disaggregation for this request (on | off | auto).
 DISAGG_HEADER = "x-tandem-disagg"
-#: Response header: how the request was served (mode, prefill replica, decode replica).
+#: Response header: how the request was served (tier, task type, template, mode, replicas).
 ROUTE_HEADER = "x-tandem-route"
+#: Request header (chat completions): `auto` drops the oldest turns when the conversation does not fit
+#: the context (what `truncation: "auto"` does on /v1/responses); `disabled` (the default) answers 400.
+TRUNCATION_HEADER = "x-tandem-truncation"
+#: Request header: `clamp` lowers max_tokens to what fits the context; `strict` (the default) answers 400.
+MAX_TOKENS_HEADER = "x-tandem-max-tokens"
+#: Response header: what context-overflow handling did (turns dropped and their tokens, max_tokens clamped).
+TRUNCATED_HEADER = "x-tandem-truncated"
+
+
+def _choice_header(headers: Any, name: str, on: str, off: str) -> bool:
+    """Whether the request's `name` header says `on` (absent or `off`: False); 400 naming it otherwise."""
+    value = headers.get(name) if headers is not None else None
+    if value is None or not value.strip():
+        return False
+    value = value.strip().lower()
+    if value not in (on, off):
+        msg = f"header {name}: {value!r} is not one of {on}, {off}"
+        raise ApiError(400, msg, "invalid_request_error", name)
+    return value == on
+
+
+def truncation_header(headers: Any) -> bool:
+    """`x-tandem-truncation: auto` (drop the oldest turns to fit) or `disabled` (the default)."""
+    return _choice_header(headers, TRUNCATION_HEADER, "auto", "disabled")
+
+
+def max_tokens_clamp(headers: Any) -> bool:
+    """`x-tandem-max-tokens: clamp` (lower max_tokens to what fits) or `strict` (the default)."""
+    return _choice_header(headers, MAX_TOKENS_HEADER, "clamp", "strict")

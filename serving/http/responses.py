@@ -27,14 +27,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.http.pipeline import PlanInput, RequestPipeline, ServedModel
+from serving.http.pipeline import PlanInput, RequestPipeline
 from serving.http.protocol import (
     PRIORITY_HEADER,
+    ROUTE_HEADER,
     TASK_HEADER,
     TASK_ID_HEADER,
+    TRUNCATED_HEADER,
     ApiError,
     ChatMessage,
     ResponsesRequest,
+    max_tokens_clamp,
 )
 from serving.sessions.events import TERMINAL_EVENTS, new_response_id, response_object
 from serving.sessions.request import SessionRequest
@@ -165,15 +168,15 @@ def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: Sess
         system = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
         full = system + messages
         effort = body.reasoning.effort if body.reasoning else None
-
-        async def encode(served: ServedModel) -> list[int]:
-            return await asyncio.to_thread(served.tokenizer.encode_chat, full)
-
         plan = await pipeline.plan(
             PlanInput(
                 model=body.model,
                 tenant=tenant,
-                encode=encode,
+                encode=None,
+                messages=full,
+                truncate=body.truncation == "auto",
+                clamp=max_tokens_clamp(headers),
+                sampling_set=frozenset(body.model_fields_set),
                 requested_max_tokens=body.max_output_tokens,
                 prompt_param="input",
                 max_tokens_param="max_output_tokens",
@@ -192,9 +195,15 @@ def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: Sess
         served = plan.served
         rid = new_response_id()
         summary = body.reasoning.summary if body.reasoning and served.tags is not None else None
+        opts = plan.sampling(body.sampling(plan.max_tokens))
         request = SessionRequest(
             prompt_ids=plan.prompt_ids,
-            sampling={"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed},
+            sampling={
+                "temperature": opts.temperature,
+                "top_p": opts.top_p,
+                "seed": opts.seed,
+                "stop": opts.stop,
+            },
             max_output_tokens=plan.max_tokens,
             reasoning_budget=plan.reasoning_budget,
             summary=summary,
@@ -211,6 +220,14 @@ def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: Sess
                 "max_tokens": plan.reasoning_budget,
             },
             messages=[m.model_dump(exclude_none=True) for m in messages],
+            template=plan.template_ref,
+            template_tokens=plan.template_tokens,
+            truncation={
+                "mode": body.truncation,
+                "dropped_items": plan.dropped_items,
+                "dropped_tokens": plan.dropped_tokens,
+            },
+            max_output_tokens_clamped_from=plan.clamped_from,
         )
         rec = SessionRecord(id=rid, tenant=tenant, model=served.name, request=request.to_dict())
         try:
@@ -223,16 +240,24 @@ def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: Sess
             await sessions.notify(rid)
         except Exception as e:  # a worker's sweep claims it anyway
             logger.warning("could not hand %s to a session worker (%s); the sweep will", rid, e)
+        resp: Response
         if body.stream:
-            return event_stream(rid, tenant, -1, cancel_on_leave=not body.background)
-        if body.background:
-            return JSONResponse(response_object(rec))
-        try:
-            done = await wait_finished(rid, tenant)
-        except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(cancel_session, store, rid, tenant))
-            raise
-        return JSONResponse(response_object(done) if done is not None else response_object(rec))
+            resp = event_stream(rid, tenant, -1, cancel_on_leave=not body.background)
+        elif body.background:
+            resp = JSONResponse(response_object(rec))
+        else:
+            try:
+                done = await wait_finished(rid, tenant)
+            except asyncio.CancelledError:
+                await asyncio.shield(asyncio.to_thread(cancel_session, store, rid, tenant))
+                raise
+            resp = JSONResponse(response_object(done) if done is not None else response_object(rec))
+        route = pipeline.session_route(plan)
+        resp.headers[ROUTE_HEADER] = route
+        truncated = plan.truncation_header()
+        if truncated:
+            resp.headers[TRUNCATED_HEADER] = truncated
+        return resp
 
     @app.get("/v1/responses/{response_id}", response_model=None)
     async def get_response(

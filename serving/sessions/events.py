@@ -65,6 +65,7 @@ def response_object(rec: SessionRecord, status: Status | None = None) -> dict[st
         "reasoning": r.reasoning,
         "temperature": r.sampling.get("temperature"),
         "top_p": r.sampling.get("top_p"),
+        "truncation": r.truncation.get("mode", "disabled"),
         "error": None,
         "incomplete_details": None,
         "output": [],

@@ -14,6 +14,8 @@ from typing import Any
 
 #: The `reasoning` echoed for a request that set none.
 NO_REASONING: dict[str, Any] = {"effort": None, "summary": None, "max_tokens": None}
+#: The truncation record of a request that dropped nothing.
+NO_TRUNCATION: dict[str, Any] = {"mode": "disabled", "dropped_items": 0, "dropped_tokens": 0}
 
 
 @dataclass(slots=True)
@@ -30,7 +32,13 @@ class SessionRequest:
 
     Echoed in the response object:
         max_output_tokens_asked, background, instructions, metadata, previous_response_id,
-        reasoning (effort, summary, max_tokens), messages (the conversation, for a follow-up turn).
+        reasoning (effort, summary, max_tokens), messages (the conversation, for a follow-up turn, as the
+        client gave it: no template, nothing dropped), truncation's mode.
+
+    Recorded (how the gateway shaped the request):
+        template: `name@version` of the prompt template put first (None: none); template_tokens: its
+        tokens at the prompt's start; truncation: {mode, dropped_items, dropped_tokens};
+        max_output_tokens_clamped_from: the max_output_tokens asked when it was clamped to fit.
     """
 
     prompt_ids: list[int]
@@ -47,6 +55,10 @@ class SessionRequest:
     previous_response_id: str | None = None
     reasoning: dict[str, Any] = field(default_factory=lambda: dict(NO_REASONING))
     messages: list[dict[str, Any]] = field(default_factory=list)
+    template: str | None = None
+    template_tokens: int = 0
+    truncation: dict[str, Any] = field(default_factory=lambda: dict(NO_TRUNCATION))
+    max_output_tokens_clamped_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stored (JSON) form."""
@@ -70,4 +82,8 @@ class SessionRequest:
             previous_response_id=r.get("previous_response_id"),
             reasoning=dict(r.get("reasoning") or NO_REASONING),
             messages=list(r.get("messages") or []),
+            template=r.get("template"),
+            template_tokens=int(r.get("template_tokens") or 0),
+            truncation=dict(r.get("truncation") or NO_TRUNCATION),
+            max_output_tokens_clamped_from=r.get("max_output_tokens_clamped_from"),
         )
