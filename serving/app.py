@@ -242,6 +242,8 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
     """
     engines = {}
     for model in spec.models:
+        if model.external is not None:
+            continue  # an external server: the ingress and session workers call it (serving.backends)
         source = spec.resolve_source(model)
 
         def deploy(cls: type, pool: PoolSpec, model: ModelSpec = model) -> Any:

@@ -4,6 +4,8 @@
   `serving.http.ingress` and `serving.sessions.server`). A full queue is a 429 chunk, a dead replica
   a 503 chunk; closing the stream cancels the Serve call, which aborts the engine request.
 - `EngineBackend`: an in-process `Engine` (unit tests and benchmarks).
+- `ExternalPool` (serving.replicas.external): an `engine: openai` model's external server, called over
+  HTTP from the ingress (and the session workers), routed over its endpoints; `external_pool` builds it.
 
 Ray is imported only when a `HandleBackend` streams, so the HTTP API stays importable without it.
 """
@@ -19,6 +21,9 @@ from serving.replicas.streaming import coalesce
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
+
+    from serving.config import ModelSpec
+    from serving.replicas.external import ExternalPool
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +108,29 @@ class HandleBackend:
                 # NOTE: the consumer stopped early (client disconnect): cancelling the Serve call
                 # cancels the replica's generator, which aborts the request at the engine.
                 gen.cancel()
+
+
+def external_pool(
+    model: ModelSpec,
+    tokenizer: Any,
+    metrics: Any | None = None,
+    on_status: Any | None = None,
+) -> ExternalPool:
+    """The backend of an `engine: openai` model (not started: `await pool.start()` gives its ModelInfo).
+
+    `tokenizer` (serving.tokenizer.PromptTokenizer) turns prompt ids back into text for servers that take
+    no token ids, and streamed text into ids for servers that send none; `on_status(n)` hears the
+    number of healthy endpoints whenever it changes (0: the pool is down)."""
+    from serving.replicas.external import ExternalPool
+
+    upstream = model.external
+    assert upstream is not None, f"{model.name} is not an engine: openai model"
+    return ExternalPool(
+        model.name,
+        upstream,
+        model.router,
+        decode_prompt=tokenizer.decode_prompt,
+        encode_text=tokenizer.encode_text,
+        metrics=metrics,
+        on_status=on_status,
+    )

@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from router.hashing import BlockHasher
-from serving.backends import HandleBackend
+from serving.backends import HandleBackend, external_pool
 from serving.config import ServingSpec, parse_spec
 from serving.http.api import build_api
 from serving.http.gateway import Gateway
@@ -54,7 +54,12 @@ class OpenAIIngress:
     ) -> None:
         self._spec: ServingSpec = parse_spec(spec)
         self._metrics = IngressMetrics()
+        self._gateway = Gateway.from_spec(self._spec, self._metrics)
         models: dict[str, ServedModel] = {}
+        self._external: list[Any] = []
+        for model in self._spec.models:
+            if model.external is not None:
+                models[model.name] = await self._external_model(model)
         for name, handle in engines.items():
             model = self._spec.model(name)
             path = self._spec.resolve_source(model)
@@ -77,15 +82,36 @@ class OpenAIIngress:
             self._sessions = SessionsFrontend(
                 open_store(self._spec.sessions), _notifier(sessions), self._spec.sessions.stream_poll_s
             )
-        self._gateway = Gateway.from_spec(self._spec, self._metrics)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools(), name="pool-watcher")
         logger.info("ingress ready for %s", sorted(models))
+
+    async def _external_model(self, model: Any) -> ServedModel:
+        """An `engine: openai` model: its external server called from here (serving.replicas.external);
+        the number of healthy endpoints drives the gateway's health state machine."""
+        tokenizer = await asyncio.to_thread(PromptTokenizer, self._spec.resolve_source(model))
+        pool = external_pool(
+            model, tokenizer, self._metrics, lambda up, name=model.name: self._gateway.pool_status(name, up)
+        )
+        info = await pool.start()
+        self._external.append(pool)
+        return ServedModel(
+            name=model.name,
+            max_model_len=info.max_model_len,
+            tokenizer=tokenizer,
+            backend=pool,
+            hasher=BlockHasher(info.block_size),
+            salt_tenants=model.router.tenant_salt,
+            tags=reasoning_tags(self._spec, model.name, tokenizer),
+            default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
+        )
 
     async def _watch_pools(self) -> None:
         """Feed the gateway each serving pool's running replica count (from the Serve controller)."""
         app = serve.get_replica_context().app_name
         deployments = {
-            m.name: m.deployment_name(m.serving_pool) for m in self._spec.models if m.name in self._models
+            m.name: m.deployment_name(m.serving_pool)
+            for m in self._spec.models
+            if m.name in self._models and m.external is None
         }
         period = self._spec.resilience.pool_status_period_s
         while True:
@@ -112,6 +138,8 @@ class OpenAIIngress:
     async def __del__(self) -> None:
         self._watcher.cancel()
         await self._gateway.close()
+        for pool in self._external:
+            await pool.close()
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self._models, self._metrics, self._gateway, self._sessions)

@@ -136,8 +136,8 @@ def placement_options(placement: PoolPlacement) -> dict[str, Any]:
 
 
 def plan(spec: ServingSpec) -> list[PoolPlacement]:
-    """Placement of every pool of `spec`."""
-    return [place_pool(m, p) for m in spec.models for p in m.pools]
+    """Placement of every pool of `spec` that Ray runs (an external server's pool is not placed)."""
+    return [place_pool(m, p) for m in spec.models for p in m.pools if p.upstream is None]
 
 
 def _fmt_bundle(b: dict[str, float]) -> str:

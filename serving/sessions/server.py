@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from serving.backends import HandleBackend
+from serving.backends import HandleBackend, external_pool
 from serving.config import WebhookSpec, parse_spec
 from serving.replicas.deployments import replica_name
 from serving.sessions.stores import open_store
@@ -92,6 +92,17 @@ class SessionServer:
             models[name] = SessionModel(
                 name, HandleBackend(handle).stream, tok, reasoning_tags(self._spec, name, tok)
             )
+        self._external: list[Any] = []
+        for model in self._spec.models:
+            if model.external is None:
+                continue
+            tok = await asyncio.to_thread(PromptTokenizer, self._spec.resolve_source(model))
+            pool = external_pool(model, tok)
+            await pool.start()
+            self._external.append(pool)
+            models[model.name] = SessionModel(
+                model.name, pool.stream, tok, reasoning_tags(self._spec, model.name, tok)
+            )
         hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
         sender = WebhookSender(retry=s.webhook_retry.policy()) if hooks else None
         self._notifier = CompletionNotifier(hooks, sender) if sender is not None else None
@@ -123,5 +134,7 @@ class SessionServer:
 
     async def __del__(self) -> None:
         await self._worker.close()
+        for pool in self._external:
+            await pool.close()
         if self._notifier is not None:
             await self._notifier.aclose()

@@ -155,8 +155,8 @@ async def test_truncation_makes_room_for_max_tokens_and_clamping_is_separate_and
         # Bad header values are a 400 naming the header.
         r = await s.client.post("/v1/chat/completions", json=body, headers={"x-tandem-truncation": "yes"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "x-tandem-truncation"
-        r = await s.client.post("/v1/completions", json={"model": "small", "prompt": "a b", "max_tokens": 9999},
-                                headers={"x-tandem-max-tokens": "clamp"})  # fmt: skip
+        text = {"model": "small", "prompt": "a b", "max_tokens": 9999}
+        r = await s.client.post("/v1/completions", json=text, headers={"x-tandem-max-tokens": "clamp"})
         assert r.status_code == 200 and r.headers["x-tandem-truncated"] == "max_tokens=9999->253"
 
 
