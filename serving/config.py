@@ -308,7 +308,7 @@ class PoolSpec(_Spec):
                 )
             if self.engine_args:
                 raise ValueError("engine_args: an external server takes its own arguments; remove them")
-            if "replicas" in self.model_fields_set or "parallelism" in self.model_fields_set:
+            if self.replicas != Replicas() or self.parallelism != Parallelism():
                 raise ValueError(
                     "replicas: an external pool's replicas are its upstream.endpoints; remove replicas "
                     "and parallelism"

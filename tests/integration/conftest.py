@@ -6,9 +6,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from serving.config import ServingSpec, TenantSpec, default_config_path, load_spec
+from serving.config import (
+    ModelSpec,
+    PoolSpec,
+    ServingSpec,
+    TenantSpec,
+    TierSpec,
+    UpstreamSpec,
+    default_config_path,
+    load_spec,
+)
 from tests.conftest import free_port
+
+#: The external model of the stack: an `engine: openai` pool over a `vllm serve` of tiny-intent that
+#: tests/integration/test_external.py starts (and kills) on `Stack.upstream_port`.
+EXTERNAL = "tiny-external"
+#: The API key that `vllm serve` requires; Tandem reads it from a file (a mounted Secret's stand-in).
+UPSTREAM_KEY = "tandem-test-upstream-key"
 
 #: Tenants the admission tests use, next to the default limits of configs/local.yaml.
 TEST_TENANTS = [
@@ -26,6 +42,10 @@ class Stack:
     spec: ServingSpec
     url: str
     dashboard: str
+    #: Where the external model's `vllm serve` listens (started by test_external.py).
+    upstream_port: int = 0
+    #: The file holding the prompt template library the ingress reloads (templates.library_file).
+    templates_file: Path | None = None
 
     def engine_handle(self, model: str, role: str | None = None):
         """Handle of `model`'s serving deployment (decode or colocated), or of its `role` pool."""
@@ -56,13 +76,56 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         update={"path": str(tmp_path_factory.mktemp("state") / "sessions.db")}
     )
     sessions = base.sessions.model_copy(update={"store": store})
-    spec = base.model_copy(update={"server": server, "admission": admission, "sessions": sessions})
+    # The template library from a file the ingress re-reads every second (as from a mounted ConfigMap).
+    state = tmp_path_factory.mktemp("gateway")
+    templates_file = state / "library.yaml"
+    templates_file.write_text(yaml.safe_dump(base.templates.library.model_dump(mode="json")))
+    templates = base.templates.model_copy(
+        update={"library_file": str(templates_file), "reload_interval_s": 1.0}
+    )
+    # An external OpenAI-compatible server behind the ingress (down until test_external.py starts it),
+    # degrading to the intent tier.
+    upstream_port = free_port()
+    key_file = state / "upstream-key"
+    key_file.write_text(UPSTREAM_KEY + "\n")
+    upstream = UpstreamSpec(
+        endpoints=[f"http://127.0.0.1:{upstream_port}"],
+        server="vllm",
+        model=EXTERNAL,
+        api_key_file=str(key_file),
+        max_model_len=4096,
+        block_size=128,  # vLLM's CPU build
+        health_period_s=1.0,
+    )
+    external = ModelSpec(
+        name=EXTERNAL,
+        source="local:tiny-intent",  # the tokenizer and chat template the ingress uses
+        pools=[PoolSpec(engine="openai", upstream=upstream)],
+    )
+    tiers = [*base.tiers, TierSpec(name="external", model=EXTERNAL, fallback=["intent"], ttft_slo_s=5.0)]
+    spec = base.model_copy(
+        update={
+            "server": server,
+            "admission": admission,
+            "sessions": sessions,
+            "templates": templates,
+            "models": [*base.models, external],
+            "tiers": tiers,
+        }
+    )
+    spec = ServingSpec.model_validate(spec.model_dump(mode="json"))  # validate the whole as a user's file
     _build_models(Path(spec.model_dir).expanduser(), None, force=False)
     # Logical CPUs only: room for the second app some tests deploy next to the main one.
     start_local_ray(spec, num_cpus=8)
     try:
         serve.run(build_app_from_spec(spec), name=APP_NAME, route_prefix="/")
-        yield Stack(spec, f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{server.dashboard_port}")
+        yield Stack(
+            spec,
+            f"http://127.0.0.1:{server.port}",
+            f"http://127.0.0.1:{server.dashboard_port}",
+            upstream_port,
+            templates_file,
+        )
     finally:
         serve.shutdown()
         ray.shutdown()

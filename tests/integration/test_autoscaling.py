@@ -59,6 +59,10 @@ def _app_spec(stack):
     from serving.config import parse_spec
 
     base = stack.spec.model_dump(mode="json")
+    # Tandem's own pools only: the stack's external model (engine: openai) has nothing to scale.
+    base["models"] = [m for m in base["models"] if m["pools"][0]["engine"] != "openai"]
+    names = {m["name"] for m in base["models"]}
+    base["tiers"] = [t for t in base["tiers"] if t["model"] in names]
     for m in base["models"]:
         m["autoscaling"] = SCALING
         for p in m["pools"]:

@@ -13,6 +13,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 MODELS = ["tiny-intent", "tiny-reasoning"]
+#: The stack also lists its external model (an engine: openai pool, tests/integration/test_external.py).
+LISTED = [*MODELS, "tiny-external"]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,8 @@ def client(stack) -> openai.OpenAI:
 
 
 def test_models_listed(client: openai.OpenAI) -> None:
-    # Both models, and the `auto` alias that picks a tier.
-    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS + ["auto"])
+    # The models, and the `auto` alias that picks a tier.
+    assert sorted(m.id for m in client.models.list().data) == sorted(LISTED + ["auto"])
 
 
 @pytest.mark.parametrize("model", MODELS)

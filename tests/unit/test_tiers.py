@@ -292,3 +292,54 @@ def test_tier_defaults() -> None:
     t = spec.tier("intent")
     assert t.fallback == [] and t.ttft_slo_s == 2.0 and t.first_token_timeout_s is None
     assert spec.routing.auto_model == "auto" and spec.routing.default_tier is None
+
+
+# -- task types ------------------------------------------------------------------------------------
+
+TASKS = {
+    "tasks": [{"name": "math", "tier": "reasoning"}, {"name": "classify", "tier": "intent"}],
+    "rules": [{"tier": "summary", "task": "classify", "when": {"min_prompt_tokens": 100}}],
+}
+
+
+def test_a_task_type_picks_its_tier_and_is_kept_in_the_resolution() -> None:
+    r = router(routing=TASKS)
+    assert r.resolve("auto", "math") == Resolution("big", "reasoning", "task", "math")
+    assert r.resolve("auto", " Classify ") == Resolution("small", "intent", "task", "classify")
+    # A tier name still works and carries no task type.
+    assert r.resolve("auto", "reasoning") == Resolution("big", "reasoning", "task", None)
+    # A rule may name the task type of what it matches.
+    assert r.resolve("auto", None, RequestShape(150)) == Resolution("mid", "summary", "rule:0", "classify")
+    # A request naming a model keeps a task type its header names (for its template), not an unknown one.
+    assert r.resolve("big", "math").task == "math" and r.resolve("big", "whatever").task is None
+    assert r.tasks == ["math", "classify"]
+
+
+def test_an_unknown_task_lists_tiers_and_task_types() -> None:
+    with pytest.raises(TierError) as err:
+        router(routing=TASKS).resolve("auto", "poetry")
+    assert err.value.param == "x-tandem-task"
+    assert "'poetry' is not a tier" in str(err.value) and "task type of ['math', 'classify']" in str(
+        err.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("routing", "hint"),
+    [
+        ({"tasks": [{"name": "math", "tier": "nope"}]}, "routing.tasks[0].tier: unknown tier 'nope'"),
+        ({"tasks": [{"name": "intent", "tier": "intent"}]}, "is also a tier"),
+        (
+            {"tasks": [{"name": "m", "tier": "intent"}, {"name": "m", "tier": "intent"}]},
+            "duplicate task type",
+        ),
+        (
+            {"rules": [{"tier": "intent", "task": "ghost"}]},
+            "routing.rules[0].task: unknown task type 'ghost'",
+        ),
+    ],
+)
+def test_task_type_spec_errors_name_the_field(routing: dict, hint: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec_dict(routing=routing))
+    assert hint in str(err.value)
