@@ -8,16 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.config import (
-    ModelSpec,
-    PoolSpec,
-    ServingSpec,
-    TenantSpec,
-    TierSpec,
-    UpstreamSpec,
-    default_config_path,
-    load_spec,
-)
+from serving.config import ServingSpec, TenantSpec, default_config_path, load_spec
 from tests.conftest import free_port
 
 #: The external model of the stack: an `engine: openai` pool over a `vllm serve` of tiny-intent that
@@ -25,6 +16,8 @@ from tests.conftest import free_port
 EXTERNAL = "tiny-external"
 #: The API key that `vllm serve` requires; Tandem reads it from a file (a mounted Secret's stand-in).
 UPSTREAM_KEY = "tandem-test-upstream-key"
+#: The example spec whose external model the stack serves.
+EXTERNAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "external-vllm.yaml"
 
 #: Tenants the admission tests use, next to the default limits of configs/local.yaml.
 TEST_TENANTS = [
@@ -88,21 +81,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     upstream_port = free_port()
     key_file = state / "upstream-key"
     key_file.write_text(UPSTREAM_KEY + "\n")
-    upstream = UpstreamSpec(
-        endpoints=[f"http://127.0.0.1:{upstream_port}"],
-        server="vllm",
-        model=EXTERNAL,
-        api_key_file=str(key_file),
-        max_model_len=4096,
-        block_size=128,  # vLLM's CPU build
-        health_period_s=1.0,
+    # The external model and its tier as configs/external-vllm.yaml gives them (the README's example),
+    # on this run's port, the key from a file (a mounted Secret's stand-in), health checked every second.
+    example = load_spec(EXTERNAL_CONFIG)
+    external = example.model(EXTERNAL)
+    upstream = external.external.model_copy(
+        update={
+            "endpoints": [f"http://127.0.0.1:{upstream_port}"],
+            "api_key_env": None,
+            "api_key_file": str(key_file),
+            "health_period_s": 1.0,
+        }
     )
-    external = ModelSpec(
-        name=EXTERNAL,
-        source="local:tiny-intent",  # the tokenizer and chat template the ingress uses
-        pools=[PoolSpec(engine="openai", upstream=upstream)],
-    )
-    tiers = [*base.tiers, TierSpec(name="external", model=EXTERNAL, fallback=["intent"], ttft_slo_s=5.0)]
+    pool = external.serving_pool.model_copy(update={"upstream": upstream})
+    external = external.model_copy(update={"pools": [pool]})
+    tiers = [*base.tiers, example.tier("external")]
     spec = base.model_copy(
         update={
             "server": server,
