@@ -4,6 +4,7 @@ tandem model build [--dir DIR] [--force]
 tandem up [--config FILE] [--host H] [--port P]
 tandem status [--config FILE] [--dashboard URL]
 tandem config check FILE
+tandem templates check FILE [--config SPEC]   (a template library file, before it goes into a ConfigMap)
 tandem key new --tenant NAME        (prints a new API key and the {tenant, sha256} entry to store)
 tandem key hash KEY
 """
@@ -204,6 +205,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_templates_check(args: argparse.Namespace) -> int:
+    from serving.http.templates import parse_library, to_library
+
+    spec = load_spec(args.config)
+    router = spec.tier_router()
+    try:
+        text = Path(args.file).read_text()
+    except OSError as e:
+        print(f"error: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        return 2
+    library = to_library(parse_library(text, args.file, router.tiers, router.tasks))
+    refs = sorted(f"{n}@{v}" for n, versions in library.templates.items() for v in versions)
+    print(f"{args.file}: ok ({len(refs)} templates: {', '.join(refs)}; {len(library.bindings)} bindings)")
+    return 0
+
+
 def cmd_key_new(args: argparse.Namespace) -> int:
     from serving.config import ApiKey
     from serving.http.auth import hash_key, new_key
@@ -261,6 +278,14 @@ def parser() -> argparse.ArgumentParser:
     check = config.add_parser("check", help="validate a spec")
     check.add_argument("file")
     check.set_defaults(func=cmd_config_check)
+
+    templates = sub.add_parser("templates", help="prompt template libraries").add_subparsers(
+        dest="action", required=True
+    )
+    tcheck = templates.add_parser("check", help="validate a library file against a spec's tiers and tasks")
+    tcheck.add_argument("file")
+    tcheck.add_argument("--config", default=str(default_config_path()), help="deployment spec (YAML)")
+    tcheck.set_defaults(func=cmd_templates_check)
 
     key = sub.add_parser("key", help="API keys").add_subparsers(dest="action", required=True)
     new = key.add_parser("new", help="make an API key for a tenant; prints the key and its hash entry")

@@ -62,7 +62,8 @@ def parse_library(text: str, origin: str, tiers: list[str], tasks: list[str]) ->
     try:
         spec = TemplateLibrarySpec.model_validate(data)
     except ValidationError as err:
-        raise LibraryError(f"invalid template library {origin}:\n{validation_errors(err)}") from None
+        problems = validation_errors(err, "<library>")
+        raise LibraryError(f"invalid template library {origin}:\n{problems}") from None
     try:
         spec.check_scopes(tiers, tasks)
     except ValueError as e:

@@ -334,3 +334,23 @@ async def test_degraded_request_keeps_its_template_on_the_fallback_model() -> No
         rt = route(r)
         assert rt["model"] == "small" and rt["template"] == "math@2" and "degraded_from" in rt
         assert b["small"].requests[-1].prompt_token_ids[:2] == [1, 2]  # the template's system message
+
+
+def test_tandem_templates_check_validates_a_file_against_a_spec(tmp_path: Path, capsys) -> None:
+    from serving.cli import main
+    from serving.config import default_config_path, load_spec
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        yaml.safe_dump(load_spec(default_config_path()).templates.library.model_dump(mode="json"))
+    )
+    assert main(["templates", "check", str(good)]) == 0
+    assert "ok (4 templates: classify@1, code@1, extract@1, math@1; 4 bindings)" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {"templates": [{"name": "m", "system": "s"}], "bindings": [{"task": "poetry", "template": "m"}]}
+        )
+    )
+    assert main(["templates", "check", str(bad)]) == 2
+    assert "bindings[0].task: unknown task type 'poetry'" in capsys.readouterr().err
