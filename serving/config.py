@@ -158,11 +158,11 @@ class UpstreamSpec(_Spec):
     api_key_file: str | None = Field(
         None, description="File holding the server's API key (a mounted Secret)."
     )
-    max_model_len: int | None = Field(
-        None,
+    max_model_len: int = Field(
         ge=1,
-        description="Context length the ingress plans requests against; None: the `max_model_len` of "
-        "the server's /v1/models (vllm, sglang); required for servers that do not report it.",
+        description="The server's context length (its --max-model-len): the ingress plans requests "
+        "against it. Required, so that Tandem starts while the server is down; an endpoint that reports "
+        "another length in /v1/models is logged.",
     )
     block_size: int = Field(
         16,
@@ -216,11 +216,6 @@ class UpstreamSpec(_Spec):
             )
         if self.kv_events and self.server is not UpstreamServer.VLLM:
             raise ValueError(f"kv_events: only vLLM publishes KV events, not server {self.server.value}")
-        if self.max_model_len is None and not PROFILES[self.server].models_report_context:
-            raise ValueError(
-                f"max_model_len: server {self.server.value} does not report its context length in "
-                "/v1/models; set it (the server's own limit)"
-            )
         return self
 
     def api_key(self) -> str | None:

@@ -54,7 +54,12 @@ class PromptTokenizer:
 
     def decode_prompt(self, ids: list[int]) -> str:
         """The text of prompt ids with every special token kept: what an external server that takes no
-        token ids is sent (its tokenizer reads the chat template's markers back as the same tokens)."""
+        token ids is sent (its tokenizer reads the chat template's markers back as the same tokens).
+        A leading BOS is left out: the server's tokenizer adds its own (measured on vLLM: kept, it
+        became two)."""
+        bos = self._tok.bos_token_id
+        if ids and bos is not None and ids[0] == bos:
+            ids = ids[1:]
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def encode_text(self, text: str) -> list[int]:

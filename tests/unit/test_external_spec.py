@@ -12,7 +12,7 @@ from serving.upstreams import PROFILES, UpstreamServer
 
 
 def _spec(pool: dict | None = None, model: dict | None = None) -> dict:
-    up = {"engine": "openai", "upstream": {"endpoints": ["http://10.0.0.5:8000"]}}
+    up = {"engine": "openai", "upstream": {"endpoints": ["http://10.0.0.5:8000"], "max_model_len": 4096}}
     return {
         "models": [
             {"name": "ext", "source": "local:tiny-intent", "pools": [{**up, **(pool or {})}], **(model or {})}
@@ -28,7 +28,7 @@ def test_a_minimal_external_pool_and_what_it_implies() -> None:
     assert m.serving_pool.max_replicas == 1 and not spec.autoscaled(m)
     # Admission's pool limit: endpoints x max_ongoing_requests.
     two = parse_spec(
-        _spec({"upstream": {"endpoints": ["http://a:1", "http://b:1/"]}, "max_ongoing_requests": 8})
+        _spec({"upstream": {**A, "endpoints": ["http://a:1", "http://b:1/"]}, "max_ongoing_requests": 8})
     )
     assert two.model("ext").external.endpoints == ["http://a:1", "http://b:1"]
     assert two.admission_controller().pool("ext").limit == 16
@@ -36,7 +36,7 @@ def test_a_minimal_external_pool_and_what_it_implies() -> None:
     assert parse_spec(two.model_dump(mode="json")).model("ext").external == two.model("ext").external
 
 
-A = {"endpoints": ["http://a:1"]}
+A = {"endpoints": ["http://a:1"], "max_model_len": 4096}
 
 
 @pytest.mark.parametrize(
@@ -47,16 +47,15 @@ A = {"endpoints": ["http://a:1"]}
         ({"role": "decode"}, None, "set role: colocated"),
         ({"engine_args": {"dtype": "float32"}}, None, "engine_args: an external server takes its own"),
         ({"replicas": {"min": 1, "max": 3}}, None, "replicas are its upstream.endpoints"),
-        ({"upstream": {"endpoints": ["10.0.0.5:8000"]}}, None, "is not an http:// or https:// URL"),
-        ({"upstream": {"endpoints": ["http://a:1/v1"]}}, None, "without /v1"),
-        ({"upstream": {"endpoints": ["http://a:1", "http://a:1/"]}}, None, "duplicate URLs"),
+        ({"upstream": {**A, "endpoints": ["10.0.0.5:8000"]}}, None, "is not an http:// or https:// URL"),
+        ({"upstream": {**A, "endpoints": ["http://a:1/v1"]}}, None, "without /v1"),
+        ({"upstream": {**A, "endpoints": ["http://a:1", "http://a:1/"]}}, None, "duplicate URLs"),
         ({"upstream": {**A, "kv_events": ["tcp://a:5", "tcp://b:5"]}}, None, "one per endpoint"),
         ({"upstream": {**A, "api_key_env": "K", "api_key_file": "/k"}}, None, "at most one"),
-        # TGI reports no context length in /v1/models: it must be given.
-        ({"upstream": {"endpoints": ["http://a:1"], "server": "tgi"}}, {"router": {"tenant_salt": False}},
-         "max_model_len: server tgi does not report"),
+        # The context length is always given (Tandem starts while the server is down).
+        ({"upstream": {"endpoints": ["http://a:1"]}}, None, "max_model_len: required field is missing"),
         # A server that cannot salt its prefix cache per tenant is refused while salting is on.
-        ({"upstream": {"endpoints": ["http://a:1"], "server": "tgi", "max_model_len": 8192}}, None,
+        ({"upstream": {**A, "server": "tgi"}}, None,
          "router.tenant_salt: server tgi cannot salt its prefix cache"),
     ],
 )  # fmt: skip
@@ -67,13 +66,13 @@ def test_bad_external_pools_name_the_field_and_the_fix(pool: dict, model: dict |
 
 
 def test_a_server_without_cache_salt_is_accepted_when_salting_is_turned_off() -> None:
-    pool = {"upstream": {"endpoints": ["http://a:1"], "server": "tgi", "max_model_len": 8192}}
+    pool = {"upstream": {**A, "server": "tgi"}}
     spec = parse_spec(_spec(pool, {"router": {"tenant_salt": False}}))
     assert not PROFILES[spec.model("ext").external.server].cache_salt
 
 
 def test_the_key_comes_from_the_environment_or_a_file_never_the_request(tmp_path: Path, monkeypatch) -> None:
-    up = parse_spec(_spec({"upstream": {"endpoints": ["http://a:1"], "api_key_env": "UPSTREAM_KEY"}}))
+    up = parse_spec(_spec({"upstream": {**A, "api_key_env": "UPSTREAM_KEY"}}))
     monkeypatch.delenv("UPSTREAM_KEY", raising=False)
     with pytest.raises(SpecError, match=r"\$UPSTREAM_KEY is not set"):
         up.model("ext").external.api_key()
@@ -81,9 +80,9 @@ def test_the_key_comes_from_the_environment_or_a_file_never_the_request(tmp_path
     assert up.model("ext").external.api_key() == "k1"
     f = tmp_path / "key"
     f.write_text("k2\n")
-    up = parse_spec(_spec({"upstream": {"endpoints": ["http://a:1"], "api_key_file": str(f)}}))
+    up = parse_spec(_spec({"upstream": {**A, "api_key_file": str(f)}}))
     assert up.model("ext").external.api_key() == "k2"
-    up = parse_spec(_spec({"upstream": {"endpoints": ["http://a:1"], "api_key_file": str(tmp_path / "no")}}))
+    up = parse_spec(_spec({"upstream": {**A, "api_key_file": str(tmp_path / "no")}}))
     with pytest.raises(SpecError, match="cannot read"):
         up.model("ext").external.api_key()
     assert parse_spec(_spec()).model("ext").external.api_key() is None
@@ -95,7 +94,7 @@ def test_the_app_builds_no_deployment_and_placement_skips_an_external_pool() -> 
     spec = parse_spec(
         {
             "models": [
-                {"name": "ext", "source": "x", "pools": [{"engine": "openai", "upstream": {"endpoints": ["http://a:1"]}}]},
+                {"name": "ext", "source": "x", "pools": [{"engine": "openai", "upstream": A}]},
                 {"name": "own", "source": "x", "pools": [{"engine": "fake"}]},
             ],
             "auth": {"enabled": False},
