@@ -75,6 +75,14 @@ ERROR_TYPES: dict[str, ErrorKind] = {
 }
 
 
+class Unsupported(ValueError):
+    """A sampling field the server does not take (the request is refused rather than changed)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
 class UpstreamDown(RuntimeError):
     """The endpoint's health check failed (raised by `check_health`)."""
 
@@ -365,14 +373,19 @@ class OpenAIEngine:
         if s.stop:
             body["stop"] = list(s.stop)
         takes = (lambda _: True) if p.sampling_extensions else p.extension_fields.__contains__
-        if s.top_k is not None and takes("top_k"):
-            body["top_k"] = s.top_k
-        if s.min_tokens and takes("min_tokens"):
-            body["min_tokens"] = s.min_tokens
-        if s.stop_token_ids and takes("stop_token_ids"):
-            body["stop_token_ids"] = list(s.stop_token_ids)
-        if s.ignore_eos and takes("ignore_eos"):
-            body["ignore_eos"] = True
+        asked = {
+            "top_k": s.top_k,
+            "min_tokens": s.min_tokens or None,
+            "stop_token_ids": list(s.stop_token_ids) or None,
+            "ignore_eos": s.ignore_eos or None,
+        }
+        for name, value in asked.items():
+            if value is None:
+                continue
+            if not takes(name):
+                # NOTE(why): dropping it silently would change the answer (the API's rule for fields).
+                raise Unsupported(name)
+            body[name] = value
         if p.cache_salt and request.cache_salt:
             body["cache_salt"] = request.cache_salt
         if p.return_token_ids:
@@ -388,6 +401,10 @@ class OpenAIEngine:
             await self.refresh_info()  # the server was down at start: learn its model name now
         try:
             body = self.body(request)
+        except Unsupported as e:
+            msg = f"{e.field}: the external server of model `{self.model_name}` does not take it; omit it"
+            yield Chunk(error=EngineError(msg, 400, "invalid_request_error"))
+            return
         except Exception as e:  # noqa: BLE001 - a decode callback failing is this request's 500, not a crash
             yield self._fail(ErrorKind.PROTOCOL, EngineError(f"cannot build the request: {e}", 500))
             return
