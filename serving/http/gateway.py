@@ -183,12 +183,14 @@ class Gateway:
     async def _probe_loop(self, model: str) -> None:
         """Probe a terminal target every probe_interval_s until it answers."""
         h = self.health(model)
-        probe = self._probes.get(model)
         r = self.resilience
         while h.state is HealthState.TERMINAL:
             await asyncio.sleep(h.probe_in(time.monotonic()))
             if not h.probe_due(time.monotonic()):
                 continue
+            # Looked up each time: a target may go terminal before its probe is registered (an
+            # external server down while the ingress starts).
+            probe = self._probes.get(model)
             ok = False
             if probe is not None:
                 try:

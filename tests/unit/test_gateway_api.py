@@ -602,3 +602,25 @@ def test_pool_status_ignores_a_pool_that_may_scale_to_zero() -> None:
     g.pool_status("one", 0)
     assert g.health("zero").usable and g.health("zero").state.value == "healthy"
     assert not g.health("one").usable and g.health("one").reason == "no running replica"
+
+
+async def test_a_probe_registered_after_the_target_went_terminal_is_used() -> None:
+    # An external server down while the ingress starts: its pool reports 0 endpoints (terminal) before
+    # build_api registers the pool's probe. The probe loop must pick the probe up, or never recover.
+    spec = parse_spec(_merge(BASE, {"resilience": {"probe_interval_s": 0.02, "probe_timeout_s": 1}}))
+    gateway = Gateway.from_spec(spec, IngressMetrics())
+    try:
+        gateway.pool_status("big", 0)
+        assert gateway.health("big").state is HealthState.TERMINAL
+        calls: list[int] = []
+
+        async def probe() -> None:
+            calls.append(1)
+
+        await asyncio.sleep(0.05)  # a few probe rounds with no probe registered: still terminal
+        assert gateway.health("big").state is HealthState.TERMINAL
+        gateway.register_probe("big", probe)
+        assert await wait_until(lambda: gateway.health("big").usable)
+        assert calls
+    finally:
+        await gateway.close()
