@@ -123,6 +123,10 @@ def test_over_long_responses_conversation_with_truncation_auto_completes_and_say
     n, tokens = int(dropped["dropped_items"]), int(dropped["dropped_tokens"])
     assert n > 0 and n % 2 == 0 and tokens > 0  # whole turns, oldest first
     assert obj["usage"]["input_tokens"] + 32 <= 4096
+    print(
+        f"\ntruncation auto: {len(items)} items; dropped {n} ({tokens} tokens); "
+        f"{obj['usage']['input_tokens']} input tokens sent"
+    )
     # The session record keeps what was dropped (read back through the API's own store).
     from serving.sessions.request import SessionRequest
     from serving.sessions.stores import open_store
