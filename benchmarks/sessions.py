@@ -482,7 +482,6 @@ class Stack:
 async def start_stack(spec: ServingSpec, model: ModelSpec, params: Params, state_dir: Path) -> Stack:
     from dataclasses import replace
 
-    from router.hashing import BlockHasher
     from serving.app import engine_args_for
     from serving.backends import EngineBackend
     from serving.config import Role
@@ -506,16 +505,7 @@ async def start_stack(spec: ServingSpec, model: ModelSpec, params: Params, state
     await engine.start()
     info = engine.model_info()
     backend = EngineBackend(engine)
-    served = ServedModel(
-        name=model.name,
-        max_model_len=info.max_model_len,
-        tokenizer=tokenizer,
-        backend=backend,
-        hasher=BlockHasher(info.block_size),
-        salt_tenants=model.router.tenant_salt,
-        tags=tags,
-        default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
-    )
+    served = ServedModel.from_spec(spec, model.name, tokenizer, backend, info)
     s = spec.sessions
     db_path = state_dir / "sessions.db"
     store = SQLiteStore(db_path, s.ttl_s, s.max_sessions_per_tenant, s.max_bytes_per_tenant)

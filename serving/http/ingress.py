@@ -9,7 +9,6 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from router.hashing import BlockHasher
 from serving.backends import HandleBackend, external_pool
 from serving.config import ServingSpec, parse_spec
 from serving.http.api import build_api
@@ -18,7 +17,6 @@ from serving.http.metrics import IngressMetrics
 from serving.http.pipeline import ServedModel
 from serving.http.responses import SessionsFrontend
 from serving.sessions.stores import open_store
-from serving.thinking import reasoning_tags
 from serving.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,16 +64,7 @@ class OpenAIIngress:
             tokenizer, info = await asyncio.gather(
                 asyncio.to_thread(PromptTokenizer, path), handle.model_info.remote()
             )
-            models[name] = ServedModel(
-                name=name,
-                max_model_len=info.max_model_len,
-                tokenizer=tokenizer,
-                backend=HandleBackend(handle),
-                hasher=BlockHasher(info.block_size),
-                salt_tenants=model.router.tenant_salt,
-                tags=reasoning_tags(self._spec, name, tokenizer),
-                default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
-            )
+            models[name] = ServedModel.from_spec(self._spec, name, tokenizer, HandleBackend(handle), info)
         self._models = models
         self._sessions: SessionsFrontend | None = None
         if sessions is not None:
@@ -94,16 +83,7 @@ class OpenAIIngress:
         )
         info = await pool.start()
         self._external.append(pool)
-        return ServedModel(
-            name=model.name,
-            max_model_len=info.max_model_len,
-            tokenizer=tokenizer,
-            backend=pool,
-            hasher=BlockHasher(info.block_size),
-            salt_tenants=model.router.tenant_salt,
-            tags=reasoning_tags(self._spec, model.name, tokenizer),
-            default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
-        )
+        return ServedModel.from_spec(self._spec, model.name, tokenizer, pool, info)
 
     async def _watch_pools(self) -> None:
         """Feed the gateway each serving pool's running replica count (from the Serve controller)."""

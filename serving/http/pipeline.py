@@ -80,6 +80,26 @@ class ServedModel:
     #: Reasoning budget of a request that sets none.
     default_reasoning_budget: int | None = None
 
+    @classmethod
+    def from_spec(
+        cls, spec: Any, name: str, tokenizer: Tokenizer, backend: Backend, info: Any
+    ) -> ServedModel:
+        """Model `name` of the deployment spec, served through `backend`; `info` is the engine's
+        `ModelInfo` (context length, KV block size)."""
+        from serving.thinking import reasoning_tags
+
+        model = spec.model(name)
+        return cls(
+            name=name,
+            max_model_len=info.max_model_len,
+            tokenizer=tokenizer,
+            backend=backend,
+            hasher=BlockHasher(info.block_size),
+            salt_tenants=model.router.tenant_salt,
+            tags=reasoning_tags(spec, name, tokenizer),
+            default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
+        )
+
     def open_stream(
         self, request: GenerateRequest, budget: int | None, chat: bool = True
     ) -> AsyncIterator[Chunk]:
