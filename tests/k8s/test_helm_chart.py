@@ -19,13 +19,23 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from yamllint import linter
 
-from serving.config import DATA_PLANE_ENV, DataPlane, ServerSpec, load_spec, parse_spec
+from serving.config import (
+    DATA_PLANE_ENV,
+    DataPlane,
+    ServerSpec,
+    TemplateLibrarySpec,
+    TemplatesSpec,
+    load_spec,
+    parse_spec,
+)
 from serving.http.auth import load_keys_file
+from serving.http.templates import LibraryError, parse_library
 from serving.replicas.placement import plan
 from tests.k8s.helm import (
     BUILTIN_KINDS,
     CHART,
     K8S_VERSION,
+    RELEASE,
     REPO,
     SCHEMA_FILE,
     VALUES_FILES,
@@ -68,6 +78,50 @@ ALL_OPTIONS = {
     "podSecurityContext": {"fsGroup": 1000},
     "containerSecurityContext": {"allowPrivilegeEscalation": False},
 }
+#: A prompt template library for MIXED_SPEC (its tier `fast`, its task type `classify`).
+LIBRARY = {
+    "templates": [
+        {
+            "name": "classify",
+            "system": "Reply with one label from the list.",
+            "few_shot": [
+                {"role": "user", "content": "Labels: billing, other. Text: I was charged twice."},
+                {"role": "assistant", "content": "billing"},
+            ],
+            "stop": ["\n"],
+            "sampling": {"temperature": 0.0, "max_tokens": 8},
+        },
+        {"name": "classify", "version": 2, "system": "Reply with exactly one label, as spelled."},
+    ],
+    "bindings": [{"task": "classify", "template": "classify@1"}, {"tier": "fast", "template": "classify"}],
+}
+#: An external server's pool (engine: openai) whose API key is in $VLLM_API_KEY.
+EXTERNAL_POOL = {
+    "engine": "openai",
+    "upstream": {
+        "endpoints": ["http://vllm-0.vllm.llm:8000", "http://vllm-1.vllm.llm:8000"],
+        "model": "ext",
+        "api_key_env": "VLLM_API_KEY",
+        "max_model_len": 8192,
+    },
+}
+UPSTREAM_SECRETS = [{"env": "VLLM_API_KEY", "secretName": "vllm-api-key", "secretKey": "api-key"}]
+#: A GPU pool (a worker group besides the head), an external server, and task types for LIBRARY.
+MIXED_SPEC = {
+    "models": [
+        {"name": "m", "source": "org/m", "pools": [{"accelerator": "H100"}]},
+        {"name": "ext", "source": "org/ext", "pools": [EXTERNAL_POOL]},
+    ],
+    "tiers": [{"name": "fast", "model": "m"}, {"name": "remote", "model": "ext", "fallback": ["fast"]}],
+    "routing": {"tasks": [{"name": "classify", "tier": "fast"}]},
+    "sessions": {"enabled": False},
+}
+MIXED = {
+    "auth": {"keys": KEYS},
+    "tandem": MIXED_SPEC,
+    "templates": {"library": LIBRARY},
+    "upstreamSecrets": UPSTREAM_SECRETS,
+}
 #: (name, values files, --set-json values) of every rendering that the validators check.
 RENDERINGS = [(f, [f], {}) for f in VALUES_FILES] + [
     ("values-8b-70b.yaml + every option", ["values-8b-70b.yaml"], ALL_OPTIONS),
@@ -76,6 +130,7 @@ RENDERINGS = [(f, [f], {}) for f in VALUES_FILES] + [
         ["values-local-cpu.yaml"],
         {"auth": {"existingSecret": "", "keys": KEYS}},
     ),
+    ("a gpu pool, an external server and a template library", [], MIXED),
 ]
 CLUSTER_CONFIGS = {
     "values-8b-70b.yaml": "configs/cluster-8b-70b.yaml",
@@ -211,6 +266,8 @@ def test_local_cpu_values_deploy_the_local_spec_on_the_pod_network_with_keys(hel
         update={
             "server": local.server.model_copy(update={"host": "0.0.0.0"}),
             "auth": deployed.auth,
+            # The library is in the chart's ConfigMap (test_local_cpu_values_carry_the_local_template_...).
+            "templates": TemplatesSpec(library_file="/etc/tandem/templates/library.yaml"),
             "model_dir": "/var/lib/tandem/models",
             "sessions": local.sessions.model_copy(
                 update={
@@ -542,7 +599,14 @@ def test_an_unknown_spec_field_is_a_schema_error_naming_its_place(helm: Helm) ->
     assert "/tandem/server" in err and "ingress_replica" in err
 
 
-@pytest.mark.parametrize("field", [{"server": {"host": "127.0.0.1"}}, {"auth": {"enabled": False}}])
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"server": {"host": "127.0.0.1"}},
+        {"auth": {"enabled": False}},
+        {"templates": {"library_file": "/etc/tandem/templates/library.yaml"}},
+    ],
+)
 def test_the_spec_fields_the_chart_owns_are_refused_in_values(helm: Helm, field: dict[str, Any]) -> None:
     err = render_error(helm, ["values-8b-70b.yaml"], tandem=field)
     assert "/tandem" in err and "not allowed" in err
@@ -695,3 +759,344 @@ def test_every_rendered_pod_carries_the_release_selector_labels(helm: Helm) -> N
         assert labels["app.kubernetes.io/instance"] == "tandem" and labels["team"] == "llm"
     components = [t["metadata"]["labels"]["app.kubernetes.io/component"] for t in templates]
     assert components == ["ray-head"] + ["ray-worker"] * len(cluster["workerGroupSpecs"])
+
+
+# --- Prompt templates ----------------------------------------------------------------------------------
+
+TEMPLATES_DIR = "/etc/tandem/templates"
+LIBRARY_FILE = f"{TEMPLATES_DIR}/library.yaml"
+
+
+def spec_scopes(docs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The deployed spec's tier and task type names (what a library's bindings may name)."""
+    spec = parse_spec(deployed_spec(docs))
+    return [t.name for t in spec.tiers], [t.name for t in spec.routing.tasks]
+
+
+def library_of(docs: list[dict[str, Any]], name: str = "tandem-templates") -> TemplateLibrarySpec:
+    """The ConfigMap's library as the ingress reads it (serving.http.templates.parse_library)."""
+    text = one(docs, "ConfigMap", name)["data"]["library.yaml"]
+    tiers, tasks = spec_scopes(docs)
+    return parse_library(text, f"ConfigMap {name}", tiers, tasks)
+
+
+def test_a_template_library_becomes_a_configmap_mounted_as_a_directory_on_every_ray_container(
+    helm: Helm,
+) -> None:
+    docs = helm.template(set_=MIXED)
+    assert library_of(docs) == TemplateLibrarySpec.model_validate(LIBRARY)
+    # Only the path reaches the spec: the ingress reads the library from the mounted file.
+    assert deployed_spec(docs)["templates"] == {"library_file": LIBRARY_FILE}
+    assert parse_spec(deployed_spec(docs)).templates == TemplatesSpec(library_file=LIBRARY_FILE)
+    pods = pod_specs(docs)
+    assert set(pods) == {"head", "m-colocated"}  # the head and a GPU worker group: the ingress may run on any
+    for pod in pods.values():
+        volume = next(v for v in pod["volumes"] if v["name"] == "templates")
+        assert volume["configMap"] == {
+            "name": "tandem-templates",
+            "items": [{"key": "library.yaml", "path": "library.yaml"}],
+        }
+        for c in pod["containers"]:
+            (mount,) = [m for m in c["volumeMounts"] if m["name"] == "templates"]
+            # A directory mount: kubelet never updates a subPath mount, so the library could not reload.
+            assert mount == {"name": "templates", "mountPath": TEMPLATES_DIR, "readOnly": True}
+
+
+def source_text(text: str, template: str) -> str:
+    """The text helm rendered from one chart template (its `# Source:` document)."""
+    (doc,) = [d for d in text.split("\n---\n") if d.startswith(f"# Source: tandem/templates/{template}\n")]
+    return doc
+
+
+def test_a_change_of_the_library_alone_changes_only_the_configmap(helm: Helm) -> None:
+    """`helm upgrade` with another library: serveConfigV2 (whose change redeploys the application) and the
+    rest of the RayService stay byte-identical, so nothing restarts; the ingress reloads the new file."""
+    other = {
+        "templates": [*LIBRARY["templates"], {"name": "classify", "version": 3, "system": "One label."}],
+        "bindings": [{"task": "classify", "template": "classify@3"}],
+    }
+    before = helm.template_text(set_=MIXED)
+    after = helm.template_text(set_={**MIXED, "templates": {"library": other}})
+    assert source_text(before, "rayservice.yaml") == source_text(after, "rayservice.yaml")
+    old, new = docs_of(before), docs_of(after)
+    assert one(old, "RayService")["spec"]["serveConfigV2"] == one(new, "RayService")["spec"]["serveConfigV2"]
+    assert library_of(old) != library_of(new) == TemplateLibrarySpec.model_validate(other)
+    changed = [d["metadata"]["name"] for d in new if d not in old]
+    assert changed == ["tandem-templates"]
+
+
+def test_an_existing_configmap_is_mounted_instead_of_the_charts_own(helm: Helm) -> None:
+    templates = {"existingConfigMap": "prod-templates", "existingConfigMapKey": "lib.yaml"}
+    docs = helm.template(set_={**MIXED, "templates": templates})
+    assert "ConfigMap" not in kinds(docs)
+    assert deployed_spec(docs)["templates"] == {"library_file": LIBRARY_FILE}
+    for pod in pod_specs(docs).values():
+        volume = next(v for v in pod["volumes"] if v["name"] == "templates")
+        assert volume["configMap"] == {
+            "name": "prod-templates",
+            "items": [{"key": "lib.yaml", "path": "library.yaml"}],
+        }
+
+
+def test_without_a_library_there_is_no_configmap_mount_or_library_file(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    assert "ConfigMap" not in kinds(docs)
+    assert "library_file" not in deployed_spec(docs).get("templates", {})
+    for pod in pod_specs(docs).values():
+        assert all(v["name"] != "templates" for v in pod["volumes"])
+
+
+def test_the_spec_keeps_its_own_template_settings_next_to_the_library_file(helm: Helm) -> None:
+    docs = helm.template(set_={**MIXED, "tandem": {**MIXED_SPEC, "templates": {"reload_interval_s": 30}}})
+    assert deployed_spec(docs)["templates"] == {"library_file": LIBRARY_FILE, "reload_interval_s": 30}
+
+
+def test_local_cpu_values_carry_the_local_template_library_in_the_configmap(helm: Helm) -> None:
+    docs = helm.template(["values-local-cpu.yaml"])
+    assert library_of(docs) == load_spec(REPO / "configs/local.yaml").templates.library
+    head = pod_specs(docs)["head"]
+    assert {"name": "templates", "mountPath": TEMPLATES_DIR, "readOnly": True} in head["containers"][0][
+        "volumeMounts"
+    ]
+
+
+def _with_classify(*bindings: dict[str, Any], **template: Any) -> dict[str, Any]:
+    """A one-template library (`classify`, plus `template`'s fields) with `bindings`."""
+    return {
+        "templates": [{"name": "classify", "system": "One label.", **template}],
+        "bindings": list(bindings),
+    }
+
+
+# (case, library, what the chart's failure says); serving.http.templates.parse_library refuses each too.
+BAD_LIBRARIES = [
+    (
+        "a binding to a template the library lacks",
+        _with_classify({"task": "classify", "template": "extract"}),
+        'templates.library.bindings[0].template: "extract" is not in the library; choose from ["classify@1"]',
+    ),
+    (
+        "a binding to a version the library lacks",
+        _with_classify({"task": "classify", "template": "classify@2"}),
+        'bindings[0].template: "classify@2" is not in the library',
+    ),
+    (
+        "a binding to a task type the spec lacks",
+        _with_classify({"task": "poetry", "template": "classify"}),
+        'templates.library.bindings[0].task: unknown task type "poetry"; choose from tandem.routing.tasks',
+    ),
+    (
+        "a binding to a tier the spec lacks",
+        _with_classify({"task": "classify", "template": "classify"}, {"tier": "slow", "template": "none"}),
+        'templates.library.bindings[1].tier: unknown tier "slow"; choose from tandem.tiers ["fast","remote"]',
+    ),
+    (
+        "a binding for no requests",
+        _with_classify({"template": "classify"}),
+        "templates.library.bindings[0]: a binding needs at least one of tier, task or tenant",
+    ),
+    (
+        "a version given twice",
+        {
+            "templates": [
+                {"name": "classify", "system": "a"},
+                {"name": "classify", "version": 1, "system": "b"},
+            ]
+        },
+        "templates.library.templates[1]: classify@1 is defined twice",
+    ),
+    (
+        "a template with nothing to put in",
+        _with_classify(system=""),
+        "templates.library.templates[0] (classify@1): a template needs a system prompt or few-shot turns",
+    ),
+    (
+        "few-shot turns that start with the assistant",
+        _with_classify(few_shot=[{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]),
+        "templates.library.templates[0].few_shot (classify@1): user/assistant pairs, starting with user",
+    ),
+    (
+        "a few-shot question without its answer",
+        _with_classify(few_shot=[{"role": "user", "content": "a"}]),
+        "few_shot (classify@1): user/assistant pairs",
+    ),
+    (
+        "a misspelt field (the values schema)",
+        {"templates": [{"name": "classify", "sytem": "One label."}]},
+        "at '/templates/library/templates/0': additional properties 'sytem' not allowed",
+    ),
+    (
+        "a binding's template that is no name (the values schema)",
+        _with_classify({"task": "classify", "template": "Classify!"}),
+        "/templates/library/bindings/0/template",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "library", "message"), BAD_LIBRARIES, ids=[c[0] for c in BAD_LIBRARIES])
+def test_a_bad_library_fails_at_render_time_as_the_ingress_would_refuse_it(
+    helm: Helm, case: str, library: dict[str, Any], message: str
+) -> None:
+    err = render_error(helm, **{**MIXED, "templates": {"library": library}})
+    assert message in err
+    tiers, tasks = spec_scopes(helm.template(set_=MIXED))
+    with pytest.raises(LibraryError):
+        parse_library(yaml.safe_dump(library), case, tiers, tasks)
+
+
+def test_the_library_checks_accept_what_the_ingress_accepts(helm: Helm) -> None:
+    """The other side of BAD_LIBRARIES: pins, `none`, a tenant override and inject: never render."""
+    library = {
+        "templates": [
+            {"name": "classify", "system": "One label."},
+            {
+                "name": "classify",
+                "version": 2,
+                "few_shot": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            },
+            {"name": "off", "inject": "never"},
+        ],
+        "bindings": [
+            {"task": "classify", "template": "classify@2"},
+            {"tier": "remote", "template": "classify"},
+            {"tenant": "acme", "task": "classify", "template": "none"},
+            {"tenant": "batch-jobs", "template": "off"},
+        ],
+    }
+    docs = helm.template(set_={**MIXED, "templates": {"library": library}})
+    assert library_of(docs) == TemplateLibrarySpec.model_validate(library)
+
+
+def test_a_library_file_of_the_spec_fails_even_without_the_values_schema(helm: Helm) -> None:
+    """The schema refuses tandem.templates.library_file (the owned-fields test); the template says what
+    to set instead, also for `helm template --skip-schema-validation`."""
+    values = str(CHART / "values-local-cpu.yaml")
+    owned = "tandem.templates.library_file=/etc/library.yaml"
+    with pytest.raises(HelmError) as err:
+        helm.run("template", RELEASE, str(CHART), "--skip-schema-validation", "-f", values, "--set", owned)
+    if "unknown flag" in str(err.value):
+        pytest.skip("this helm has no --skip-schema-validation (helm 3.16+)")
+    assert "tandem.templates.library_file is set by the chart: put the library in templates.library" in (
+        str(err.value)
+    )
+
+
+def test_a_spec_library_next_to_the_charts_is_refused(helm: Helm) -> None:
+    tandem = {**MIXED_SPEC, "templates": {"library": LIBRARY}}
+    err = render_error(helm, **{**MIXED, "tandem": tandem})
+    assert "tandem.templates.library and the chart's templates.library" in err
+    assert "keep the library in templates.library only" in err
+
+
+def test_a_library_and_an_existing_configmap_together_are_refused(helm: Helm) -> None:
+    err = render_error(helm, **{**MIXED, "templates": {"library": LIBRARY, "existingConfigMap": "mine"}})
+    assert "templates.library and templates.existingConfigMap are both set" in err
+
+
+# --- External OpenAI-compatible servers (engine: openai) ---------------------------------------------
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_an_upstream_key_reaches_every_ray_container_from_its_secret(helm: Helm) -> None:
+    docs = helm.template(set_=MIXED)
+    pods = pod_specs(docs)
+    assert len(pods) == 2
+    for pod in pods.values():
+        for c in pod["containers"]:
+            assert env_of(c)["VLLM_API_KEY"] == {
+                "name": "VLLM_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "vllm-api-key", "key": "api-key"}},
+            }
+    ext = parse_spec(deployed_spec(docs)).model("ext").pools[0]
+    assert ext.upstream is not None and ext.upstream.api_key_env == "VLLM_API_KEY"
+
+
+def test_an_upstream_key_without_a_secret_fails_naming_the_pool_and_the_fix(helm: Helm) -> None:
+    err = render_error(helm, **{**MIXED, "upstreamSecrets": []})
+    assert "tandem.models[ext].pools[colocated].upstream.api_key_env is VLLM_API_KEY" in err
+    assert "add {env: VLLM_API_KEY, secretName: upstream-key, secretKey: api-key} to upstreamSecrets" in err
+
+
+def test_an_upstream_key_may_come_from_extra_env_instead(helm: Helm) -> None:
+    env = {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "shared", "key": "vllm"}}}
+    docs = helm.template(set_={**MIXED, "upstreamSecrets": [], "extraEnv": [env]})
+    for pod in pod_specs(docs).values():
+        assert env_of(pod["containers"][0])["VLLM_API_KEY"] == env
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"upstreamSecrets": UPSTREAM_SECRETS * 2}, "upstreamSecrets names VLLM_API_KEY twice"),
+        (
+            {"extraEnv": [{"name": "VLLM_API_KEY", "value": "x"}]},
+            "VLLM_API_KEY is set by both upstreamSecrets and extraEnv",
+        ),
+        ({"upstreamSecrets": [{"env": "VLLM_API_KEY", "secretName": "k"}]}, "missing property 'secretKey'"),
+        (
+            {"upstreamSecrets": [{"env": "VLLM-KEY", "secretName": "k", "secretKey": "api-key"}]},
+            "/upstreamSecrets/0/env",
+        ),
+    ],
+    ids=["twice", "also in extraEnv", "no secretKey", "not a variable name"],
+)
+def test_upstream_secrets_that_cannot_work_are_refused(
+    helm: Helm, values: dict[str, Any], message: str
+) -> None:
+    assert message in render_error(helm, **{**MIXED, **values})
+
+
+def test_external_pools_get_no_worker_group_whatever_their_accelerator(helm: Helm) -> None:
+    """No Ray replicas, so no pods: placement leaves the pool out, and so does the chart."""
+    ext = {**EXTERNAL_POOL, "accelerator": "H100"}
+    tandem = {
+        **MIXED_SPEC,
+        "models": [MIXED_SPEC["models"][0], {"name": "ext", "source": "org/ext", "pools": [ext]}],
+    }
+    docs = helm.template(set_={**MIXED, "tandem": tandem})
+    gpu = [p for p in plan(parse_spec(deployed_spec(docs))) if p.gpus_per_replica > 0]
+    assert sorted(worker_groups(docs)) == sorted(group_name(p) for p in gpu) == ["m-colocated"]
+    pdbs = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert pdbs == ["tandem-head", "tandem-m-colocated"]
+
+
+def test_a_spec_of_external_servers_only_runs_on_the_head_and_needs_its_cpus(helm: Helm) -> None:
+    tandem = {"models": [MIXED_SPEC["models"][1]], "sessions": {"enabled": False}}
+    values = {**MIXED, "tandem": tandem, "templates": {}}
+    err = render_error(helm, **values)
+    assert "this spec has no GPU pools" in err and "head.numCpus is 0" in err
+    docs = helm.template(set_={**values, "head": {"numCpus": 2}})
+    assert worker_groups(docs) == {}
+    assert "workerGroupSpecs" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
+
+
+def readme_example(heading: str) -> dict[str, Any]:
+    """The first ```yaml block of the chart README's section `heading`."""
+    text = (CHART / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+def test_the_readmes_external_server_example_renders_with_its_key_from_the_secret(
+    helm: Helm, tmp_path: Path
+) -> None:
+    values = tmp_path / "external.yaml"
+    values.write_text(yaml.safe_dump(readme_example("External OpenAI-compatible servers")))
+    docs = helm.template([str(values)])
+    spec = parse_spec(deployed_spec(docs))
+    (pool,) = spec.model("llama-3-1-8b").pools
+    assert pool.upstream is not None and pool.upstream.api_key_env == "VLLM_API_KEY"
+    assert worker_groups(docs) == {} and plan(spec) == []
+    (container,) = pod_specs(docs)["head"]["containers"]
+    assert env_of(container)["VLLM_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "vllm-api-key", "key": "api-key"}
+    }
+
+
+def test_egress_is_left_open_so_the_ingress_reaches_external_servers(helm: Helm) -> None:
+    """The README says so instead of offering an egress value: the policy restricts ingress only."""
+    policy = one(helm.template(set_=MIXED), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
+    assert "egress is open" in (CHART / "README.md").read_text()

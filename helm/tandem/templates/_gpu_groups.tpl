@@ -1,5 +1,7 @@
 {{/*
-One Ray worker group per GPU pool of the spec (a pool whose accelerator is not `cpu`).
+One Ray worker group per GPU pool of the spec (a pool whose accelerator is not `cpu`; never an
+`engine: openai` pool, whose replicas are its upstream.endpoints outside the cluster's Ray pods, as
+serving.replicas.placement leaves it out).
 
 How pods map to replicas (the placement rules are serving/replicas/placement.py's):
 - A pod is one node's worth of GPUs of the pool's accelerator: accelerators.<type>.gpusPerPod.
@@ -22,7 +24,9 @@ tp = pp = dp = 1, replicas min = max = 1, cpus_per_replica 1); tests/k8s compare
 {{- range $m := (get .Values.tandem "models" | default list) -}}
 {{- range $p := (get $m "pools" | default list) -}}
 {{- $acc := get $p "accelerator" | default "cpu" -}}
-{{- if ne (lower $acc) "cpu" -}}
+{{- /* An `engine: openai` pool is an external server the ingress calls over HTTP: no Ray replicas, no pods. */ -}}
+{{- $external := eq (get $p "engine" | default "vllm") "openai" -}}
+{{- if and (ne (lower $acc) "cpu") (not $external) -}}
 {{- $pool := get $p "name" | default (get $p "role" | default "colocated") -}}
 {{- $where := printf "tandem.models[%s].pools[%s]" $m.name $pool -}}
 {{- $par := get $p "parallelism" | default dict -}}

@@ -58,3 +58,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "tandem.keysSecretName" -}}
 {{- .Values.auth.existingSecret | default (printf "%s-api-keys" (include "tandem.fullname" .)) -}}
 {{- end -}}
+
+{{/*
+The prompt template library (templates.library, or templates.existingConfigMap): a ConfigMap mounted as a
+directory on every Ray pod. Not a subPath mount: kubelet updates a directory mount in place (and never a
+subPath one), and the ingress re-reads the file every tandem.templates.reload_interval_s, so a changed
+library applies without a restart. Only the path goes into the spec (serveConfigV2); a change of the
+library changes nothing else the RayService holds.
+*/}}
+{{- define "tandem.templatesDir" -}}/etc/tandem/templates{{- end -}}
+{{- define "tandem.templatesFile" -}}{{ include "tandem.templatesDir" . }}/library.yaml{{- end -}}
+
+{{/* "true" when the chart mounts a template library. */}}
+{{- define "tandem.templatesEnabled" -}}
+{{- if or .Values.templates.library .Values.templates.existingConfigMap -}}true{{- end -}}
+{{- end -}}
+
+{{- define "tandem.templatesConfigMapName" -}}
+{{- .Values.templates.existingConfigMap | default (printf "%s-templates" (include "tandem.fullname" .)) -}}
+{{- end -}}

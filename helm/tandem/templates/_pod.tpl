@@ -1,4 +1,5 @@
-{{/* What every Ray pod (head and workers) shares: keys, the Redis URL, local models, extras. */}}
+{{/* What every Ray pod (head and workers) shares: keys, the Redis URL, upstream API keys, local models, the
+template library, extras. */}}
 
 {{/* Pod-level fields: pull secrets and, for `local:` models, the init container that builds them. */}}
 {{- define "tandem.podSpecCommon" -}}
@@ -37,6 +38,7 @@ initContainers:
 
 {{/* Container fields of every Ray container: env and security context. */}}
 {{- define "tandem.containerCommon" -}}
+{{- include "tandem.checkUpstreamSecrets" . -}}
 {{- $store := fromYaml (include "tandem.sessionStore" .) -}}
 {{- $redis := and $store.enabled (eq $store.kind "redis") $store.urlEnv -}}
 {{- /* tandem.server.data_plane (serving.config.DataPlane; the default is tested equal to the spec's) */ -}}
@@ -60,6 +62,14 @@ env:
         name: {{ required (printf "redis.existingSecret is required: tandem.sessions.store reads the Redis URL from $%s; create a Secret with the URL under key %q (kubectl create secret generic tandem-redis --from-literal=%s=redis://:PASSWORD@HOST:6379/0) and name it here" $store.urlEnv .Values.redis.existingSecretKey .Values.redis.existingSecretKey) .Values.redis.existingSecret }}
         key: {{ .Values.redis.existingSecretKey }}
   {{- end }}
+  {{- range .Values.upstreamSecrets }}
+  # The API key of an external server (tandem.models[].pools[].upstream.api_key_env).
+  - name: {{ .env }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ .secretName }}
+        key: {{ .secretKey }}
+  {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -75,6 +85,10 @@ securityContext:
 {{- end }}
 {{- if (fromYaml (include "tandem.localModels" .)).names }}
 - {name: local-models, mountPath: {{ .Values.localModels.dir }}}
+{{- end }}
+{{- if include "tandem.templatesEnabled" . }}
+{{- /* The whole directory, never a subPath: kubelet does not update a subPath mount. */}}
+- {name: templates, mountPath: {{ include "tandem.templatesDir" . }}, readOnly: true}
 {{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
@@ -94,7 +108,56 @@ securityContext:
 - name: local-models
   emptyDir: {}
 {{- end }}
+{{- if include "tandem.templatesEnabled" . }}
+- name: templates
+  configMap:
+    name: {{ include "tandem.templatesConfigMapName" . }}
+    items:
+      - key: {{ ternary .Values.templates.existingConfigMapKey "library.yaml" (ne .Values.templates.existingConfigMap "") }}
+        path: library.yaml
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The `engine: openai` pools' upstream.api_key_env variables, as a list of {env, where}. The ingress calls the
+external servers, and it may run on any Ray pod, so each variable must be set on every Ray container.
+*/}}
+{{- define "tandem.upstreamKeyEnvs" -}}
+{{- $found := list -}}
+{{- range $m := (get .Values.tandem "models" | default list) -}}
+{{- range $p := (get $m "pools" | default list) -}}
+{{- $upstream := get $p "upstream" | default dict -}}
+{{- if and (eq (get $p "engine" | default "vllm") "openai") (get $upstream "api_key_env") -}}
+{{- $pool := get $p "name" | default (get $p "role" | default "colocated") -}}
+{{- $found = append $found (dict "env" $upstream.api_key_env "where" (printf "tandem.models[%s].pools[%s]" $m.name $pool)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "envs" $found) -}}
+{{- end -}}
+
+{{/* Fails unless every upstream.api_key_env comes from upstreamSecrets (or extraEnv), each set once. */}}
+{{- define "tandem.checkUpstreamSecrets" -}}
+{{- $secrets := list -}}
+{{- range .Values.upstreamSecrets -}}
+{{- if has .env $secrets -}}
+{{- fail (printf "upstreamSecrets names %s twice; give each variable one entry" .env) -}}
+{{- end -}}
+{{- $secrets = append $secrets .env -}}
+{{- end -}}
+{{- $extra := list -}}
+{{- range .Values.extraEnv -}}{{- $extra = append $extra (get . "name") -}}{{- end -}}
+{{- range $secrets -}}
+{{- if has . $extra -}}
+{{- fail (printf "%s is set by both upstreamSecrets and extraEnv; keep one" .) -}}
+{{- end -}}
+{{- end -}}
+{{- range (fromYaml (include "tandem.upstreamKeyEnvs" .)).envs -}}
+{{- if not (or (has .env $secrets) (has .env $extra)) -}}
+{{- fail (printf "%s.upstream.api_key_env is %s, but no Secret sets it on the Ray pods: create one (kubectl create secret generic upstream-key --from-literal=api-key=KEY) and add {env: %s, secretName: upstream-key, secretKey: api-key} to upstreamSecrets (or set %s in extraEnv)" .where .env .env .env) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}

@@ -33,6 +33,7 @@ urlEnv: {{ get $store "url_env" | default "" | quote }}
 
 {{/*
 .Values.tandem plus what the chart owns: the API listens on 0.0.0.0, auth reads the mounted keys file,
+templates.library_file is the mounted template library (with templates.library or existingConfigMap),
 and (when not set) local models and the SQLite session store live on the chart's volumes.
 */}}
 {{- define "tandem.spec" -}}
@@ -53,6 +54,23 @@ and (when not set) local models and the SQLite session store live on the chart's
 {{- if and (fromYaml (include "tandem.localModels" .)).names (not (hasKey $spec "model_dir")) -}}
 {{- $_ := set $spec "model_dir" .Values.localModels.dir -}}
 {{- end -}}
+{{- $templates := get $spec "templates" | default dict -}}
+{{- if hasKey $templates "library_file" -}}
+{{- fail "tandem.templates.library_file is set by the chart: put the library in templates.library (a ConfigMap the chart mounts at /etc/tandem/templates, reloaded without a restart) or name your own ConfigMap in templates.existingConfigMap" -}}
+{{- end -}}
+{{- if include "tandem.templatesEnabled" . -}}
+{{- if and .Values.templates.library .Values.templates.existingConfigMap -}}
+{{- fail "templates.library and templates.existingConfigMap are both set: give the library inline (the chart makes the ConfigMap) or name your own ConfigMap, not both" -}}
+{{- end -}}
+{{- if get $templates "library" -}}
+{{- fail "tandem.templates.library and the chart's templates.library (or templates.existingConfigMap) are both set, and the mounted file would replace the inline library: keep the library in templates.library only (it reloads without a restart; tandem.templates.library goes into serveConfigV2, and a change of it redeploys the application)" -}}
+{{- end -}}
+{{- if not .Values.templates.existingConfigMap -}}
+{{- include "tandem.checkTemplateLibrary" . -}}
+{{- end -}}
+{{- $_ := set $templates "library_file" (include "tandem.templatesFile" .) -}}
+{{- $_ := set $spec "templates" $templates -}}
+{{- end -}}
 {{- $store := fromYaml (include "tandem.sessionStore" .) -}}
 {{- if and $store.enabled (eq $store.kind "sqlite") -}}
 {{- $sessions := get $spec "sessions" | default dict -}}
@@ -64,6 +82,62 @@ and (when not set) local models and the SQLite session store live on the chart's
 {{- end -}}
 {{- end -}}
 {{- toYaml $spec -}}
+{{- end -}}
+
+{{/*
+Checks of templates.library that its schema (TemplateLibrarySpec) cannot express, as serving.config and
+serving.http.templates.parse_library make them (tests/k8s compare): each template has a system prompt or
+few-shot pairs, no name@version twice, each binding names a template of the library and at least one of
+tier, task or tenant, and its tier and task are the spec's. The ingress checks the same on every reload; a
+values file that fails here would be refused there and the library left empty.
+*/}}
+{{- define "tandem.checkTemplateLibrary" -}}
+{{- $lib := .Values.templates.library -}}
+{{- $tiers := list -}}
+{{- range (get .Values.tandem "tiers" | default list) -}}{{- $tiers = append $tiers .name -}}{{- end -}}
+{{- $tasks := list -}}
+{{- range (dig "routing" "tasks" list .Values.tandem) -}}{{- $tasks = append $tasks .name -}}{{- end -}}
+{{- $refs := list -}}
+{{- $names := list -}}
+{{- range $i, $t := (get $lib "templates" | default list) -}}
+{{- $ref := printf "%s@%v" $t.name (get $t "version" | default 1) -}}
+{{- if has $ref $refs -}}
+{{- fail (printf "templates.library.templates[%d]: %s is defined twice; give each name@version once" $i $ref) -}}
+{{- end -}}
+{{- $refs = append $refs $ref -}}
+{{- $names = append $names $t.name -}}
+{{- $turns := get $t "few_shot" | default list -}}
+{{- if and (not (get $t "system")) (not $turns) (ne (get $t "inject" | default "if_missing") "never") -}}
+{{- fail (printf "templates.library.templates[%d] (%s): a template needs a system prompt or few-shot turns (or inject: never)" $i $ref) -}}
+{{- end -}}
+{{- range $j, $turn := $turns -}}
+{{- if ne $turn.role (ternary "user" "assistant" (eq (mod $j 2) 0)) -}}
+{{- fail (printf "templates.library.templates[%d].few_shot (%s): user/assistant pairs, starting with user" $i $ref) -}}
+{{- end -}}
+{{- end -}}
+{{- if mod (len $turns) 2 -}}
+{{- fail (printf "templates.library.templates[%d].few_shot (%s): user/assistant pairs, starting with user" $i $ref) -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $b := (get $lib "bindings" | default list) -}}
+{{- if not (or (get $b "tier") (get $b "task") (get $b "tenant")) -}}
+{{- fail (printf "templates.library.bindings[%d]: a binding needs at least one of tier, task or tenant" $i) -}}
+{{- end -}}
+{{- $tmpl := get $b "template" | default "" -}}
+{{- if and (ne $tmpl "none") (not (has $tmpl $refs)) (or (contains "@" $tmpl) (not (has $tmpl $names))) -}}
+{{- fail (printf "templates.library.bindings[%d].template: %q is not in the library; choose from %s" $i $tmpl (toJson ($refs | sortAlpha))) -}}
+{{- end -}}
+{{- with get $b "tier" -}}
+{{- if not (has . $tiers) -}}
+{{- fail (printf "templates.library.bindings[%d].tier: unknown tier %q; choose from tandem.tiers %s" $i . (toJson $tiers)) -}}
+{{- end -}}
+{{- end -}}
+{{- with get $b "task" -}}
+{{- if not (has . $tasks) -}}
+{{- fail (printf "templates.library.bindings[%d].task: unknown task type %q; choose from tandem.routing.tasks %s" $i . (toJson $tasks)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* "true" when a pool of the spec is autoscaled (replicas.min < replicas.max; both default to 1). */}}
