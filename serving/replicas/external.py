@@ -405,7 +405,7 @@ class ExternalPool:
                 return
             finally:
                 self.policy.on_done(rreq, eid)
-                await gen.aclose()
+                await asyncio.shield(gen.aclose())  # see OpenAIEngine._generate: a cancelled client's cleanup
         if last is not None and len(failures) == 1:
             yield Chunk(error=last)
         elif failures:

@@ -108,10 +108,19 @@ async def coalesce(source: AsyncIterator[Chunk], flush_s: float = 0.0) -> AsyncI
             if pending:
                 yield merge(pending)
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        # NOTE(why): shielded, in a task of its own. A client that leaves cancels the HTTP request under
+        # an anyio cancel scope (Starlette), which cancels every later await of this `finally` again:
+        # awaited here, the reader's cancellation and `source.aclose()` were cut short and an external
+        # server's request kept generating (tests/unit/test_streaming.py, the live vllm serve test).
+        await asyncio.shield(_stop(task, source))
+
+
+async def _stop(task: asyncio.Task, source: AsyncIterator[Chunk]) -> None:
+    """Cancel the reader and close `source` (which aborts the engine request)."""
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()

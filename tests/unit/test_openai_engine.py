@@ -631,3 +631,43 @@ async def test_pool_follows_the_endpoints_kv_events(up, up2):
         await pool.close()
         for sock in pubs:
             sock.close(linger=0)
+
+
+async def test_a_client_leaving_the_ingress_stream_closes_the_upstream_request(up):
+    # The whole path as a client sees it: Tandem's API under uvicorn (Starlette cancels a request whose
+    # client left under an anyio cancel scope), an ExternalPool, a real HTTP upstream.
+    import httpx
+    import uvicorn
+
+    from serving.http.api import build_api
+    from serving.http.pipeline import ServedModel
+    from tests.unit.test_api import WordTokenizer
+
+    up.config.tokens = list(range(20, 3000))
+    up.config.delay_s = 0.005
+    pool = pool_for([up.url])
+    await pool.start()
+    app = build_api({"m": ServedModel("m", 4096, WordTokenizer(), pool)})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+            await asyncio.sleep(0.01)
+        messages = [{"role": "user", "content": "hi"}]
+        body = {"model": "m", "messages": messages, "max_tokens": 2900, "stream": True}
+        async with httpx.AsyncClient() as c:
+            async with c.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+                frames = 0
+                async for line in r.aiter_lines():
+                    frames += line.startswith("data: ")
+                    if frames >= 3:
+                        break
+                assert up.active == 1
+        left = time.monotonic()
+        assert await asyncio.to_thread(up.wait_for, lambda: up.active == 0, 2.0), "upstream still generating"
+        assert up.disconnects == 1 and time.monotonic() - left < 1.0
+    finally:
+        server.should_exit = True
+        await serving
+        await pool.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from serving.replicas.engines.base import Chunk, EngineError
 from serving.replicas.streaming import coalesce
@@ -124,3 +125,37 @@ async def test_flush_window_does_not_hold_an_error() -> None:
     assert loop.time() - t0 < 1.0
     assert out[-1].error is not None
     assert [t for c in out[:-1] for t in c.token_ids] == list(range(5))
+
+
+async def test_a_consumer_cancelled_by_an_anyio_cancel_scope_still_closes_the_source() -> None:
+    # Starlette cancels a request whose client left under an anyio cancel scope, which cancels every
+    # await of the cleanup again. A source whose own cleanup awaits (an HTTP response to close) must
+    # still get to finish it.
+    import anyio
+
+    cleaned: list[str] = []
+
+    async def source() -> AsyncIterator[Chunk]:
+        try:
+            for i in range(10_000):
+                await asyncio.sleep(0.001)
+                yield Chunk(text=str(i), completion_tokens=i + 1)
+        finally:
+            await asyncio.sleep(0.01)  # e.g. httpx closing the upstream response
+            cleaned.append("closed")
+
+    stream = coalesce(source())
+
+    async def consume() -> None:
+        async for _ in stream:
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    for _ in range(100):
+        if cleaned:
+            break
+        await asyncio.sleep(0.01)
+    assert cleaned == ["closed"]

@@ -23,6 +23,7 @@ parsed for the three series the profile names and nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import json
@@ -430,7 +431,10 @@ class OpenAIEngine:
             self._aborted.discard(rid)
             if resp is not None:
                 # Closing an unfinished response drops the connection: the server aborts the request.
-                await resp.aclose()
+                # NOTE(why): shielded. A client that leaves cancels the ingress's request under an anyio
+                # cancel scope (Starlette), which cancels every await of this cleanup again: unshielded,
+                # the close never ran and the server generated on (found by the live vllm serve test).
+                await asyncio.shield(resp.aclose())
 
     async def _chunks(self, resp: httpx.Response, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """The stream's chunks; the finishing one is held until the usage event or the end."""
