@@ -196,7 +196,7 @@ def test_killing_the_server_degrades_the_tier_and_it_recovers_when_the_server_is
     assert set(statuses) == {200}  # the client never saw the failure: served down the chain
     metrics = httpx.get(f"{stack.url}/metrics").text
     assert (
-        f'tandem_upstream_up{{model="{EXTERNAL}",endpoint="127.0.0.1:{stack.upstream_port}"}} 0.0' in metrics
+        f'tandem_upstream_up{{endpoint="127.0.0.1:{stack.upstream_port}",model="{EXTERNAL}"}} 0.0' in metrics
     )
     assert f'tandem_target_health{{model="{EXTERNAL}"}} 2.0' in metrics  # terminal: requests skip it at once
 
