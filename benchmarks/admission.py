@@ -403,9 +403,15 @@ def bench_spec(
         tiers[0]["ttft_slo_s"] = tier_slo_s
     data["tiers"] = tiers
     routing = data["routing"]
-    routing["rules"] = [r for r in routing["rules"] if r["tier"] in names]
+    routing["tasks"] = [t for t in routing.get("tasks", []) if t["tier"] in names]
+    tasks = {t["name"] for t in routing["tasks"]}
+    routing["rules"] = [r for r in routing["rules"] if r["tier"] in names and r.get("task") in (None, *tasks)]
     if routing.get("default_tier") not in names:
         routing["default_tier"] = None
+    library = data["templates"]["library"]
+    library["bindings"] = [
+        b for b in library["bindings"] if b.get("tier") in (None, *names) and b.get("task") in (None, *tasks)
+    ]
     data["server"]["ingress_replicas"] = 1
     data["admission"] = admission
     return parse_spec(data, origin="benchmark spec")
