@@ -25,6 +25,7 @@ In ``sticky_retry`` requests still go to the target (and a failed one is retried
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -256,3 +257,17 @@ class TargetHealth:
         if ok and self.state is HealthState.TERMINAL:
             self.failures = 0
             self._to(HealthState.HEALTHY, "probe", now)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A numeric (delta-seconds) Retry-After header value, or None when absent or not a finite
+    non-negative number (the HTTP-date form is the caller's choice: see serving.replicas.engines)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds

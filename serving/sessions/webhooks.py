@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import random
 import secrets
 import time
@@ -36,7 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from router.resilience import ErrorClass, Retry, RetryPolicy, classify
+from router.resilience import ErrorClass, Retry, RetryPolicy, classify, retry_after_seconds
 from serving.config import RetrySpec
 
 logger = logging.getLogger(__name__)
@@ -186,17 +185,9 @@ def _redact(url: str) -> str:
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
-    """A numeric (delta-seconds) Retry-After, or None when absent or not a finite non-negative number."""
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        return None
-    if not math.isfinite(value) or value < 0:
-        return None
-    return value
+    """A numeric (delta-seconds) Retry-After, or None when absent or not a finite non-negative number
+    (an HTTP date falls back to the backoff)."""
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 class WebhookSender:

@@ -294,6 +294,7 @@ def test_retry_after_reads_seconds_and_http_dates():
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("-3") is None and parse_retry_after("inf") is None  # never negative or endless
 
 
 # -- disconnects ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from router.resilience import retry_after_seconds
 from serving.replicas.engines.base import (
     Chunk,
     EngineError,
@@ -106,13 +107,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
     if not value:
         return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
+    seconds = retry_after_seconds(value)
+    if seconds is not None:
+        return seconds
+    try:  # not a number: an HTTP date, or unreadable
+        when = email.utils.parsedate_to_datetime(value.strip())
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
@@ -523,7 +522,9 @@ class OpenAIEngine:
                 if len(body) >= _ERROR_BODY_LIMIT:
                     break
         except httpx.HTTPError:
-            pass
+            # The body is only the error's message: a connection lost while reading it still leaves
+            # the status, which is what the client is told.
+            logger.debug("upstream %s: error body cut short", self.base_url)
         message = _error_message(body[:_ERROR_BODY_LIMIT])
         retry = parse_retry_after(resp.headers.get("retry-after"))
         return self._fail(ErrorKind.STATUS, status_error(resp.status_code, message, retry))
