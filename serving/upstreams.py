@@ -38,7 +38,6 @@ class UpstreamProfile:
         return_token_ids: it streams the generated token ids (`return_token_ids`, vLLM); otherwise
             the ingress re-tokenizes the streamed text.
         usage_per_chunk: it reports usage on every chunk (`stream_options.continuous_usage_stats`).
-        models_report_context: its `/v1/models` entries carry `max_model_len`.
         running_metric / waiting_metric / kv_metric: Prometheus series (on `metrics_path`) of requests
             running, waiting and the KV-cache use (0..1); None: not exported (the router counts its
             own requests in flight instead).
@@ -57,7 +56,6 @@ class UpstreamProfile:
     cache_salt: bool
     return_token_ids: bool
     usage_per_chunk: bool
-    models_report_context: bool
     running_metric: str | None
     waiting_metric: str | None
     kv_metric: str | None
@@ -82,7 +80,6 @@ PROFILES: dict[UpstreamServer, UpstreamProfile] = {
         cache_salt=True,
         return_token_ids=True,
         usage_per_chunk=True,
-        models_report_context=True,
         running_metric="vllm:num_requests_running",
         waiting_metric="vllm:num_requests_waiting",
         kv_metric="vllm:kv_cache_usage_perc",
@@ -99,7 +96,6 @@ PROFILES: dict[UpstreamServer, UpstreamProfile] = {
         cache_salt=True,
         return_token_ids=True,
         usage_per_chunk=True,
-        models_report_context=True,
         running_metric="sglang:num_running_reqs",
         waiting_metric="sglang:num_queue_reqs",
         kv_metric="sglang:token_usage",
@@ -114,7 +110,6 @@ PROFILES: dict[UpstreamServer, UpstreamProfile] = {
         cache_salt=False,
         return_token_ids=False,
         usage_per_chunk=False,
-        models_report_context=False,
         running_metric="tgi_batch_current_size",
         waiting_metric="tgi_queue_size",
         kv_metric=None,
@@ -129,7 +124,6 @@ PROFILES: dict[UpstreamServer, UpstreamProfile] = {
         cache_salt=False,
         return_token_ids=False,
         usage_per_chunk=True,
-        models_report_context=False,
         running_metric="trtllm_num_requests_running",
         waiting_metric="trtllm_num_requests_waiting",
         kv_metric="trtllm_kv_cache_utilization",
@@ -144,7 +138,6 @@ PROFILES: dict[UpstreamServer, UpstreamProfile] = {
         cache_salt=False,
         return_token_ids=False,
         usage_per_chunk=False,
-        models_report_context=False,
         running_metric="llamacpp:requests_processing",
         waiting_metric="llamacpp:requests_deferred",
         kv_metric=None,
@@ -159,7 +152,6 @@ PROFILES: dict[UpstreamServer, UpstreamProfile] = {
         cache_salt=False,
         return_token_ids=False,
         usage_per_chunk=False,
-        models_report_context=False,
         running_metric=None,
         waiting_metric=None,
         kv_metric=None,
