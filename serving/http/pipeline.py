@@ -209,8 +209,6 @@ class Plan:
     #: The prompt template chosen for the request (router.templates) and its tokens at the prompt's start.
     template: Choice = field(default_factory=lambda: Choice(None))
     template_tokens: int = 0
-    #: The conversation sent (template first, truncated); None for a text completion.
-    messages: list[ChatMessage] | None = None
     #: Truncation: messages and prompt tokens dropped; max_tokens before it was clamped (None: not).
     dropped_items: int = 0
     dropped_tokens: int = 0
@@ -379,7 +377,7 @@ class RequestPipeline:
         template_tokens = await self._template_tokens(served, choice, ids) if choice.applied else 0
         return Plan(
             inp, res, served, ids, max_tokens, reserved, salt, keys, prompts,
-            template=choice, template_tokens=template_tokens, messages=messages,
+            template=choice, template_tokens=template_tokens,
             dropped_items=dropped[0], dropped_tokens=dropped[1], clamped_from=clamped_from,
             requested=requested,
         )  # fmt: skip
@@ -538,8 +536,9 @@ class RequestPipeline:
         g.budget.on_request()
         chain = g.tiers.chain(plan.resolution)
         requested = plan.requested
-        # The least output a fallback target must fit: all that was asked, or one token when clamping.
-        least = 1 if inp.clamp or requested is None else requested
+        # The least output a fallback target must fit: all the client asked for, or one token when it
+        # asked for none (a template's default is an upper bound) or lets it be clamped.
+        least = 1 if inp.clamp or inp.requested_max_tokens is None else requested
         skipped: list[str] = []
         for i, target in enumerate(chain):
             served = self.models.get(target.model)

@@ -354,3 +354,18 @@ def test_tandem_templates_check_validates_a_file_against_a_spec(tmp_path: Path, 
     )
     assert main(["templates", "check", str(bad)]) == 2
     assert "bindings[0].task: unknown task type 'poetry'" in capsys.readouterr().err
+
+
+async def test_a_templates_default_max_tokens_is_an_upper_bound_on_a_fallback_model_too() -> None:
+    lib = {
+        "templates": [{"name": "long", "system": "answer at length", "sampling": {"max_tokens": 100}}],
+        "bindings": [{"task": "math", "template": "long"}],
+    }
+    b: dict[str, Any] = await _engines()
+    b["big"] = FlakyBackend()
+    async with stack(b, max_len={"small": 64}, templates={"library": lib}, routing=ROUTING) as s:
+        r = await s.client.post("/v1/chat/completions", json=_chat(), headers={"x-tandem-task": "math"})
+        assert r.status_code == 200, r.text
+        assert route(r)["model"] == "small"  # 100 output tokens do not fit its 64: fewer, not a skip
+        sent = b["small"].requests[-1]
+        assert sent.sampling.max_tokens == 64 - len(sent.prompt_token_ids)
