@@ -1057,6 +1057,27 @@ class AdmissionSpec(_Spec):
     )
 
 
+class StreamResilienceSpec(_Spec):
+    """What the ingress does when a stream breaks after its first token (serving.http.migration)."""
+
+    stall_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Most time between two chunks of a stream once it started. An engine that is alive "
+        "but stuck (a wedged scheduler, a hung collective) sends nothing; past this the stream is "
+        "migrated or ends with a 504 `engine_stalled`, and its pool slot and ticket are freed. Well above "
+        "a loaded engine's worst inter-token gap (seconds on CPU), well below a client's patience.",
+    )
+    migration_limit: int = Field(
+        3,
+        ge=0,
+        description="Times one chat or text completion may be continued on another replica (or the "
+        "next target of its chain with the same vocabulary) after its stream broke: prompt + the tokens "
+        "already sent, so greedy output is unchanged. Each migration also spends one retry of the "
+        "retry budget. 0: never (the client gets an error chunk).",
+    )
+
+
 class ResilienceSpec(_Spec):
     """Retries, backoff and per-target health at the ingress."""
 
@@ -1087,6 +1108,10 @@ class ResilienceSpec(_Spec):
         gt=0,
         description="How often the ingress reads the pools' replica counts from Ray Serve; a pool "
         "with no running replica is terminal at once (waiting attempts move down the chain).",
+    )
+    streams: StreamResilienceSpec = Field(
+        default_factory=StreamResilienceSpec,
+        description="Stall timeout and mid-stream migration of streams that broke after their first token.",
     )
 
     def retry_policy(self) -> RetryPolicy:

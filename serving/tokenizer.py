@@ -82,3 +82,13 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer knows."""
         return len(self._tok)
+
+    def fingerprint(self) -> str:
+        """A digest of the vocabulary (token -> id, special tokens included): two models with the same
+        fingerprint read each other's token ids alike, so a stream may continue from one on the other
+        (serving.http.migration)."""
+        import hashlib
+        import json
+
+        vocab = sorted(self._tok.get_vocab().items())
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=True).encode()).hexdigest()[:16]

@@ -30,6 +30,7 @@ from router.contracts import DisaggMode
 from serving.http.auth import AuthError
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
+from serving.http.migration import MIGRATIONS_FIELD, MigratingStream
 from serving.http.pipeline import PlanInput, RequestPipeline, ServedModel
 from serving.http.protocol import (
     DISAGG_HEADER,
@@ -149,18 +150,21 @@ class OpenAIApi:
         endpoint = "chat" if kind == "chat" else "completions"
         if body.stream:
             closer = _StreamCloser(self, served, stream, first, start, endpoint, ticket)
-            gen = self._stream_sse(kind, rid, body, served, first, stream, closer)
+            gen = self._stream_sse(kind, rid, body, served, first, stream, closer, opened.migration)
             resp: Response = _ClosingStreamingResponse(gen, closer)
         else:
             last = first
             try:
+                reasoning = _include_reasoning(body)
                 resp, last = await self._collect(
-                    kind, rid, served, first, stream, start, endpoint, _include_reasoning(body)
+                    kind, rid, served, first, stream, start, endpoint, reasoning, opened.migration
                 )
             finally:
                 m.in_flight.labels(served.name).dec()
                 ticket.release(last.prompt_tokens + last.completion_tokens)
-        resp.headers[ROUTE_HEADER] = opened.route
+        # A stream's headers are sent before it could migrate: its migrations are in its final chunk.
+        migrated = opened.migration.report() if opened.migration is not None and not body.stream else ""
+        resp.headers[ROUTE_HEADER] = opened.route + migrated
         truncated = plan.truncation_header()
         if truncated:
             resp.headers[TRUNCATED_HEADER] = truncated
@@ -186,6 +190,7 @@ class OpenAIApi:
         start: float,
         endpoint: str,
         include_reasoning: bool = False,
+        migration: MigratingStream | None = None,
     ) -> tuple[Response, Chunk]:
         """The whole answer as one JSON body, and the last chunk (its token counts)."""
         parts = [first.text]
@@ -222,6 +227,8 @@ class OpenAIApi:
             "choices": [choice],
             "usage": served.usage(last, kind == "chat"),
         }
+        if migration is not None and migration.migrations:
+            body[MIGRATIONS_FIELD] = [x.as_dict() for x in migration.migrations]
         return JSONResponse(body), last
 
     async def _stream_sse(
@@ -233,6 +240,7 @@ class OpenAIApi:
         first: Chunk,
         stream: AsyncIterator[Chunk],
         closer: _StreamCloser,
+        migration: MigratingStream | None = None,
     ) -> AsyncIterator[bytes]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = now()
@@ -259,6 +267,8 @@ class OpenAIApi:
             out = {"id": rid, "object": obj, "created": created, "model": served.name, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
+            if chunk.finish_reason is not None and migration is not None and migration.migrations:
+                out[MIGRATIONS_FIELD] = [x.as_dict() for x in migration.migrations]
             return out
 
         last = first

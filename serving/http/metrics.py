@@ -68,6 +68,19 @@ class IngressMetrics:
         self.completion_tokens = Counter(
             "tandem_completion_tokens", "Generated tokens.", ["model"], registry=r
         )
+        self.stream_migrations = Counter(
+            "tandem_stream_migrations",
+            "Streams that broke after their first token, by model, how they broke (error, stalled, cut) "
+            "and what followed (migrated, or why not: limit, budget, client_error, ...).",
+            ["model", "failure", "result"],
+            registry=r,
+        )
+        self.stream_stalls = Counter(
+            "tandem_stream_stalls",
+            "Streams whose engine sent nothing within resilience.streams.stall_timeout_s.",
+            ["model"],
+            registry=r,
+        )
         self.reasoning_tokens = Counter(
             "tandem_reasoning_tokens",
             "Generated tokens inside the reasoning block (part of tandem_completion_tokens).",

@@ -37,6 +37,7 @@ from router.truncation import NothingToDrop, fewest_to_drop, plan_units
 from serving.backends import Backend
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
+from serving.http.migration import MigratingStream
 from serving.http.protocol import (
     MAX_TOKENS_HEADER,
     PRIORITY_HEADER,
@@ -79,6 +80,9 @@ class ServedModel:
     tags: ThinkTags | None = None
     #: Reasoning budget of a request that sets none.
     default_reasoning_budget: int | None = None
+    #: Digest of the tokenizer's vocabulary (None: unknown): a stream may migrate between two models
+    #: only when theirs are equal (serving.http.migration).
+    vocab: str | None = None
 
     @classmethod
     def from_spec(
@@ -98,21 +102,27 @@ class ServedModel:
             salt_tenants=model.router.tenant_salt,
             tags=reasoning_tags(spec, name, tokenizer),
             default_reasoning_budget=model.reasoning.default_max_tokens if model.reasoning else None,
+            vocab=tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None,
         )
 
     def open_stream(
-        self, request: GenerateRequest, budget: int | None, chat: bool = True
+        self,
+        request: GenerateRequest,
+        budget: int | None,
+        chat: bool = True,
+        stream: Callable[[GenerateRequest], AsyncIterator[Chunk]] | None = None,
     ) -> AsyncIterator[Chunk]:
-        """The backend stream; for chat with a reasoning model, through a ThinkingRun: the budget, the
-        reasoning token count, and `text` (the answer) split from `reasoning_text`. A text
-        completion is raw text: nothing is split or hidden."""
+        """The backend stream (or `stream`'s: a migrating one, serving.http.migration); for chat with a
+        reasoning model, through a ThinkingRun: the budget, the reasoning token count, and `text` (the
+        answer) split from `reasoning_text`. A text completion is raw text: nothing is split or hidden."""
+        open_leg = stream or self.backend.stream
         if self.tags is None or not chat:
-            return self.backend.stream(request)
+            return open_leg(request)
         budget = budget or self.default_reasoning_budget
         # The answer and the reasoning are decoded here from the ids, split at the tags.
         text = getattr(self.tokenizer, "decode_stream", None)
         run = ThinkingRun(
-            self.backend.stream, request, request.sampling.max_tokens, budget, self.tags, text=text
+            open_leg, request, request.sampling.max_tokens, budget, self.tags, text=text
         )
         return run.chunks()
 
@@ -260,6 +270,8 @@ class Opened:
     first: Chunk
     stream: AsyncIterator[Chunk]
     route: str
+    #: The stream's migrations after its first token (serving.http.migration).
+    migration: MigratingStream | None = None
 
 
 class RequestPipeline:
@@ -586,7 +598,8 @@ class RequestPipeline:
                     tenant=inp.tenant,
                     session_id=inp.session_id,
                 )
-                stream = served.open_stream(req, inp.reasoning_budget, chat)
+                migrating = MigratingStream(self, plan, ticket, chain, i, served, timeout)
+                stream = served.open_stream(req, inp.reasoning_budget, chat, migrating.stream)
                 err: EngineError | None = None
                 timed_out = False
                 try:
@@ -604,7 +617,8 @@ class RequestPipeline:
                 now = time.monotonic()
                 if first is not None and err is None:
                     health.on_success(now)
-                    return Opened(served, first, stream, self._route(plan, chain, i, skipped, first))
+                    route = self._route(plan, chain, i, skipped, first)
+                    return Opened(served, first, stream, route, migrating)
                 await stream.aclose()
                 ticket.leave_pool()
                 cls = classify(err.status if err else None, timed_out)
@@ -653,6 +667,14 @@ class RequestPipeline:
             route += "; " + first.route.header()
         return route
 
+
+    async def prompts_for(self, plan: Plan, served: ServedModel) -> list[int]:
+        """The request's prompt ids on `served` (tokenized once per model)."""
+        return plan.prompt_ids if served is plan.served else await plan.prompts.for_model(served)
+
+    async def block_keys(self, served: ServedModel, ids: list[int], salt: str | None) -> list[int]:
+        """The routing keys of `ids` on `served` (see `block_keys`)."""
+        return await block_keys(served, ids, salt)
 
     def session_route(self, plan: Plan) -> str:
         """The `x-tandem-route` header of a /v1/responses request (the session worker serves it)."""
