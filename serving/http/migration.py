@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -135,6 +136,7 @@ class MigratingStream:
         # pipeline.open bounds the request's very first read; a continuation's first read may wait for
         # a replica to start; after that, the stall timeout.
         timeout: float | None = None if not self._started else self._stall_s
+        deadline, tries = 0.0, 0  # a continuation's first-chunk deadline, and its tries without a chunk
         try:
             while True:
                 got = await self._read(leg, timeout)
@@ -177,6 +179,18 @@ class MigratingStream:
                 if not self._started:
                     yield Chunk(error=error)
                     return
+                left = deadline - time.monotonic()
+                if leg_start and len(sent) == leg_start and error.status == 503 and left > 0:
+                    # The continuation found no live replica (Serve still knew the dead one, or its
+                    # replacement is starting): the same continuation again, until its first-chunk
+                    # timeout; these tries are not migrations (nothing more was sent).
+                    tries += 1
+                    r = self._pipeline.gateway.resilience
+                    await asyncio.sleep(min(left, backoff_s(tries, r.backoff_base_s, r.pool_status_period_s)))
+                    req = dataclasses.replace(req, request_id=f"{req.request_id.split('~')[0]}~{tries}")
+                    leg = _noting_route(served.backend.stream(req), self.migrations[-1])
+                    timeout = max(deadline - time.monotonic(), 0.001)
+                    continue
                 continued = await self._continue(
                     request, req, failure, error, sent, leg_start, ids_known, extra
                 )
@@ -188,6 +202,7 @@ class MigratingStream:
                 leg = _noting_route(served.backend.stream(req), self.migrations[-1])
                 leg_start = len(sent)
                 timeout = self._first_timeout_s
+                deadline, tries = time.monotonic() + timeout, 0
         finally:
             await asyncio.shield(leg.aclose())
 

@@ -60,15 +60,23 @@ class BreakingBackend(CountingBackend):
     """A FakeEngine whose first `breaks` streams break after `after` tokens: `mode` error (a 503, as a
     replica that died), stall (nothing more, ever) or cut (the stream just ends)."""
 
-    def __init__(self, mode: str, after: int = 3, breaks: int = 1, status: int = 503) -> None:
+    def __init__(
+        self, mode: str, after: int = 3, breaks: int = 1, status: int = 503, dead_for: int = 0
+    ) -> None:
         super().__init__(FakeEngine("small", max_model_len=256))
         self.mode, self.after, self.breaks, self.status = mode, after, breaks, status
+        #: Streams after the first break that fail at once (a replica not yet replaced).
+        self.dead_for = dead_for
         self.requests: list[GenerateRequest] = []
         self.closed = 0
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         self.requests.append(request)
         breaking = len(self.requests) <= self.breaks
+        if self.breaks < len(self.requests) <= self.breaks + self.dead_for:
+            self.closed += 1
+            yield Chunk(error=EngineError("no replica", 503, "engine_unavailable"))
+            return
         n = 0
         try:
             async for chunk in super().stream(request):
@@ -220,3 +228,17 @@ async def test_a_client_error_mid_stream_is_not_migrated() -> None:
         events, done = _sse(r.text)
         assert done and events[-1]["error"]["code"] == 400
         assert len(backend.requests) == 1
+
+
+async def test_a_continuation_that_finds_no_replica_yet_is_tried_again_without_counting_a_migration() -> None:
+    want, _ = await _reference(10)
+    backend = BreakingBackend("error", after=3, dead_for=4)
+    await _started(backend)
+    async with stack({"small": backend}, resilience={"streams": {"migration_limit": 1}}) as s:
+        r = await s.client.post("/v1/chat/completions", json=chat(model="small", max_tokens=10))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert route(r)["migrations"] == "1"
+        assert len(backend.requests) == 6  # the break, 4 tries on no replica, the continuation
+        ids = [q.request_id.rsplit(".", 1)[-1] for q in backend.requests[1:]]
+        assert ids == ["m1", "m1~1", "m1~2", "m1~3", "m1~4"]
