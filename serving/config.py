@@ -445,7 +445,12 @@ class RouterSpec(_Spec):
     tenant_salt: bool = Field(
         True,
         description="Salt block hashes (router and engine cache) per tenant so tenants never share "
-        "cache entries (prefix-cache timing leaks across tenants otherwise).",
+        "cache entries (prefix-cache timing leaks across tenants otherwise). The salt is keyed by the "
+        "TANDEM_SALT_SECRET environment variable of the ingress (router.hashing.tenant_salt; set it, "
+        "the same on every Ray pod, or salts are a public function of tenant names). engine: sglang "
+        "needs an SGLang whose Engine.async_generate takes cache_salt (or extra_key): on one that "
+        "does not, replicas refuse to start (checked at start, not here, since the spec is checked "
+        "where SGLang may not be installed).",
     )
 
 
@@ -961,11 +966,22 @@ class TruncationSpec(_Spec):
     )
 
 
+#: What an API key may do: `inference` (the /v1/* API) and `metrics` (GET /metrics, which names every
+#: tenant with its bucket level; give it to the scraper, not to tenants).
+KeyScope = Literal["inference", "metrics"]
+
+
 class ApiKey(_Spec):
     """An API key, stored as the SHA-256 of the key (`tandem key new` prints both)."""
 
     tenant: str = Field(pattern=_NAME_RE, description="Tenant the key authenticates as.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key.")
+    scopes: list[KeyScope] = Field(
+        default_factory=lambda: ["inference"],
+        min_length=1,
+        description="What the key may call: inference (/v1/*) and/or metrics (GET /metrics, which lists "
+        "every tenant; a Prometheus scraper's key). A metrics-only key cannot call /v1/*.",
+    )
 
 
 class AuthSpec(_Spec):
@@ -975,13 +991,57 @@ class AuthSpec(_Spec):
     keys: list[ApiKey] = Field(default_factory=list, description="Keys given inline (hashed).")
     keys_file: str | None = Field(
         None,
-        description="YAML/JSON file with more keys, a list of {tenant, sha256} (a mounted Kubernetes "
-        "Secret); read at start.",
+        description="YAML/JSON file with more keys, a list of {tenant, sha256, scopes} (a mounted "
+        "Kubernetes Secret); re-read when it changes, so a key removed from it stops working without a "
+        "restart. A change that does not parse keeps the previous keys (and is logged).",
+    )
+    keys_reload_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often the keys file is checked for a change (a stat; it is re-read only when "
+        "changed), at most: the check runs on a request. A revoked key stops working within this time.",
     )
     allow_remote_unauthenticated: bool = Field(
         False,
         description="With auth disabled, allow binding the API to a non-loopback address. Anyone who "
         "can reach the port can then use any tenant.",
+    )
+
+
+class HttpSpec(_Spec):
+    """Limits of the HTTP edge (serving.http.api), applied before a request is authenticated or parsed
+    (the prompt's size: before it is tokenized)."""
+
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (bytes); past it the answer is 413 `body_too_large`, checked on "
+        "Content-Length before anything is read and by counting a chunked body. 8 MiB holds a 1M-token "
+        "prompt as text or a 500k-token prompt as token ids; without a bound a client can make the "
+        "ingress hold, parse and tokenize hundreds of MB.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Most time a client may take to send its whole request body; past it the answer is "
+        "408 `body_timeout`. A client that trickles its body would otherwise hold a connection and an "
+        "ingress slot forever; 30 s sends 8 MiB at ~2 Mbit/s.",
+    )
+    max_prompt_chars_per_token: int = Field(
+        8,
+        ge=1,
+        description="A prompt longer than the model's context times this many characters (all its "
+        "messages' contents, a response's instructions and input, a text completion's string) is a 400 "
+        "`context_length_exceeded` before it is tokenized, as is a token-id prompt longer than the "
+        "context. Here with max_body_bytes, not under admission: both bound what one request costs the "
+        "ingress before it is charged anything (a huge prompt tokenizes for seconds in the thread pool "
+        "every request shares, only to be rejected). Text averages 3-5 characters a token; raise this "
+        "for prompts of long runs of one character (deeply indented code).",
+    )
+    docs: bool = Field(
+        False,
+        description="Serve /docs, /redoc and /openapi.json (with auth on they need a valid key). Off by "
+        "default: the schema tells anyone who can reach the port every route and field.",
     )
 
 
@@ -1015,6 +1075,26 @@ class TenantLimits(_Spec):
         description="Default priority class; a request may lower its own (x-tandem-priority) but "
         "not raise it.",
     )
+    max_in_flight: int | None = Field(
+        512,
+        ge=1,
+        description="Requests of the tenant admitted at once (holding a pool slot, waiting for one, or "
+        "streaming); beyond it: 429 `tenant_concurrency`. The token bucket bounds tokens, not requests: "
+        "without this, cheap requests (max_tokens 1) of one tenant hold every slot. 512 is half of what "
+        "one ingress replica accepts (server.ingress_max_ongoing_requests 1024), so other tenants always "
+        "find room, and still more than a default pool's slots (64 per replica) plus its wait queue "
+        "(admission.max_queue 256), so a lone tenant is not slowed. null: no cap.",
+    )
+
+    def limits(self, share: float) -> Limits:
+        """These limits as one ingress replica enforces them (its `share` of the cluster figures)."""
+        return Limits(
+            self.tokens_per_s * share,
+            max(1.0, self.burst_tokens * share),
+            self.fanout_width,
+            self.priority.rank,
+            None if self.max_in_flight is None else max(1, math.ceil(self.max_in_flight * share)),
+        )
 
 
 class TenantSpec(TenantLimits):
@@ -1089,15 +1169,28 @@ class ResilienceSpec(_Spec):
     )
     backoff_base_s: float = Field(0.1, gt=0, description="First retry's backoff ceiling (full jitter).")
     backoff_max_s: float = Field(5.0, gt=0, description="Largest backoff ceiling.")
-    max_attempts: int = Field(3, ge=1, description="Attempts on one target before moving down the chain.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Attempts on one target before moving down the chain (an engine fault, a plain 500 "
+        "`engine_error`, is never retried on the same target: the same input fails the same way).",
+    )
     first_token_timeout_s: float = Field(
         90.0,
         gt=0,
         description="An attempt with no first token after this long (engine queueing included) counts "
-        "as a timeout: retried with backoff or sent down the degradation chain.",
+        "as a timeout: retried with backoff or sent down the degradation chain. A timeout while the "
+        "target's admission pool is saturated (every slot taken or a request waiting) is overload, "
+        "not a strike against its health.",
     )
     terminal_after: int = Field(
-        2, ge=1, description="Consecutive failures that take a target from sticky_retry to terminal."
+        2,
+        ge=1,
+        description="Distinct failed requests in a row, with no success in between, that take a "
+        "target from sticky_retry to terminal for every tenant. It counts requests, not attempts: "
+        "the retries of one request are one strike whatever max_attempts is, and engine faults count "
+        "once per tenant, so one tenant's poison request cannot take a model down unless this is 1 "
+        "(then any one failed request does: for single-tenant setups and tests only).",
     )
     probe_interval_s: float = Field(
         5.0, gt=0, description="How often a terminal target is probed for recovery."
@@ -1161,6 +1254,45 @@ class SessionStoreSpec(_Spec):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of a custom store (or of the Redis client)."
     )
+    io_threads: int = Field(
+        8,
+        ge=1,
+        description="Threads of an ingress replica that run its store calls. They are the store's own: "
+        "a slow or unreachable store makes its calls queue here, and never takes the default thread "
+        "pool that tokenizes chat requests.",
+    )
+    retry_after_s: int = Field(
+        2,
+        ge=1,
+        description="Retry-After of a 503 `store_unavailable` (the store did not answer: Redis down or "
+        "timed out, SQLite locked past its busy timeout). Outages are usually brief; a later call works.",
+    )
+    socket_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Redis: most time one command waits for its reply. redis-py 5 waits forever "
+        "without one, so a black-holed server would hold a store thread for good.",
+    )
+    socket_connect_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Redis: most time to open a connection (a server that drops packets would "
+        "otherwise hold the call for the OS's TCP timeout).",
+    )
+    retries: int = Field(
+        1,
+        ge=0,
+        description="Redis: retries of a command after a connection error or timeout, with a short "
+        "jittered backoff. Each one may take the timeouts above again, so a few keep a dead server "
+        "from holding every call for long.",
+    )
+    require_aof: bool = Field(
+        False,
+        description="Redis: refuse to start unless the server runs with `appendonly yes`. Without AOF a "
+        "Redis restart loses acknowledged sessions (a client's `resp_` id answers 404, a finished one "
+        "runs again). False only logs a warning. A server that refuses CONFIG GET (managed Redis) "
+        "cannot be checked and is warned about, never refused.",
+    )
 
     @model_validator(mode="after")
     def _kind_has_its_fields(self) -> SessionStoreSpec:
@@ -1195,6 +1327,53 @@ class SessionsSpec(_Spec):
         0.1, ge=0, description="CPUs reserved per worker (light: it streams tokens and writes checkpoints)."
     )
     max_active_per_worker: int = Field(32, ge=1, description="Sessions one worker generates at once.")
+    max_active_per_tenant: int | None = Field(
+        16,
+        ge=1,
+        description="Sessions of one tenant that one worker generates at once (None: no bound but "
+        "max_active_per_worker). With the default half of a worker stays open to other tenants, so a "
+        "tenant that queued hundreds of long sessions does not make another's wait for one of them to "
+        "end; queued sessions are claimed round-robin across tenants (oldest of each tenant first).",
+    )
+    default_max_output_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Output tokens (reasoning included) a session that sets no max_output_tokens may "
+        "generate, at most the rest of the context. A session is charged to its tenant's token bucket "
+        "up front (prompt + this limit, never reconciled, since it runs on a worker after the request "
+        "is answered), so the limit is what makes the charge cover what it generates. A tenant whose "
+        "burst_tokens is smaller gets a 400 request_too_large and must set max_output_tokens.",
+    )
+    max_streams_per_tenant: int = Field(
+        50,
+        ge=1,
+        description="Event streams (GET /v1/responses/{id}?stream=true, POST with stream) and "
+        "waiting creates (neither background nor stream) one tenant holds open at once on one ingress "
+        "replica; past it a 429 `too_many_streams`. A stream costs no tokens, so without a bound one "
+        "key could hold every connection and store thread of the ingress.",
+    )
+    stream_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After of a 429 `too_many_streams` (a stream frees its slot when it ends)."
+    )
+    stream_poll_max_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest pause between a stream reader's store reads: the pause starts at "
+        "stream_poll_s and doubles while no event arrives (a queued or slow session costs a few "
+        "reads a second, not twenty).",
+    )
+    stream_heartbeat_s: float = Field(
+        15.0,
+        gt=0,
+        description="An SSE comment (`: keepalive`) after this long without an event, so that proxies "
+        "with read timeouts keep an idle stream open.",
+    )
+    wait_max_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a create without background or stream waits for its session to end; "
+        "then it answers the response as it stands (in_progress), which the client polls by id.",
+    )
     store: SessionStoreSpec = Field(default_factory=SessionStoreSpec, description="The durable log.")
     checkpoint_tokens: int = Field(16, ge=1, description="Checkpoint after this many new tokens...")
     checkpoint_interval_s: float = Field(0.25, gt=0, description="...or after this long, if sooner.")
@@ -1220,6 +1399,15 @@ class SessionsSpec(_Spec):
         description="Delivery attempts of a completion webhook (429 and 5xx and transport errors are "
         "retried; a numeric Retry-After of a 429/503 is honoured up to backoff_max_s).",
     )
+
+    @model_validator(mode="after")
+    def _stream_poll_bounds(self) -> SessionsSpec:
+        if self.stream_poll_max_s < self.stream_poll_s:
+            raise ValueError(
+                f"stream_poll_max_s ({self.stream_poll_max_s:g}) is below stream_poll_s "
+                f"({self.stream_poll_s:g}); raise stream_poll_max_s or lower stream_poll_s"
+            )
+        return self
 
     def retry_policy(self) -> RetryPolicy:
         """A session worker's retry policy for engine legs (attempts count legs without progress)."""
@@ -1290,6 +1478,9 @@ class ServingSpec(_Spec):
     tiers: list[TierSpec] = Field(default_factory=list, description="Task tiers -> model.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="How requests pick a tier.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys -> tenants.")
+    http: HttpSpec = Field(
+        default_factory=HttpSpec, description="Request body size and time limits, the API docs pages."
+    )
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec, description="Admission control.")
     resilience: ResilienceSpec = Field(default_factory=ResilienceSpec, description="Retries and health.")
     sessions: SessionsSpec = Field(default_factory=SessionsSpec, description="Background sessions.")
@@ -1398,12 +1589,7 @@ class ServingSpec(_Spec):
             t: TenantLimits = named.get(tenant, adm.default_tenant)
             if not adm.enabled:
                 return Limits(math.inf, math.inf, UNLIMITED, t.priority.rank)
-            return Limits(
-                t.tokens_per_s * share,
-                max(1.0, t.burst_tokens * share),
-                t.fanout_width,
-                t.priority.rank,
-            )
+            return t.limits(share)
 
         explicit = {p.model: p.max_concurrency for p in adm.pool_limits}
         pools = {}

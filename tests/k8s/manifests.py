@@ -38,6 +38,10 @@ K8S = REPO / "k8s"
 NAMESPACE = "tandem"
 MANAGED_BY = "kustomize"
 HELM_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
+#: The cache-salt secret comes from a Secret you create, like the API keys: the chart would otherwise make
+#: one with a random value, which has no place in files kept in git (and differs on every render).
+SALT_SECRET = "tandem-salt"
+SALT_SET = f"saltSecret.existingSecret={SALT_SECRET}"
 
 
 @dataclass(frozen=True)
@@ -78,28 +82,32 @@ class Directory:
 
 
 BASE = Directory(
-    "base", "base", Render(("values-8b-70b.yaml",)), None, "The GPU cluster of values-8b-70b.yaml."
+    "base",
+    "base",
+    Render(("values-8b-70b.yaml",), (SALT_SET,)),
+    None,
+    "The GPU cluster of values-8b-70b.yaml.",
 )
 DIRECTORIES = [
     BASE,
     Directory(
         "overlays/local-cpu",
         "overlay",
-        Render(("values-local-cpu.yaml",)),
+        Render(("values-local-cpu.yaml",), (SALT_SET,)),
         "base",
         "Both tiny models on CPUs, everything on the head pod (kind): values-local-cpu.yaml.",
     ),
     Directory(
         "overlays/moe-dp-ep",
         "overlay",
-        Render(("values-moe-dp-ep.yaml",)),
+        Render(("values-moe-dp-ep.yaml",), (SALT_SET,)),
         "base",
         "DeepSeek-V3 on H100 DP + EP prefill and decode pools: values-moe-dp-ep.yaml.",
     ),
     Directory(
         "components/monitoring",
         "component",
-        Render(("values-8b-70b.yaml",), ("monitoring.enabled=true",)),
+        Render(("values-8b-70b.yaml",), (SALT_SET, "monitoring.enabled=true")),
         "base",
         "The PodMonitor (Prometheus Operator) and the Grafana dashboard ConfigMap: monitoring.enabled=true.",
     ),
@@ -120,7 +128,7 @@ class Build:
 def _build(resource: str, *components: str) -> Build:
     """A directory with components, and the render of the directory's values with the components' --set."""
     render = BY_PATH[resource].render
-    sets = render.sets + tuple(s for c in components for s in BY_PATH[c].render.sets)
+    sets = tuple(dict.fromkeys(render.sets + tuple(s for c in components for s in BY_PATH[c].render.sets)))
     return Build(" + ".join([resource, *components]), resource, components, Render(render.values, sets))
 
 
@@ -323,7 +331,8 @@ def _base(d: Directory, templates: dict[str, list[str]]) -> dict[str, str]:
     }
     files[f"{d.path}/kustomization.yaml"] = (
         header(d, d.about)
-        + "# Create the Secrets it mounts first: tandem-api-keys, and tandem-redis for Redis sessions.\n"
+        + f"# Create the Secrets it mounts first: tandem-api-keys, {SALT_SECRET}, and tandem-redis for Redis "
+        "sessions.\n"
         + dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",

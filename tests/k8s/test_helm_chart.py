@@ -7,7 +7,9 @@ schema and Tandem's spec parser. helm comes from PATH, else from ../shared/tools
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from yamllint import linter
 
+from router.hashing import SALT_SECRET_ENV
 from serving.config import (
     DATA_PLANE_ENV,
     DataPlane,
+    HttpSpec,
     ServerSpec,
     TemplateLibrarySpec,
     TemplatesSpec,
@@ -63,7 +67,11 @@ APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 #: Every optional object switched on (validated like the values files themselves).
 ALL_OPTIONS = {
-    "monitoring": {"enabled": True, "ingressMetrics": {"enabled": True}},
+    "monitoring": {
+        "enabled": True,
+        "ingressMetrics": {"enabled": True},
+        "metricsKeySecret": {"name": "tandem-metrics-key"},
+    },
     "ingress": {
         "enabled": True,
         "className": "nginx",
@@ -77,6 +85,8 @@ ALL_OPTIONS = {
     "imagePullSecrets": [{"name": "registry"}],
     "podSecurityContext": {"fsGroup": 1000},
     "containerSecurityContext": {"allowPrivilegeEscalation": False},
+    "rayTokenAuth": True,
+    "saltSecret": {"existingSecret": "prod-salt", "existingSecretKey": "hmac"},
 }
 #: A prompt template library for MIXED_SPEC (its tier `fast`, its task type `classify`).
 LIBRARY = {
@@ -123,15 +133,20 @@ MIXED = {
     "upstreamSecrets": UPSTREAM_SECRETS,
 }
 #: (name, values files, --set-json values) of every rendering that the validators check.
-RENDERINGS = [(f, [f], {}) for f in VALUES_FILES] + [
-    ("values-8b-70b.yaml + every option", ["values-8b-70b.yaml"], ALL_OPTIONS),
-    (
-        "values-local-cpu.yaml + inline keys",
-        ["values-local-cpu.yaml"],
-        {"auth": {"existingSecret": "", "keys": KEYS}},
-    ),
-    ("a gpu pool, an external server and a template library", [], MIXED),
-]
+RENDERINGS = (
+    [("the chart's defaults", [], {})]
+    + [(f, [f], {}) for f in VALUES_FILES]
+    + [
+        ("values-8b-70b.yaml + every option", ["values-8b-70b.yaml"], ALL_OPTIONS),
+        (
+            "values-local-cpu.yaml + inline keys",
+            ["values-local-cpu.yaml"],
+            {"auth": {"existingSecret": "", "keys": KEYS}},
+        ),
+        ("a gpu pool, an external server and a template library", [], MIXED),
+    ]
+)
+RENDERINGS_BY_NAME = {name: (files, set_) for name, files, set_ in RENDERINGS}
 CLUSTER_CONFIGS = {
     "values-8b-70b.yaml": "configs/cluster-8b-70b.yaml",
     "values-moe-dp-ep.yaml": "configs/cluster-moe-dp-ep.yaml",
@@ -170,6 +185,11 @@ def render_error(helm: Helm, files: tuple[str, ...] | list[str] = (), **values: 
     with pytest.raises(HelmError) as err:
         helm.template(files, values)
     return str(err.value)
+
+
+def secret_names(docs: list[dict[str, Any]]) -> list[str]:
+    """Names of the Secrets the chart renders."""
+    return sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Secret")
 
 
 def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -457,7 +477,7 @@ def test_every_container_image_is_pinned_to_the_app_version_and_pulled_if_not_pr
 
 def test_an_image_digest_replaces_the_tag(helm: Helm) -> None:
     digest = "sha256:" + "c" * 64
-    docs = helm.template(["values-8b-70b.yaml"], {"image": {"digest": digest}})
+    docs = helm.template(["values-8b-70b.yaml"], {"image.digest": digest})
     assert {c["image"] for pod in pod_specs(docs).values() for c in containers(pod)} == {f"tandem@{digest}"}
 
 
@@ -474,7 +494,7 @@ def test_inline_keys_become_a_secret_mounted_where_the_spec_reads_them(helm: Hel
     secret = one(docs, "Secret", "tandem-api-keys")
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(secret["stringData"]["keys.yaml"])
-    assert [k.model_dump() for k in load_keys_file(str(keys_file))] == KEYS
+    assert [k.model_dump(include={"tenant", "sha256"}) for k in load_keys_file(str(keys_file))] == KEYS
     assert deployed_spec(docs)["auth"] == {"enabled": True, "keys_file": "/etc/tandem/keys/keys.yaml"}
     for pod in pod_specs(docs).values():
         volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
@@ -490,7 +510,7 @@ def test_an_existing_keys_secret_is_mounted_instead_of_the_charts_own(helm: Helm
     docs = helm.template(
         ["values-8b-70b.yaml"], {"auth": {"existingSecret": "prod-keys", "existingSecretKey": "hashes"}}
     )
-    assert "Secret" not in kinds(docs)
+    assert secret_names(docs) == ["tandem-salt"]  # the cache-salt secret only, no key hashes
     for pod in pod_specs(docs).values():
         volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
         assert volume["secret"] == {
@@ -513,7 +533,7 @@ def test_auth_off_is_refused_unless_remote_unauthenticated_access_is_allowed(hel
     )
     assert deployed_spec(docs)["auth"] == {"enabled": False, "allow_remote_unauthenticated": True}
     assert parse_spec(deployed_spec(docs)).auth.enabled is False
-    assert "Secret" not in kinds(docs)
+    assert secret_names(docs) == ["tandem-salt"]
     assert all(v["name"] != "api-keys" for v in pod_specs(docs)["head"]["volumes"])
 
 
@@ -524,6 +544,77 @@ def test_the_redis_url_reaches_every_ray_container_from_the_named_secret(helm: H
         assert env["TANDEM_REDIS_URL"]["valueFrom"] == {
             "secretKeyRef": {"name": "tandem-redis", "key": "url"}
         }
+
+
+#: The variable router.hashing.salt_secret reads (the per-tenant cache salt is HMAC(secret, tenant)).
+SALT_ENV = SALT_SECRET_ENV
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RENDERINGS])
+def test_every_ray_container_gets_the_salt_secret_from_a_secret_the_render_has_or_names(
+    rendered: dict[str, str], name: str
+) -> None:
+    """The ingress (on any Ray pod) salts each tenant's cache keys with $TANDEM_SALT_SECRET: every Ray
+    container of the head and of each worker group reads it from a Secret, never from a literal value;
+    the chart's own Secret when the values name none, with the key the reference asks for."""
+    assert SALT_ENV == "TANDEM_SALT_SECRET"
+    docs = docs_of(rendered[name])
+    values = dict(RENDERINGS_BY_NAME[name][1])
+    named = values.get("saltSecret", {}).get("existingSecret")
+    pods = pod_specs(docs)
+    for group, pod in pods.items():
+        ray = [c for c in pod["containers"] if c["name"] in ("ray-head", "ray-worker")]
+        assert ray, group
+        for c in ray:
+            salt = [e for e in c.get("env", []) if e["name"] == SALT_ENV]
+            assert len(salt) == 1, (group, c["name"])
+            assert set(salt[0]) == {"name", "valueFrom"}, salt  # no literal value
+            ref = salt[0]["valueFrom"]["secretKeyRef"]
+            if named:
+                assert ref == {"name": named, "key": values["saltSecret"]["existingSecretKey"]}
+                assert named not in secret_names(docs)
+            else:
+                secret = one(docs, "Secret", ref["name"])
+                assert ref == {"name": "tandem-salt", "key": "secret"}
+                assert len(base64.b64decode(secret["data"]["secret"])) == 48
+    # Nothing else gets it: the load test's pods, the init containers that build models.
+    for group, pod in pods.items():
+        others = pod.get("initContainers", []) + [
+            c for c in pod["containers"] if c["name"] not in ("ray-head", "ray-worker")
+        ]
+        assert all(SALT_ENV not in {e["name"] for e in c.get("env", [])} for c in others), group
+
+
+def test_the_charts_salt_secret_is_random_alphanumeric_and_kept_across_upgrades(helm: Helm) -> None:
+    """48 random letters and digits on a first install; the value the cluster holds afterwards
+    (`lookup`: helm install/upgrade ask the cluster; helm template cannot, so it gets a new one)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["saltSecret"] == {"existingSecret": "", "existingSecretKey": "secret"}
+    a = one(helm.template(), "Secret", "tandem-salt")["data"]["secret"]
+    b = one(helm.template(set_={"podLabels": {"x": "y"}}), "Secret", "tandem-salt")["data"]["secret"]
+    for value in (a, b):
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(value).decode())
+    assert a != b  # no cluster to read it back from: each render makes one
+    source = (CHART / "templates" / "salt-secret.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in source
+    other = helm.template(set_={"fullnameOverride": "prod"})
+    assert "prod-salt" in secret_names(other)
+    head = pod_specs(other)["head"]["containers"][0]
+    ref = next(e for e in head["env"] if e["name"] == SALT_ENV)["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "prod-salt", "key": "secret"}
+
+
+def test_a_named_salt_secret_replaces_the_charts_own(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"], {"saltSecret": {"existingSecret": "tandem-salt-prod"}})
+    assert secret_names(docs) == []
+    for pod in pod_specs(docs).values():
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env[SALT_ENV]["valueFrom"] == {"secretKeyRef": {"name": "tandem-salt-prod", "key": "secret"}}
+
+
+def test_the_salt_secret_in_extra_env_is_refused_naming_the_value_to_use(helm: Helm) -> None:
+    err = render_error(helm, extraEnv=[{"name": SALT_ENV, "value": "s3cret"}])
+    assert "extraEnv sets TANDEM_SALT_SECRET" in err and "saltSecret.existingSecret" in err
 
 
 @pytest.mark.parametrize("plane", [None, *DataPlane])
@@ -613,7 +704,7 @@ def test_the_spec_fields_the_chart_owns_are_refused_in_values(helm: Helm, field:
 
 
 def test_a_spec_without_models_is_a_schema_error(helm: Helm) -> None:
-    err = render_error(helm, auth={"keys": KEYS})
+    err = render_error(helm, tandem={"models": None})
     assert "/tandem" in err and "models" in err
 
 
@@ -632,6 +723,293 @@ def test_replicas_reserving_more_cpus_than_a_pod_has_fail(helm: Helm) -> None:
     pool = {"accelerator": "L4", "cpus_per_replica": 8}
     err = render_error(helm, **{"auth": {"keys": KEYS}, "tandem": gpu_spec(pool)})
     assert "reserves 8 CPUs" in err and "accelerators.L4.cpu is 6" in err
+
+
+# --- The chart's own defaults ------------------------------------------------------------------------
+
+
+def test_the_chart_passes_helm_lint_strict_with_its_own_defaults(helm: Helm) -> None:
+    assert "0 chart(s) failed" in helm.lint([])
+
+
+def test_the_defaults_are_a_small_cpu_deployment_of_the_local_tiny_intent_model(helm: Helm) -> None:
+    """No values file: one tiny model on the CPU image, everything on the head pod, keys from the Secret
+    the install steps create; the RayService passes the CRD schema like every rendering above."""
+    docs = helm.template()
+    jsonschema.validate(one(docs, "RayService"), rayservice_schema("v1"))
+    spec = parse_spec(deployed_spec(docs), origin="values.yaml")
+    local = load_spec(REPO / "configs/local.yaml")
+    assert [m.name for m in spec.models] == ["tiny-intent"]
+    assert spec.model("tiny-intent") == local.model("tiny-intent")
+    assert worker_groups(docs) == {} and plan(spec) and all(p.gpus_per_replica == 0 for p in plan(spec))
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "4"
+    assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+    head = pod_specs(docs)["head"]
+    assert {c["image"] for c in containers(head)} == {f"tandem-cpu:{APP_VERSION}"}
+    assert head["initContainers"][0]["command"][-2:] == ["--name", "tiny-intent"]
+    keys = next(v for v in head["volumes"] if v["name"] == "api-keys")["secret"]
+    assert keys["secretName"] == "tandem-api-keys" and secret_names(docs) == ["tandem-salt"]
+
+
+def test_tiers_next_to_the_default_models_fail_naming_the_tier_and_the_fix(helm: Helm) -> None:
+    """A values file that sets tandem.tiers but not tandem.models keeps values.yaml's model list."""
+    err = render_error(helm, tandem={"tiers": [{"name": "chat", "model": "llama"}]})
+    assert 'tandem.tiers[chat].model is llama, but tandem.models has ["tiny-intent"]' in err
+    assert "give tandem.models with your tiers" in err
+
+
+def test_inline_keys_are_used_instead_of_the_default_existing_secret(helm: Helm) -> None:
+    docs = helm.template(set_={"auth": {"keys": KEYS}})
+    assert CHART_DEFAULTS["auth"]["existingSecret"] == "tandem-api-keys"
+    assert one(docs, "Secret", "tandem-api-keys")["stringData"]["keys.yaml"]
+    other = helm.template(set_={"fullnameOverride": "prod", "auth": {"keys": KEYS}})
+    volume = next(v for v in pod_specs(other)["head"]["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == one(other, "Secret", "prod-api-keys")["metadata"]["name"]
+
+
+def test_key_scopes_pass_the_values_schema_and_reach_the_keys_file(helm: Helm, tmp_path: Path) -> None:
+    scraper = {"tenant": "prometheus", "sha256": "c" * 64, "scopes": ["metrics"]}
+    docs = helm.template(set_={"auth": {"keys": [*KEYS, scraper]}})
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(one(docs, "Secret", "tandem-api-keys")["stringData"]["keys.yaml"])
+    scopes = {k.tenant: k.scopes for k in load_keys_file(str(keys_file))}
+    assert scopes == {"acme": ["inference"], "batch-jobs": ["inference"], "prometheus": ["metrics"]}
+    bad = {"tenant": "x", "sha256": "d" * 64, "scopes": ["admin"]}
+    assert "/auth/keys/0/scopes/0" in render_error(helm, auth={"keys": [bad]})
+
+
+# --- Hardening: the NetworkPolicy, the pods, the scrape --------------------------------------------
+
+#: Ports with no authentication of their own: the Ray dashboard (its Jobs API runs code) and its agent
+#: (the Serve REST API KubeRay deploys through).
+RAY_UNAUTHENTICATED_PORTS = (8265, 52365)
+#: The load test on (its pods are checked too), with the Secret of its key.
+LOADTEST_ON = {"loadtest.enabled": True, "loadtest.apiKeySecret.name": "loadtest-key"}
+#: Every rendering above, and each again with the load test on.
+HARDENED = RENDERINGS + [(f"{n} + the load test", f, {**s, **LOADTEST_ON}) for n, f, s in RENDERINGS]
+#: Where Ray, vLLM and Python write in every Ray container (the images' HOME is /home/ray).
+WRITABLE = {"/tmp", "/tmp/ray", "/home/ray/.cache", "/home/ray/.config"}
+
+
+@pytest.fixture(scope="session")
+def hardened(helm: Helm) -> dict[str, list[dict[str, Any]]]:
+    return {name: helm.template(files, set_) for name, files, set_ in HARDENED}
+
+
+def every_pod(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec the chart renders: Ray's head and worker groups, the load test's Job and Deployment."""
+    pods = {f"ray {k}": v for k, v in pod_specs(docs).items()}
+    for d in docs:
+        if d["kind"] in ("Job", "Deployment"):
+            pods[f"{d['kind']} {d['metadata']['name']}"] = d["spec"]["template"]["spec"]
+    return pods
+
+
+def named_port(rule: dict[str, Any], port: int) -> bool:
+    """The rule lists `port` (by number, or `dashboard` for 8265)."""
+    names = {8265: "dashboard"}
+    return any(p["port"] in (port, names.get(port)) for p in rule.get("ports", []))
+
+
+@pytest.mark.parametrize("name", [r[0] for r in HARDENED])
+def test_every_rule_admitting_the_ray_dashboard_or_agent_admits_named_namespaces_only(
+    hardened: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """A rule that lists 8265 or 52365 admits peers by namespace name and label together; a rule for
+    every port (Ray inside the release) admits pods of the policy's own namespace only (a podSelector
+    without namespaceSelector). `namespaceSelector: {}` would be any namespace."""
+    policies = [d for d in hardened[name] if d["kind"] == "NetworkPolicy"]
+    assert policies
+    explicit = 0
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            if not any(named_port(rule, p) for p in RAY_UNAUTHENTICATED_PORTS) and "ports" in rule:
+                continue
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every source"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, peer
+                selector = peer.get("namespaceSelector")
+                if "ports" not in rule and selector is None:
+                    assert "podSelector" in peer  # the policy's namespace
+                    continue
+                assert selector and (selector.get("matchExpressions") or selector.get("matchLabels")), peer
+                assert "podSelector" in peer, peer  # and the operator's labels
+                explicit += 1
+    assert explicit == 1  # the KubeRay operator's rule
+
+
+def test_the_operator_is_admitted_from_kuberay_system_by_default_and_from_the_namespaces_given(
+    helm: Helm,
+) -> None:
+    def operator_peer(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        (rule,) = [r for r in one(docs, "NetworkPolicy")["spec"]["ingress"] if named_port(r, 52365)]
+        (peer,) = rule["from"]
+        return peer
+
+    peer = operator_peer(helm.template())
+    assert peer == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+        "namespaceSelector": {
+            "matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["kuberay-system"]}
+            ]
+        },
+    }
+    peer = operator_peer(helm.template(set_={"networkPolicy.operator.namespaces": ["ray-system", "ops"]}))
+    assert peer["namespaceSelector"]["matchExpressions"][0]["values"] == ["ray-system", "ops"]
+
+
+def test_no_operator_namespace_fails_the_render_naming_the_value(helm: Helm) -> None:
+    err = render_error(helm, **{"networkPolicy.operator.namespaces": []})
+    assert "networkPolicy.operator.namespaces is empty" in err
+    assert "networkPolicy.operator.namespaces: [kuberay-system]" in err
+    off = helm.template(set_={"networkPolicy.operator.namespaces": [], "networkPolicy.enabled": False})
+    assert "NetworkPolicy" not in kinds(off)
+
+
+def test_the_readme_says_the_ray_dashboard_and_agent_have_no_authentication() -> None:
+    text = " ".join((CHART / "README.md").read_text().split())
+    assert "the Ray dashboard (8265) and its agent (52365) have no authentication" in text
+    assert "networkPolicy.operator.namespaces" in text and "rayTokenAuth" in text
+
+
+@pytest.mark.parametrize("name", [r[0] for r in HARDENED])
+def test_every_container_runs_as_non_root_without_privileges_on_a_read_only_root(
+    hardened: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    docs = hardened[name]
+    pods = every_pod(docs)
+    assert any(k.startswith("Job") for k in pods) == name.endswith("the load test")
+    for where, pod in pods.items():
+        pod_sc = pod["securityContext"]
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod_sc["runAsUser"] == 1000 and pod_sc.get("runAsGroup", 1000) == 1000, where
+        for c in containers(pod):
+            sc = c["securityContext"]
+            assert {**pod_sc, **sc}["runAsNonRoot"] is True, (where, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert "ALL" in sc["capabilities"]["drop"], (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+    # KubeRay's autoscaler sidecar (not in the pod template) gets the same context.
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    if cluster["enableInTreeAutoscaling"]:
+        sidecar = cluster["autoscalerOptions"]["securityContext"]
+        assert sidecar["readOnlyRootFilesystem"] is True and "ALL" in sidecar["capabilities"]["drop"]
+        assert sidecar["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("name", [r[0] for r in HARDENED])
+def test_only_the_head_pod_with_the_autoscaler_mounts_a_service_account_token(
+    hardened: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """KubeRay runs the head under the autoscaler's ServiceAccount (pods, RayCluster patch rights) when it
+    injects the autoscaler sidecar, which needs the token; nothing else calls the API server."""
+    docs = hardened[name]
+    autoscaler = one(docs, "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
+    for where, pod in every_pod(docs).items():
+        if where == "ray head" and autoscaler:
+            assert "automountServiceAccountToken" not in pod
+        else:
+            assert pod["automountServiceAccountToken"] is False, where
+
+
+@pytest.mark.parametrize("name", [r[0] for r in HARDENED])
+def test_what_the_containers_write_is_on_writable_volumes(
+    hardened: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """With the root filesystem read-only: every Ray container has emptyDirs at /tmp, /tmp/ray and the
+    HOME caches, every mount names a volume of its pod, and the spec's own paths (the SQLite store, the
+    local models) are on mounted volumes of the pods that use them."""
+    docs = hardened[name]
+    spec = parse_spec(deployed_spec(docs))
+    for where, pod in every_pod(docs).items():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in containers(pod):
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert len(mounts) == len(c.get("volumeMounts", [])), (where, c["name"], "a path twice")
+            assert set(mounts.values()) <= set(volumes), (where, c["name"])
+            if not where.startswith("ray"):
+                assert "emptyDir" in volumes[mounts["/tmp"]], where
+                continue
+            assert WRITABLE <= set(mounts), (where, c["name"])
+            for path in WRITABLE:
+                assert "emptyDir" in volumes[mounts[path]], (where, path)
+            # KubeRay's name for Ray's session volume: its autoscaler sidecar shares this one.
+            assert mounts["/tmp/ray"] == "ray-logs"
+        ray = pod["containers"][0]
+        paths = [m["mountPath"] for m in ray.get("volumeMounts", [])]
+        if where == "ray head" and spec.sessions.enabled and spec.sessions.store.kind == "sqlite":
+            store = Path(spec.sessions.store.path).parent
+            assert any(store.is_relative_to(p) for p in paths), store
+        if where.startswith("ray") and any(m.source.startswith("local:") for m in spec.models):
+            assert spec.model_dir in paths and spec.model_dir in [
+                m["mountPath"] for m in pod["initContainers"][0]["volumeMounts"]
+            ]
+
+
+def test_the_autoscaler_sidecar_shares_the_heads_writable_directories(helm: Helm) -> None:
+    docs = helm.template(["values-8b-70b.yaml"])
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    sidecar = {m["mountPath"]: m["name"] for m in cluster["autoscalerOptions"]["volumeMounts"]}
+    head = pod_specs(docs)["head"]
+    ray = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    assert WRITABLE <= set(sidecar) and {p: ray[p] for p in sidecar} == sidecar
+    assert sidecar["/tmp/ray"] == "ray-logs"  # Ray's session: the autoscaler's events reach the head
+
+
+def test_nixl_over_rdma_adds_ipc_lock_and_keeps_the_rest(helm: Helm) -> None:
+    """The documented opt-out: a capability added, every other setting (drop ALL) kept by Helm's merge."""
+    rdma = {"capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
+    docs = helm.template(["values-8b-70b.yaml"], {"containerSecurityContext": rdma})
+    for pod in pod_specs(docs).values():
+        for c in containers(pod):
+            assert c["securityContext"]["capabilities"] == rdma["capabilities"]
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "IPC_LOCK" in (CHART / "values.yaml").read_text()
+
+
+def test_a_volume_of_ones_own_at_a_writable_path_replaces_that_directory(helm: Helm) -> None:
+    weights = {
+        "extraVolumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
+        "extraVolumeMounts": [{"name": "weights", "mountPath": "/home/ray/.cache"}],
+    }
+    docs = helm.template(["values-8b-70b.yaml"], weights)
+    for pod in pod_specs(docs).values():
+        assert "home-cache" not in {v["name"] for v in pod["volumes"]}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/home/ray/.cache"]
+        assert mount["name"] == "weights"
+    clash = {"extraVolumes": [{"name": "tmp", "emptyDir": {"medium": "Memory"}}]}
+    err = render_error(helm, ["values-8b-70b.yaml"], **clash)
+    assert "extraVolumes has a volume tmp, the name of the writable directory writableDirs.tmp" in err
+
+
+def test_ray_token_auth_is_off_by_default_and_asks_kuberay_for_a_token(helm: Helm) -> None:
+    cluster = one(helm.template(), "RayService")["spec"]["rayClusterConfig"]
+    assert "authOptions" not in cluster
+    on = one(helm.template(set_={"rayTokenAuth": True}), "RayService")
+    assert on["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    jsonschema.validate(on, rayservice_schema("v1"))
+
+
+def test_the_ingress_metrics_scrape_sends_a_metrics_key_and_needs_one_while_auth_is_on(helm: Helm) -> None:
+    scrape = {"monitoring": {"enabled": True, "ingressMetrics": {"enabled": True}}}
+    err = render_error(helm, ["values-8b-70b.yaml"], **scrape)
+    assert "monitoring.metricsKeySecret.name is required when monitoring.ingressMetrics.enabled" in err
+    assert "tandem key new --tenant prometheus --scope metrics" in err
+    keyed = {"monitoring.metricsKeySecret": {"name": "prom-key", "key": "token"}}
+    docs = helm.template(["values-8b-70b.yaml"], {**scrape, **keyed})
+    (endpoint,) = one(docs, "PodMonitor", "tandem-ingress")["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("serve", "/metrics")
+    bearer = {"type": "Bearer", "credentials": {"name": "prom-key", "key": "token"}}
+    assert endpoint["authorization"] == bearer
+    # Ray's own metrics port has no key to send.
+    assert "authorization" not in one(docs, "PodMonitor", "tandem")["spec"]["podMetricsEndpoints"][0]
+    # Auth off: /metrics is open, nothing to send.
+    open_ = {**scrape, "auth": {"enabled": False, "allowRemoteUnauthenticated": True}}
+    docs = helm.template(["values-local-cpu.yaml"], open_)
+    (endpoint,) = one(docs, "PodMonitor", "tandem-ingress")["spec"]["podMetricsEndpoints"]
+    assert "authorization" not in endpoint
 
 
 # --- Optional objects ------------------------------------------------------------------------------------
@@ -665,6 +1043,7 @@ def test_monitoring_toggles_pick_the_pod_monitor_and_dashboard_separately(helm: 
                 "enabled": True,
                 "dashboard": {"enabled": False},
                 "ingressMetrics": {"enabled": True},
+                "metricsKeySecret": {"name": "tandem-metrics-key"},
             }
         },
     )
@@ -675,6 +1054,7 @@ def test_monitoring_toggles_pick_the_pod_monitor_and_dashboard_separately(helm: 
         "port": "serve",
         "path": "/metrics",
         "interval": None,
+        "authorization": {"type": "Bearer", "credentials": {"name": "tandem-metrics-key", "key": "api-key"}},
     }
 
 
@@ -726,16 +1106,71 @@ def test_the_network_policy_opens_ray_within_the_release_and_the_api_to_allowed_
     assert "NetworkPolicy" not in kinds(off)
 
 
-def test_the_ingress_routes_every_path_to_the_kuberay_serve_service(helm: Helm) -> None:
+def prefix_matches(prefix: str, path: str) -> bool:
+    """An Ingress `pathType: Prefix` match: element by element of the /-split path."""
+    want = [p for p in prefix.split("/") if p]
+    return [p for p in path.split("/") if p][: len(want)] == want
+
+
+def test_the_ingress_routes_the_openai_api_to_the_kuberay_serve_service_and_nothing_else(
+    helm: Helm,
+) -> None:
     docs = helm.template(["values-8b-70b.yaml"], ALL_OPTIONS)
     ingress = one(docs, "Ingress")["spec"]
     (rule,) = ingress["rules"]
     (path,) = rule["http"]["paths"]
     assert rule["host"] == "api.example.com"
-    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    assert (path["path"], path["pathType"]) == ("/v1", "Prefix")
+    routed = [p["path"] for p in rule["http"]["paths"]]
+    for api in ("/v1/models", "/v1/chat/completions", "/v1/responses/r-1/cancel"):
+        assert any(prefix_matches(p, api) for p in routed), api
+    # Tenant names and bucket levels (/metrics), the API schema, the probe: inside the cluster only.
+    for internal in ("/metrics", "/docs", "/redoc", "/openapi.json", "/health", "/v1x"):
+        assert not any(prefix_matches(p, internal) for p in routed), internal
     assert path["backend"]["service"] == {"name": "tandem-serve-svc", "port": {"name": "serve"}}
     assert ingress["ingressClassName"] == "nginx"
     assert "Service" not in kinds(docs)  # KubeRay owns the Service; the chart adds none
+
+
+#: An Ingress, for the cases below.
+INGRESS_ON = {"enabled": True, "hosts": ["api.example.com"]}
+
+
+def ingress_annotations(helm: Helm, **values: Any) -> dict[str, str]:
+    return one(helm.template(set_={"ingress": INGRESS_ON, **values}), "Ingress")["metadata"]["annotations"]
+
+
+def test_the_ingress_body_limit_is_the_specs_max_body_bytes(helm: Helm) -> None:
+    """ingress-nginx refuses bodies over 1m by default, long before Tandem's own limit: the chart sets
+    its limit to tandem.http.max_body_bytes (the template's default is the spec's)."""
+    body = "nginx.ingress.kubernetes.io/proxy-body-size"
+    assert HttpSpec().max_body_bytes == 8 * 2**20
+    assert ingress_annotations(helm) == {body: "8m"}
+    assert ingress_annotations(helm, **{"tandem.http": {"max_body_bytes": 32 * 2**20}})[body] == "32m"
+    assert ingress_annotations(helm, **{"tandem.http": {"max_body_bytes": 1_500_000}})[body] == "1500000"
+    # The values' annotations are kept, and win over the chart's.
+    mine = {body: "4m", "nginx.ingress.kubernetes.io/proxy-buffering": "off"}
+    assert ingress_annotations(helm, **{"ingress.annotations": mine}) == mine
+
+
+def test_the_documented_header_strip_names_the_headers_ray_serve_acts_on(helm: Helm) -> None:
+    """Ray Serve's proxy (and a replica behind HAProxy) reads `x-request-disconnect-disabled` (?1: the
+    request is not cancelled when the client leaves) and `x-request-timeout-seconds` from the client:
+    the example annotation in values.yaml and the README strips exactly those, and passes through."""
+    from ray.serve._private import constants
+
+    headers = (
+        constants.SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER,
+        constants.SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER,
+    )
+    assert headers == ("x-request-disconnect-disabled", "x-request-timeout-seconds")
+    snippet = "more_clear_input_headers " + " ".join(f'"{h}"' for h in headers) + ";"
+    assert snippet in (CHART / "values.yaml").read_text()
+    assert snippet in (CHART / "README.md").read_text()
+    key = "nginx.ingress.kubernetes.io/configuration-snippet"
+    annotations = ingress_annotations(helm, **{"ingress.annotations": {key: snippet + "\n"}})
+    assert annotations[key] == snippet + "\n"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "8m"
 
 
 def test_an_ingress_without_hosts_fails_saying_what_to_set(helm: Helm) -> None:
@@ -821,7 +1256,8 @@ def test_a_change_of_the_library_alone_changes_only_the_configmap(helm: Helm) ->
     old, new = docs_of(before), docs_of(after)
     assert one(old, "RayService")["spec"]["serveConfigV2"] == one(new, "RayService")["spec"]["serveConfigV2"]
     assert library_of(old) != library_of(new) == TemplateLibrarySpec.model_validate(other)
-    changed = [d["metadata"]["name"] for d in new if d not in old]
+    # The chart's cache-salt Secret is random here (no cluster for `lookup`); an upgrade keeps its value.
+    changed = [d["metadata"]["name"] for d in new if d not in old and d["metadata"]["name"] != "tandem-salt"]
     assert changed == ["tandem-templates"]
 
 
@@ -1066,11 +1502,15 @@ def test_external_pools_get_no_worker_group_whatever_their_accelerator(helm: Hel
 def test_a_spec_of_external_servers_only_runs_on_the_head_and_needs_its_cpus(helm: Helm) -> None:
     tandem = {"models": [MIXED_SPEC["models"][1]], "sessions": {"enabled": False}}
     values = {**MIXED, "tandem": tandem, "templates": {}}
-    err = render_error(helm, **values)
+    err = render_error(helm, **values, **{"head.numCpus": 0})
     assert "this spec has no GPU pools" in err and "head.numCpus is 0" in err
     docs = helm.template(set_={**values, "head": {"numCpus": 2}})
     assert worker_groups(docs) == {}
-    assert "workerGroupSpecs" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert "workerGroupSpecs" not in cluster and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "2"
+    # Left null, the head offers Ray its CPU limit (everything runs there).
+    auto = one(helm.template(set_=values), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert auto["rayStartParams"]["num-cpus"] == CHART_DEFAULTS["head"]["resources"]["limits"]["cpu"] == "4"
 
 
 def readme_example(heading: str) -> dict[str, Any]:

@@ -352,7 +352,7 @@ def test_the_workers_connect_to_the_master_service_from_the_source_directory(hel
         "--master-host", "tandem-loadtest-master", "--master-port", "5557",
     ]  # fmt: skip
     assert flag(c["command"], "--master-host") == one(docs, "Service")["metadata"]["name"]
-    assert c["workingDir"] == CHART_DEFAULTS["loadtest"]["workingDir"] == "/home/ray/tandem"
+    assert c["workingDir"] == values_of("values-8b-70b.yaml")["loadtest"]["workingDir"] == "/home/ray/tandem"
     assert deployment["selector"]["matchLabels"] == {
         **RELEASE_LABELS,
         "app.kubernetes.io/component": "loadtest-worker",
@@ -361,14 +361,19 @@ def test_the_workers_connect_to_the_master_service_from_the_source_directory(hel
     assert c["resources"] == CHART_DEFAULTS["loadtest"]["resources"]["workers"]
 
 
+def values_of(values_file: str) -> dict[str, Any]:
+    return yaml.safe_load((CHART / values_file).read_text())
+
+
 def test_the_working_directories_are_where_the_images_keep_the_sources() -> None:
-    """The CUDA image (the chart's) and the CPU one (values-local-cpu.yaml) keep serving/ apart."""
-    local = yaml.safe_load((CHART / "values-local-cpu.yaml").read_text())
-    for dockerfile, working_dir in (
-        ("Dockerfile.cuda", CHART_DEFAULTS["loadtest"]["workingDir"]),
-        ("Dockerfile.cpu", local["loadtest"]["workingDir"]),
-    ):
-        assert source_dir(REPO / "docker" / dockerfile) == working_dir, dockerfile
+    """The CPU image (the chart's default, values-local-cpu.yaml) and the CUDA one (the GPU values files)
+    keep serving/ apart; each values file names its image's."""
+    images = {"tandem-cpu": "Dockerfile.cpu", "tandem": "Dockerfile.cuda"}
+    files = {"values.yaml": CHART_DEFAULTS} | {f: values_of(f) for f in VALUES_FILES}
+    for name, values in files.items():
+        repository = values.get("image", {}).get("repository", CHART_DEFAULTS["image"]["repository"])
+        working_dir = values.get("loadtest", {}).get("workingDir", CHART_DEFAULTS["loadtest"]["workingDir"])
+        assert source_dir(REPO / "docker" / images[repository]) == working_dir, name
 
 
 def source_dir(dockerfile: Path) -> str:

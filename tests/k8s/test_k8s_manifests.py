@@ -40,6 +40,7 @@ from tests.k8s.manifests import (
     K8S,
     MANAGED_BY,
     NAMESPACE,
+    SALT_SECRET,
     Render,
     apply_json_patch,
     differences,
@@ -224,16 +225,23 @@ def test_k8s_holds_no_secret_material_and_mounts_the_secrets_you_create(
         ("values-8b-70b.yaml",),
         ("auth.existingSecret=", "auth.keys[0].tenant=acme", "auth.keys[0].sha256=" + "a" * 64),
     )
-    assert secret_material(docs_of(inline.text(helm))) == ["Secret tandem-api-keys", "a sha256 key hash"]
+    assert secret_material(docs_of(inline.text(helm))) == [
+        "Secret tandem-salt",  # the chart's own cache-salt secret, random: k8s/ names yours instead
+        "Secret tandem-api-keys",
+        "a sha256 key hash",
+    ]
+    from_secrets = [{"name": "tandem-redis", "key": "url"}, {"name": SALT_SECRET, "key": "secret"}]
     for name, text in built.items():
         docs = docs_of(text)
         assert secret_material(docs) == [], name
         for pod in pod_specs(docs).values():
             volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
             assert volume["secret"]["secretName"] == "tandem-api-keys"
+            salt = next(e for e in pod["containers"][0]["env"] if e["name"] == "TANDEM_SALT_SECRET")
+            assert salt["valueFrom"]["secretKeyRef"] == {"name": SALT_SECRET, "key": "secret"}
             for env in pod["containers"][0].get("env", []):
                 if "valueFrom" in env:
-                    assert env["valueFrom"]["secretKeyRef"] == {"name": "tandem-redis", "key": "url"}
+                    assert env["valueFrom"]["secretKeyRef"] in from_secrets, env
                 else:  # literal values only for Ray's own settings (serving.config.ServerSpec.ray_env)
                     assert env["name"] in ServerSpec().ray_env(), env
     assert all("sha256" not in p.read_text() for p in K8S.rglob("*.yaml"))

@@ -8,7 +8,7 @@ The head group: Ray's GCS, the dashboard, the Serve controller and a proxy; no G
 {{- $mounts := include "tandem.volumeMounts" . | trim -}}
 {{- $volumes := include "tandem.volumes" . | trim -}}
 rayStartParams:
-  num-cpus: {{ .Values.head.numCpus | toString | quote }}
+  num-cpus: {{ include "tandem.headNumCpus" . | quote }}
   num-gpus: "0"
   dashboard-host: "0.0.0.0"
 template:
@@ -24,6 +24,10 @@ template:
       {{- toYaml . | nindent 6 }}
     {{- end }}
   spec:
+    {{- if not (include "tandem.autoscalerEnabled" .) }}
+    # No autoscaler sidecar, so nothing on the head pod calls the Kubernetes API.
+    automountServiceAccountToken: false
+    {{- end }}
     {{- with include "tandem.podSpecCommon" . | trim }}
     {{- . | nindent 4 }}
     {{- end }}

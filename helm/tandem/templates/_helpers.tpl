@@ -55,8 +55,59 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "tandem.keysDir" -}}/etc/tandem/keys{{- end -}}
 {{- define "tandem.keysFile" -}}{{ include "tandem.keysDir" . }}/keys.yaml{{- end -}}
 
+{{/* The Secret of the key hashes: the chart's own when auth.keys are given, else auth.existingSecret. */}}
 {{- define "tandem.keysSecretName" -}}
-{{- .Values.auth.existingSecret | default (printf "%s-api-keys" (include "tandem.fullname" .)) -}}
+{{- if .Values.auth.keys -}}
+{{- printf "%s-api-keys" (include "tandem.fullname" .) -}}
+{{- else -}}
+{{- .Values.auth.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The key of that Secret that holds the list. */}}
+{{- define "tandem.keysSecretKey" -}}
+{{- ternary "keys.yaml" .Values.auth.existingSecretKey (not (empty .Values.auth.keys)) -}}
+{{- end -}}
+
+{{/*
+The cache-salt secret ($TANDEM_SALT_SECRET of every Ray container): saltSecret.existingSecret, else the
+chart's own Secret (templates/salt-secret.yaml), whose key is `secret`.
+*/}}
+{{- define "tandem.saltSecretEnv" -}}TANDEM_SALT_SECRET{{- end -}}
+{{- define "tandem.saltSecretName" -}}
+{{- .Values.saltSecret.existingSecret | default (printf "%s-salt" (include "tandem.fullname" .)) -}}
+{{- end -}}
+{{- define "tandem.saltSecretKey" -}}
+{{- ternary .Values.saltSecret.existingSecretKey "secret" (ne .Values.saltSecret.existingSecret "") -}}
+{{- end -}}
+
+{{/*
+head.numCpus as Ray gets it: the value, else (null) 0 when the spec has GPU worker groups and otherwise
+the head container's CPU limit (or request), whole CPUs: Ray's --num-cpus takes an integer.
+*/}}
+{{- define "tandem.headNumCpus" -}}
+{{- $n := .Values.head.numCpus -}}
+{{- if not (kindIs "invalid" $n) -}}
+{{- $n | toString -}}
+{{- else if (fromYaml (include "tandem.gpuGroups" .)).groups -}}
+0
+{{- else -}}
+{{- $res := .Values.head.resources | default dict -}}
+{{- $cpu := dig "limits" "cpu" (dig "requests" "cpu" "" $res) $res | toString -}}
+{{- if not $cpu -}}
+{{- fail "head.numCpus is null and the head container has no CPU limit to take it from: set head.numCpus (the CPUs Ray may use on the head pod) or head.resources.limits.cpu" -}}
+{{- end -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- div (trimSuffix "m" $cpu | int) 1000 -}}
+{{- else -}}
+{{- $cpu | float64 | floor | int -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when KubeRay's in-tree autoscaler runs: autoscaler.enabled and worker groups to scale. */}}
+{{- define "tandem.autoscalerEnabled" -}}
+{{- if and .Values.autoscaler.enabled (fromYaml (include "tandem.gpuGroups" .)).groups -}}true{{- end -}}
 {{- end -}}
 
 {{/*

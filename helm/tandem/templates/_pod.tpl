@@ -1,5 +1,5 @@
-{{/* What every Ray pod (head and workers) shares: keys, the Redis URL, upstream API keys, local models, the
-template library, extras. */}}
+{{/* What every Ray pod (head and workers) shares: keys, the cache-salt secret, the Redis URL, upstream API
+keys, local models, the template library, extras. */}}
 
 {{/* Pod-level fields: pull secrets and, for `local:` models, the init container that builds them. */}}
 {{- define "tandem.podSpecCommon" -}}
@@ -29,6 +29,9 @@ initContainers:
       {{- end }}
     volumeMounts:
       - {name: local-models, mountPath: {{ .Values.localModels.dir }}}
+      {{- with include "tandem.writableMounts" . | trim }}
+      {{- . | nindent 6 }}
+      {{- end }}
     {{- with .Values.containerSecurityContext }}
     securityContext:
       {{- toYaml . | nindent 6 }}
@@ -43,6 +46,11 @@ initContainers:
 {{- $redis := and $store.enabled (eq $store.kind "redis") $store.urlEnv -}}
 {{- /* tandem.server.data_plane (serving.config.DataPlane; the default is tested equal to the spec's) */ -}}
 {{- $plane := (((.Values.tandem).server).data_plane) | default "haproxy" -}}
+{{- range .Values.extraEnv -}}
+{{- if eq (get . "name") (include "tandem.saltSecretEnv" $) -}}
+{{- fail (printf "extraEnv sets %s, which the chart sets from saltSecret: name your Secret in saltSecret.existingSecret (and saltSecret.existingSecretKey) instead" (get . "name")) -}}
+{{- end -}}
+{{- end -}}
 {{- if not (has $plane (list "haproxy" "proxy")) -}}
 {{- fail (printf "tandem.server.data_plane is %q: use haproxy (Ray Serve's HAProxy ingress and gRPC between replicas) or proxy (Ray Serve's Python HTTP proxy)" $plane) -}}
 {{- end }}
@@ -55,6 +63,13 @@ env:
   # tandem.server.worker_niceness (Ray's default of 15 starves serving replicas of CPU).
   - name: RAY_worker_niceness
     value: {{ (((.Values.tandem).server).worker_niceness) | default 0 | quote }}
+  # The cache-salt secret (router.hashing.salt_secret): the ingress salts each tenant's prefix-cache keys
+  # with HMAC(secret, tenant); every Ray pod gets the same one, since an ingress replica may run on any.
+  - name: {{ include "tandem.saltSecretEnv" . }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "tandem.saltSecretName" . }}
+        key: {{ include "tandem.saltSecretKey" . }}
   {{- if $redis }}
   - name: {{ $store.urlEnv }}
     valueFrom:
@@ -79,7 +94,41 @@ securityContext:
 {{- end }}
 {{- end -}}
 
+{{/*
+writableDirs as the Ray containers get them: {name: path} without the dropped ones (null) and those an
+extraVolumeMounts entry replaces (the same mountPath); a name an extraVolumes entry also has fails.
+*/}}
+{{- define "tandem.writableDirs" -}}
+{{- $taken := list -}}
+{{- range .Values.extraVolumeMounts -}}{{- $taken = append $taken (get . "mountPath") -}}{{- end -}}
+{{- $names := list -}}
+{{- range .Values.extraVolumes -}}{{- $names = append $names (get . "name") -}}{{- end -}}
+{{- $dirs := dict -}}
+{{- range $name, $path := .Values.writableDirs -}}
+{{- if $path -}}
+{{- if has $name $names -}}
+{{- fail (printf "extraVolumes has a volume %s, the name of the writable directory writableDirs.%s (%s): rename yours, or mount it at %s to replace that directory" $name $name $path $path) -}}
+{{- end -}}
+{{- if not (has $path $taken) -}}
+{{- $_ := set $dirs $name $path -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "dirs" $dirs) -}}
+{{- end -}}
+
+{{/* Mounts of the writable directories, parents before what they hold (by path). */}}
+{{- define "tandem.writableMounts" -}}
+{{- $dirs := (fromYaml (include "tandem.writableDirs" .)).dirs | default dict -}}
+{{- $byPath := dict -}}
+{{- range $name, $path := $dirs -}}{{- $_ := set $byPath $path $name -}}{{- end -}}
+{{- range $path := keys $byPath | sortAlpha }}
+- {name: {{ get $byPath $path }}, mountPath: {{ $path }}}
+{{- end }}
+{{- end -}}
+
 {{- define "tandem.volumeMounts" -}}
+{{ include "tandem.writableMounts" . }}
 {{- if .Values.auth.enabled }}
 - {name: api-keys, mountPath: {{ include "tandem.keysDir" . }}, readOnly: true}
 {{- end }}
@@ -96,12 +145,16 @@ securityContext:
 {{- end -}}
 
 {{- define "tandem.volumes" -}}
+{{- range $name := keys ((fromYaml (include "tandem.writableDirs" .)).dirs | default dict) | sortAlpha }}
+- name: {{ $name }}
+  emptyDir: {}
+{{- end }}
 {{- if .Values.auth.enabled }}
 - name: api-keys
   secret:
     secretName: {{ include "tandem.keysSecretName" . }}
     items:
-      - key: {{ ternary .Values.auth.existingSecretKey "keys.yaml" (ne .Values.auth.existingSecret "") }}
+      - key: {{ include "tandem.keysSecretKey" . }}
         path: keys.yaml
 {{- end }}
 {{- if (fromYaml (include "tandem.localModels" .)).names }}

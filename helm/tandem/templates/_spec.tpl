@@ -38,6 +38,14 @@ and (when not set) local models and the SQLite session store live on the chart's
 */}}
 {{- define "tandem.spec" -}}
 {{- $spec := deepCopy .Values.tandem -}}
+{{- /* values.yaml's default models stay unless a values file gives tandem.models: tiers of your own next to them would name models they lack. */ -}}
+{{- $models := list -}}
+{{- range (get $spec "models" | default list) -}}{{- $models = append $models (get . "name") -}}{{- end -}}
+{{- range (get $spec "tiers" | default list) -}}
+{{- if not (has (get . "model") $models) -}}
+{{- fail (printf "tandem.tiers[%s].model is %v, but tandem.models has %s: name one of them, or give tandem.models with your tiers (without it the spec keeps the chart's default model, tiny-intent)" (get . "name") (get . "model") (toJson $models)) -}}
+{{- end -}}
+{{- end -}}
 {{- $server := get $spec "server" | default dict -}}
 {{- $_ := set $server "host" "0.0.0.0" -}}
 {{- $_ := set $spec "server" $server -}}

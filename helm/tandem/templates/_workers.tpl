@@ -24,6 +24,8 @@
         {{- toYaml . | nindent 8 }}
       {{- end }}
     spec:
+      # Nothing on a worker pod calls the Kubernetes API (the autoscaler runs on the head).
+      automountServiceAccountToken: false
       {{- with include "tandem.podSpecCommon" . | trim }}
       {{- . | nindent 6 }}
       {{- end }}
