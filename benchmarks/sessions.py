@@ -511,7 +511,7 @@ async def start_stack(spec: ServingSpec, model: ModelSpec, params: Params, state
     store = SQLiteStore(db_path, s.ttl_s, s.max_sessions_per_tenant, s.max_bytes_per_tenant)
     timer = TimedStore(store)
     settings = replace(
-        WorkerSettings.from_spec(s),
+        WorkerSettings.from_spec(s, spec.resilience.streams),
         checkpoint_tokens=params.checkpoint_tokens,
         checkpoint_interval_s=params.checkpoint_interval_s or s.checkpoint_interval_s,
     )

@@ -3,7 +3,8 @@
 Each replica runs a `serving.sessions.worker.SessionWorker` over the shared store and calls the model
 deployments through Serve handles, like the ingress does. Serve restarts a replica that dies; its
 sessions are taken over (by it or another replica) when their leases lapse, and resume from their
-checkpoints. The ingress only calls `start` (a hint: workers also sweep the store for orphans).
+checkpoints. The ingress calls `start` (a hint: workers also sweep the store for orphans) and
+`report` for a queued session it cancelled itself (so that its webhook fires).
 """
 
 from __future__ import annotations
@@ -108,9 +109,8 @@ class SessionServer:
         self._notifier = CompletionNotifier(hooks, sender) if sender is not None else None
         owner = f"{replica_name()}/{uuid.uuid4().hex[:8]}"
         self._metrics = _SessionMetrics()
-        self._worker = SessionWorker(
-            self._store, models, WorkerSettings.from_spec(s), owner, on_finished=self._finished
-        )
+        settings = WorkerSettings.from_spec(s, self._spec.resilience.streams)
+        self._worker = SessionWorker(self._store, models, settings, owner, on_finished=self._finished)
         self._worker.start()
         logger.info("session worker %s ready for %s", owner, sorted(models))
 
@@ -122,6 +122,11 @@ class SessionServer:
     async def start(self, session_id: str) -> bool:
         """Claim and run a new session here (False: full, or another worker has it)."""
         return await self._worker.submit(session_id)
+
+    async def report(self, session_id: str) -> bool:
+        """Report a session the ingress cancelled while it was queued (its webhook and metrics),
+        since no worker ran it (the ingress's `SessionsFrontend.on_cancelled`)."""
+        return await self._worker.report(session_id)
 
     def status(self) -> dict[str, Any]:
         """This worker's sessions (for tests and operators)."""

@@ -8,13 +8,19 @@ A session's record (tenant, model, request, status, result) plus two append-only
 
 Appends are idempotent (a chunk or event already stored is ignored, a different one is an error),
 so a writer that retries after a crash never duplicates or reorders anything. `SQLiteStore` is the
-default (one file, WAL); the `SessionStore` protocol is what a Redis or Postgres store implements.
-Calls are blocking: run them in a thread from an event loop.
+default (one file, WAL, `synchronous=FULL`: a commit is on disk before it is acknowledged); the
+`SessionStore` protocol is what a Redis or Postgres store implements. Calls are blocking: run them in
+a thread from an event loop. A store that cannot be reached or does not answer in time raises what
+`store_unavailable` recognizes (its own errors, or `StoreUnavailable`): callers retry later, they do
+not fail the session.
 
 Ownership: a worker `claim`s an unfinished session for a lease and `renew`s it while it runs; it
 writes with `checkpoint` and ends with `finish`, both of which check in the same transaction that it
 still holds the session (else `LeaseLost`, and nothing is written). A session whose holder stopped
 renewing is an orphan (`orphans`) that another worker may claim, resuming from its checkpoints.
+Orphans are offered round-robin across tenants: each tenant's oldest first, and within a round the
+tenant a worker claimed for least recently first (`served`, the lease clock of its last claim), so one
+tenant's queue does not hold back another's sessions, even for a worker with one free slot.
 A client's `request_cancel` raises a flag the holder sees through `cancels`; a session nobody holds
 is cancelled on the spot.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import threading
 import time
 from array import array
@@ -61,6 +68,30 @@ class LeaseLost(StoreError):
     """The writer no longer holds the session (another owner claimed it, or it is finished or gone)."""
 
 
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not answer in time (whether a write landed is unknown).
+
+    For custom stores; SQLite's and Redis's own errors are recognized as they are (`store_unavailable`)."""
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the store is unreachable or too slow for now (a later call may work), as
+    opposed to a refused write or a bug: StoreUnavailable, OSError (ConnectionError, TimeoutError),
+    SQLite's OperationalError (`database is locked` past the busy timeout, a disk I/O error), and
+    redis-py's connection (incl. loading), timeout, read-only (a failover), cluster-down and
+    try-again errors."""
+    if isinstance(exc, StoreUnavailable | OSError | sqlite3.OperationalError):
+        return True
+    errors = sys.modules.get("redis.exceptions")  # only ever raised once redis-py is imported
+    if errors is None:
+        return False
+    transient = (
+        errors.ConnectionError, errors.TimeoutError, errors.ReadOnlyError, errors.ClusterDownError,
+        errors.TryAgainError,
+    )  # fmt: skip
+    return isinstance(exc, transient)
+
+
 @dataclass(slots=True)
 class SessionRecord:
     """A session's row."""
@@ -81,6 +112,15 @@ class SessionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionHead:
+    """What a reader polls: a session's tenant and status, without its request or result (which can
+    be megabytes of JSON for a long prompt)."""
+
+    tenant: str
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One stream event: its number in the session, its type, and its payload."""
 
@@ -95,6 +135,7 @@ class SessionStore(Protocol):
     def create(self, rec: SessionRecord) -> None: ...
     def get(self, session_id: str, tenant: str) -> SessionRecord | None: ...
     def get_any(self, session_id: str) -> SessionRecord | None: ...
+    def head(self, session_id: str) -> SessionHead | None: ...
     def set_status(self, session_id: str, status: Status, result: dict[str, Any] | None = None) -> None: ...
     def append_events(self, session_id: str, events: list[Event]) -> None: ...
     def events(self, session_id: str, after: int = -1) -> list[Event]: ...
@@ -127,6 +168,16 @@ class SessionStore(Protocol):
     ) -> None: ...
 
 
+def head_of(store: SessionStore, session_id: str) -> SessionHead | None:
+    """`store.head(session_id)`, or the same read from the whole record for a custom store written
+    before `head` existed."""
+    head = getattr(store, "head", None)
+    if head is not None:
+        return head(session_id)
+    rec = store.get_any(session_id)
+    return None if rec is None else SessionHead(rec.tenant, rec.status)
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL,
@@ -145,6 +196,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     session_id TEXT NOT NULL, start INTEGER NOT NULL, ids BLOB NOT NULL,
     PRIMARY KEY (session_id, start)
 );
+CREATE TABLE IF NOT EXISTS tenants (tenant TEXT PRIMARY KEY, served REAL NOT NULL);
 """
 
 # Ownership columns, added to a file written before they existed (CREATE TABLE IF NOT EXISTS keeps it).
@@ -200,7 +252,9 @@ class SQLiteStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(p, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: with WAL, NORMAL may roll back a committed transaction on a power loss or an OS crash,
+        # i.e. lose an acknowledged create (its id then answers 404) or finish (the session runs again).
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         have = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
         for name, decl in _OWNERSHIP_COLUMNS.items():
@@ -269,6 +323,14 @@ class SQLiteStore:
         row = self._db.execute(query, args).fetchone()
         return None if row is None else _record(row)
 
+    def head(self, session_id: str) -> SessionHead | None:
+        """The session's tenant and status (for a reader's polls; None if it does not exist)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT tenant, status FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+        return None if row is None else SessionHead(row[0], Status(row[1]))
+
     def set_status(self, session_id: str, status: Status, result: dict[str, Any] | None = None) -> None:
         """Move a session to `status` (a finished session does not change again)."""
         with self._lock, self._tx():
@@ -315,11 +377,16 @@ class SQLiteStore:
 
     def append_events(self, session_id: str, events: list[Event]) -> None:
         """Append events numbered from the next free number; ones already stored (same number and
-        payload) are skipped, so a retried append is harmless."""
+        payload) are skipped, so a retried append is harmless. Nothing is written for a session that
+        does not exist (deleted while a cancel was writing its end: no row is left behind)."""
         if not events:
             return
         with self._lock, self._tx():
-            self._append_events(session_id, events)
+            if self._exists(session_id):
+                self._append_events(session_id, events)
+
+    def _exists(self, session_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is not None
 
     def _append_events(self, session_id: str, events: list[Event]) -> None:
         """`append_events` inside the caller's transaction (an error leaves it to roll back)."""
@@ -363,11 +430,13 @@ class SQLiteStore:
 
     def append_tokens(self, session_id: str, start: int, ids: list[int]) -> None:
         """A checkpoint: generated ids[start:start+len(ids)]. It must continue the stored ids exactly;
-        a chunk already stored with the same ids is skipped."""
+        a chunk already stored with the same ids is skipped. Nothing is written for a session that does
+        not exist."""
         if not ids:
             return
         with self._lock, self._tx():
-            self._append_tokens(session_id, start, ids)
+            if self._exists(session_id):
+                self._append_tokens(session_id, start, ids)
 
     def _append_tokens(self, session_id: str, start: int, ids: list[int]) -> None:
         """`append_tokens` inside the caller's transaction (an error leaves it to roll back)."""
@@ -412,12 +481,13 @@ class SQLiteStore:
     ) -> SessionRecord | None:
         """Take an unfinished session for `lease_s` seconds: one nobody holds, one whose lease ran out
         (before `now`), or one `owner` already holds (which just extends its lease). A queued session
-        moves to in_progress; `claims` counts the times it changed hands. Returns the updated record,
-        or None if the session is missing, finished, or held by another owner."""
+        moves to in_progress; `claims` counts the times it changed hands, and a change of hands marks
+        the tenant served at `now` (for the order of `orphans`). Returns the updated record, or None if
+        the session is missing, finished, or held by another owner."""
         now = time.time() if now is None else now
         with self._lock, self._tx():
             row = self._db.execute(
-                "SELECT status, owner, lease_until FROM sessions WHERE id = ?", (session_id,)
+                "SELECT status, owner, lease_until, tenant FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
             if row is None or Status(row[0]).finished:
                 return None
@@ -430,6 +500,12 @@ class SQLiteStore:
                 "updated = ? WHERE id = ?",
                 (owner, now + lease_s, 0 if live else 1, Status.IN_PROGRESS.value, time.time(), session_id),
             )
+            if not live:
+                self._db.execute(
+                    "INSERT INTO tenants VALUES (?, ?) "
+                    "ON CONFLICT (tenant) DO UPDATE SET served = MAX(served, excluded.served)",
+                    (row[3], now),
+                )
             return self._get(session_id)
 
     def renew(
@@ -450,13 +526,19 @@ class SQLiteStore:
         return held
 
     def orphans(self, now: float | None = None, limit: int = 100) -> list[str]:
-        """Ids of unfinished sessions nobody holds (no owner, or a lease that ran out before `now`),
-        the oldest created first: the ones a worker should claim."""
+        """Ids of unfinished sessions nobody holds (no owner, or a lease that ran out before `now`), the
+        ones a worker should claim, round-robin across tenants: every tenant's oldest (by created, id),
+        then every tenant's second oldest, and so on; within a round the tenants least recently served
+        (a claim of theirs changed hands) first, never served first, ties by created and id. A tenant
+        that queued a thousand sessions does not hold back another tenant's one. `limit` < 0: all."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id FROM sessions WHERE {_UNFINISHED_SQL} AND (owner IS NULL OR lease_until < ?) "  # noqa: S608
-                "ORDER BY created, id LIMIT ?",
+                "SELECT o.id FROM (SELECT id, tenant, created, "
+                "ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY created, id) AS turn FROM sessions "
+                f"WHERE {_UNFINISHED_SQL} AND (owner IS NULL OR lease_until < ?)) AS o "  # noqa: S608
+                "LEFT JOIN tenants AS t ON t.tenant = o.tenant "
+                "ORDER BY o.turn, t.served IS NOT NULL, t.served, o.created, o.id LIMIT ?",
                 (*_UNFINISHED, now, limit),
             ).fetchall()
         return [r[0] for r in rows]

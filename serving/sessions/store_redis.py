@@ -18,11 +18,18 @@ Layout (every key starts with `prefix`, `tandem:` by default; `{id}` is the sess
   SQLiteStore packs them); field `n` = the number of ids stored.
 - `tenant:{tenant}` (zset, score created) — the tenant's sessions, for the per-tenant bounds.
 - `unowned` (zset, score created) — unfinished sessions without an owner.
+- `uq:{tenant}` (zset, score created) — the same, per tenant; `uq_tenants` (set) — the tenants whose
+  `uq:` may be non-empty. Orphans are offered round-robin across tenants from these.
+- `served` (zset, score the lease clock of the tenant's last claim that changed hands) — within a
+  round of `orphans`, the tenant served least recently comes first.
 - `leases` (zset, score lease_until) — unfinished sessions with an owner.
 - `held:{owner}` (set) — the unfinished sessions an owner holds (for `cancels`).
 - `finished` (zset, score expires) — finished sessions (for `purge_expired`).
 
-Orphans are `unowned` plus the `leases` that ran out, ordered by (created, id). Scripts build the
+Orphans are `unowned` plus the `leases` that ran out, round-robin across tenants (each tenant's by
+(created, id)), as in SQLiteStore. A session queued by a version without `uq:` keys is still offered:
+the oldest of `unowned` are read too, and `uq:` entries that are no longer unowned are dropped when
+seen. Scripts build the
 keys of other sessions (eviction) and owners from the prefix, so this needs one Redis server
 (standalone, or a primary with replicas/Sentinel), not Redis Cluster.
 
@@ -31,31 +38,46 @@ so nodes whose clocks drift apart still agree on which leases ran out; `now` pas
 used as given. `updated` and `created` are the caller's clock, as in SQLiteStore.
 
 Durability is the server's: use AOF (`appendonly yes`, `appendfsync everysec` or `always`) for a
-session log that survives a Redis restart.
+session log that survives a Redis restart. The store checks `appendonly` when it opens: it warns
+without AOF, or refuses to open with `require_aof` (sessions.store.require_aof); a server that refuses
+CONFIG GET (managed Redis, an ACL) is warned about. Writes use no `WAIT`: a failover to a replica
+can still lose the last writes the primary acknowledged.
+
+Timeouts: every command has a socket timeout and a connect timeout (sessions.store.socket_timeout_s,
+socket_connect_timeout_s; redis-py 5 has none by default) and few retries, so an unreachable server
+fails calls in bounded time (callers answer 503 store_unavailable) instead of holding their threads.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 try:
     import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("RedisStore needs the `redis` client: pip install 'tandem[redis]'") from e
 
+from serving.config import SessionStoreSpec
 from serving.sessions.store import (
     Event,
     LeaseLost,
     QuotaExceeded,
+    SessionHead,
     SessionRecord,
     Status,
     StoreError,
     _pack,
     _unpack,
 )
+
+logger = logging.getLogger(__name__)
 
 _RENEW_CHUNK = 1000  # ids renewed by one script call (each call is atomic; ids are independent)
 _PURGE_CHUNK = 1000  # sessions purged by one script call
@@ -68,27 +90,46 @@ local function ekey(id) return P .. 'e:' .. id end
 local function tkey(id) return P .. 't:' .. id end
 local function heldkey(owner) return P .. 'held:' .. owner end
 local function tenkey(tenant) return P .. 'tenant:' .. tenant end
+local function uqkey(tenant) return P .. 'uq:' .. tenant end
 local UNOWNED, LEASES, FINISHED = P .. 'unowned', P .. 'leases', P .. 'finished'
+local UQ_TENANTS, SERVED = P .. 'uq_tenants', P .. 'served'
 
 local function is_finished(status) return status ~= 'queued' and status ~= 'in_progress' end
 
--- drop a session from the indexes of unfinished ones (it finished, or it is deleted)
-local function unindex_open(id, owner)
+-- index an unowned session in the global and its tenant's queue
+local function enqueue(id, tenant, created)
+  redis.call('ZADD', UNOWNED, created, id)
+  redis.call('ZADD', uqkey(tenant), created, id)
+  redis.call('SADD', UQ_TENANTS, tenant)
+end
+
+-- drop a session from the queues of unowned ones (claimed, finished or deleted)
+local function unqueue(id, tenant)
   redis.call('ZREM', UNOWNED, id)
+  if tenant then
+    redis.call('ZREM', uqkey(tenant), id)
+    if redis.call('ZCARD', uqkey(tenant)) == 0 then redis.call('SREM', UQ_TENANTS, tenant) end
+  end
+end
+
+-- drop a session from the indexes of unfinished ones (it finished, or it is deleted)
+local function unindex_open(id, owner, tenant)
+  unqueue(id, tenant)
   redis.call('ZREM', LEASES, id)
   if owner then redis.call('SREM', heldkey(owner), id) end
 end
 
 -- index a session whose status just became a finished one
 local function index_finished(id, owner)
-  unindex_open(id, owner)
-  redis.call('ZADD', FINISHED, redis.call('HGET', skey(id), 'expires'), id)
+  local h = redis.call('HMGET', skey(id), 'expires', 'tenant')
+  unindex_open(id, owner, h[2])
+  redis.call('ZADD', FINISHED, h[1], id)
 end
 
 local function delete_session(id)
   local h = redis.call('HMGET', skey(id), 'tenant', 'owner')
   if h[1] then redis.call('ZREM', tenkey(h[1]), id) end
-  unindex_open(id, h[2])
+  unindex_open(id, h[2], h[1])
   redis.call('ZREM', FINISHED, id)
   redis.call('DEL', skey(id), ekey(id), tkey(id))
 end
@@ -188,7 +229,7 @@ redis.call('ZADD', tenkey(tenant), ARGV[6], id)
 if is_finished(ARGV[5]) then
   redis.call('ZADD', FINISHED, ARGV[8], id)
 else
-  redis.call('ZADD', UNOWNED, ARGV[6], id)
+  enqueue(id, tenant, ARGV[6])
 end
 return {'ok'}
 """
@@ -232,6 +273,7 @@ return {#ids, n}
 # ARGV: prefix, id, (seq, element, size)...
 _APPEND_EVENTS = r"""
 local id = ARGV[2]
+if redis.call('EXISTS', skey(id)) == 0 then return {'ok'} end  -- deleted: leave no e: key behind
 local new, added = check_events(id, 3, (#ARGV - 2) / 3)
 if not new then return added end
 write_events(id, new, added)
@@ -241,6 +283,7 @@ return {'ok'}
 # ARGV: prefix, id, start, blob, new_n
 _APPEND_TOKENS = r"""
 local id = ARGV[2]
+if redis.call('EXISTS', skey(id)) == 0 then return {'ok'} end  -- deleted: leave no t: key behind
 local ok, err = check_tokens(id, ARGV[3], ARGV[4])
 if ok == nil then return err end
 if ok then write_tokens(id, ARGV[3], ARGV[4], ARGV[5]) end
@@ -250,15 +293,19 @@ return {'ok'}
 # ARGV: prefix, id, owner, now, lease_until, updated
 _CLAIM = r"""
 local id, owner = ARGV[2], ARGV[3]
-local h = redis.call('HMGET', skey(id), 'status', 'owner', 'lease_until')
+local h = redis.call('HMGET', skey(id), 'status', 'owner', 'lease_until', 'tenant')
 if not h[1] or is_finished(h[1]) then return false end
 local holder = h[2]
 local live = holder and tonumber(h[3]) >= tonumber(ARGV[4])
 if live and holder ~= owner then return false end
-if not live then redis.call('HINCRBY', skey(id), 'claims', 1) end
+if not live then
+  redis.call('HINCRBY', skey(id), 'claims', 1)
+  local served = redis.call('ZSCORE', SERVED, h[4])
+  if not served or tonumber(ARGV[4]) > tonumber(served) then redis.call('ZADD', SERVED, ARGV[4], h[4]) end
+end
 redis.call('HSET', skey(id), 'owner', owner, 'lease_until', ARGV[5], 'status', 'in_progress',
   'updated', ARGV[6])
-redis.call('ZREM', UNOWNED, id)
+unqueue(id, h[4])
 if holder and holder ~= owner then redis.call('SREM', heldkey(holder), id) end
 redis.call('SADD', heldkey(owner), id)
 redis.call('ZADD', LEASES, ARGV[5], id)
@@ -281,17 +328,46 @@ end
 return held
 """
 
-# ARGV: prefix, now, last rank of `unowned` to read (-1: all). Returns id, created pairs.
+# ARGV: prefix, now, last rank to read of each queue (-1: all). Returns {(id, created, tenant) triples,
+# (tenant, served) pairs}: the first of every tenant's queue and of the global one (sessions queued
+# before the tenant queues existed), and the leases that ran out; when each of their tenants was last
+# served (false: never). The caller deduplicates and orders them round-robin.
 _ORPHANS = r"""
-local out = redis.call('ZRANGE', UNOWNED, 0, tonumber(ARGV[3]), 'WITHSCORES')
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', '(' .. ARGV[2])) do
-  local created = redis.call('HGET', skey(id), 'created')
-  if created then
+local last = tonumber(ARGV[3])
+local out = {}
+local function offer(id, tenant_queue)
+  local h = redis.call('HMGET', skey(id), 'created', 'tenant', 'status', 'owner')
+  if h[1] and not is_finished(h[3]) and not h[4] then
     out[#out + 1] = id
-    out[#out + 1] = created
+    out[#out + 1] = h[1]
+    out[#out + 1] = h[2]
+  elseif tenant_queue then
+    redis.call('ZREM', uqkey(tenant_queue), id)  -- no longer unowned (claimed by an older version)
   end
 end
-return out
+for _, tenant in ipairs(redis.call('SMEMBERS', UQ_TENANTS)) do
+  for _, id in ipairs(redis.call('ZRANGE', uqkey(tenant), 0, last)) do offer(id, tenant) end
+  if redis.call('ZCARD', uqkey(tenant)) == 0 then redis.call('SREM', UQ_TENANTS, tenant) end
+end
+for _, id in ipairs(redis.call('ZRANGE', UNOWNED, 0, last)) do offer(id, nil) end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', '(' .. ARGV[2])) do
+  local h = redis.call('HMGET', skey(id), 'created', 'tenant')
+  if h[1] then
+    out[#out + 1] = id
+    out[#out + 1] = h[1]
+    out[#out + 1] = h[2]
+  end
+end
+local served, seen = {}, {}
+for k = 3, #out, 3 do
+  local tenant = out[k]
+  if not seen[tenant] then
+    seen[tenant] = true
+    served[#served + 1] = tenant
+    served[#served + 1] = redis.call('ZSCORE', SERVED, tenant)
+  end
+end
+return {out, served}
 """
 
 # ARGV: prefix, id, tenant, now, updated
@@ -374,6 +450,21 @@ _SCRIPTS = {
 }
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _redact(url: str) -> str:
+    """The URL without its credentials (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=host).geturl()
+
+
 def _wall() -> float:
     """The local clock (a function so that tests can skew it)."""
     return time.time()
@@ -431,7 +522,12 @@ class RedisStore:
         max_bytes_per_tenant: the same bound on the bytes of a tenant's logs.
         prefix: prepended to every key (stores with different prefixes share a server).
         server_clock: whether a call whose `now` is None uses the server's clock (else this node's).
-        **client_options: more keyword arguments of `redis.Redis.from_url` (socket_timeout, …).
+        socket_timeout / socket_connect_timeout / retries: a command's reply and connect timeouts and
+            its retries after a connection error (None: sessions.store's socket_timeout_s,
+            socket_connect_timeout_s, retries). Always set: redis-py 5 has no timeout of its own.
+        require_aof: refuse to open (ValueError) when the server answers `appendonly no`; else
+            that only logs a warning.
+        **client_options: more keyword arguments of `redis.Redis.from_url`.
     """
 
     def __init__(
@@ -442,9 +538,22 @@ class RedisStore:
         max_bytes_per_tenant: int,
         prefix: str = "tandem:",
         server_clock: bool = True,
+        socket_timeout: float | None = None,
+        socket_connect_timeout: float | None = None,
+        retries: int | None = None,
+        require_aof: bool = False,
         **client_options: Any,
     ) -> None:
+        spec = SessionStoreSpec.model_fields  # one home for the defaults
         client_options["decode_responses"] = False  # token chunks are binary
+        client_options["socket_timeout"] = _or(socket_timeout, spec["socket_timeout_s"].default)
+        client_options["socket_connect_timeout"] = _or(
+            socket_connect_timeout, spec["socket_connect_timeout_s"].default
+        )
+        client_options.setdefault(
+            "retry",
+            Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.01), _or(retries, spec["retries"].default)),
+        )
         self._r = redis.Redis.from_url(url, **client_options)
         self.prefix = prefix
         self.ttl_s = ttl_s
@@ -452,6 +561,33 @@ class RedisStore:
         self.max_bytes = max_bytes_per_tenant
         self.server_clock = server_clock
         self._scripts = {name: self._r.register_script(_LIB + body) for name, body in _SCRIPTS.items()}
+        self._check_durability(_redact(url), require_aof)
+
+    def _check_durability(self, where: str, require: bool) -> None:
+        """Warn (or with `require`, refuse) when the server keeps no append-only file."""
+        try:
+            reply = self._r.config_get("appendonly")
+        except redis.ResponseError as e:  # CONFIG disabled or renamed (managed Redis), or an ACL
+            logger.warning(
+                "Redis at %s: could not check its persistence (CONFIG GET appendonly: %s). Make sure "
+                "AOF is on (appendonly yes): without it a Redis restart loses acknowledged sessions",
+                where, e,
+            )  # fmt: skip
+            return
+        except redis.RedisError as e:  # not reachable now: calls answer 503 until it is
+            logger.warning("Redis at %s: could not check its persistence (%s)", where, e)
+            return
+        value = _s(reply.get(b"appendonly", reply.get("appendonly", b"")))
+        if value == "yes":
+            return
+        message = (
+            f"Redis at {where} runs without an append-only file (appendonly {value or 'unknown'}): a "
+            "Redis restart loses acknowledged sessions (their ids answer 404, finished ones run "
+            "again). Set `appendonly yes` on the server (appendfsync everysec or always)"
+        )
+        if require:
+            raise ValueError(f"sessions.store.require_aof: {message}, or set require_aof: false to only warn")
+        logger.warning("%s, or sessions.store.require_aof: true to refuse such a server", message)
 
     def close(self) -> None:
         """Close the connections (a later call opens new ones)."""
@@ -531,6 +667,11 @@ class RedisStore:
             return None
         return _record(session_id, [x for kv in h.items() for x in kv])
 
+    def head(self, session_id: str) -> SessionHead | None:
+        """The session's tenant and status (for a reader's polls; None if it does not exist)."""
+        tenant, status = self._r.hmget(self._key("s", session_id), "tenant", "status")
+        return None if tenant is None or status is None else SessionHead(_s(tenant), Status(_s(status)))
+
     def set_status(self, session_id: str, status: Status, result: dict[str, Any] | None = None) -> None:
         """Move a session to `status` (a finished session does not change again)."""
         status = Status(status)
@@ -558,7 +699,8 @@ class RedisStore:
 
     def append_events(self, session_id: str, events: list[Event]) -> None:
         """Append events numbered from the next free number; ones already stored (same number and
-        payload) are skipped, so a retried append is harmless."""
+        payload) are skipped, so a retried append is harmless. Nothing is written for a session that
+        does not exist (deleted while a cancel was writing its end: no key is left behind)."""
         if not events:
             return
         self._raise(session_id, self._run("append_events", session_id, *_event_args(events)))
@@ -579,7 +721,8 @@ class RedisStore:
 
     def append_tokens(self, session_id: str, start: int, ids: list[int]) -> None:
         """A checkpoint: generated ids[start:start+len(ids)]. It must continue the stored ids exactly;
-        a chunk already stored with the same ids is skipped."""
+        a chunk already stored with the same ids is skipped. Nothing is written for a session that does
+        not exist."""
         if not ids:
             return
         start = int(start)
@@ -620,13 +763,27 @@ class RedisStore:
         return held
 
     def orphans(self, now: float | None = None, limit: int = 100) -> list[str]:
-        """Ids of unfinished sessions nobody holds (no owner, or a lease that ran out before `now`),
-        the oldest created first: the ones a worker should claim."""
+        """Ids of unfinished sessions nobody holds (no owner, or a lease that ran out before `now`), the
+        ones a worker should claim, round-robin across tenants: every tenant's oldest (by created, id),
+        those in the order they were created, then every tenant's second oldest, and so on. A tenant
+        that queued a thousand sessions does not hold back another tenant's one. `limit` < 0: all."""
         if limit == 0:
             return []
-        flat = self._run("orphans", _f(self._now(now)), limit - 1 if limit > 0 else -1)
-        pairs = sorted((float(flat[i + 1]), _s(flat[i])) for i in range(0, len(flat), 2))
-        ids = [sid for _, sid in pairs]
+        flat, served_flat = self._run("orphans", _f(self._now(now)), limit - 1 if limit > 0 else -1)
+        by_tenant: dict[str, dict[str, float]] = {}
+        for i in range(0, len(flat), 3):
+            by_tenant.setdefault(_s(flat[i + 2]), {})[_s(flat[i])] = float(flat[i + 1])
+        served = {
+            _s(served_flat[i]): None if served_flat[i + 1] is None else float(served_flat[i + 1])
+            for i in range(0, len(served_flat), 2)
+        }
+        ranked = []
+        for tenant, sessions in by_tenant.items():
+            last = served.get(tenant)
+            order = (last is not None, last or 0.0)  # never served first, then least recently
+            oldest_first = sorted((created, sid) for sid, created in sessions.items())
+            ranked += [(turn, *order, created, sid) for turn, (created, sid) in enumerate(oldest_first)]
+        ids = [r[-1] for r in sorted(ranked)]
         return ids[:limit] if limit > 0 else ids
 
     def request_cancel(self, session_id: str, tenant: str, now: float | None = None) -> SessionRecord | None:

@@ -26,7 +26,14 @@ def open_store(spec: Any) -> SessionStore:
         url = st.url if st.url is not None else os.environ.get(st.url_env or "")
         if not url:
             raise ValueError(f"sessions.store.url_env: ${st.url_env} is not set")
-        return RedisStore(url, prefix=st.prefix, **st.options, **bounds)
+        client = {
+            "socket_timeout": st.socket_timeout_s,
+            "socket_connect_timeout": st.socket_connect_timeout_s,
+            "retries": st.retries,
+            "require_aof": st.require_aof,
+            **st.options,  # the Redis client's own keywords win (socket_timeout, …)
+        }
+        return RedisStore(url, prefix=st.prefix, **client, **bounds)
     module, _, name = st.class_path.partition(":")
     cls = getattr(importlib.import_module(module), name)
     return cls(**st.options, **bounds)

@@ -3,8 +3,9 @@
 
 Every event is a JSON POST carrying three headers:
 
-* ``webhook-id``: the event id; unique per event and the same on every retry, so receivers can
-  deduplicate;
+* ``webhook-id``: the event id; the same on every retry, and for a session's completions the same
+  for every delivery of one (session, status) — a session that runs again after a lost write (a
+  store crash) reports its end under the id it had — so receivers can deduplicate;
 * ``webhook-timestamp``: unix seconds (integer) of this attempt;
 * ``webhook-signature``: ``v1,<base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}"))>``.
 
@@ -28,6 +29,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,18 +147,27 @@ def new_event_id() -> str:
     return f"evt_{secrets.token_hex(16)}"
 
 
+def completion_event_id(response_id: str, status: str) -> str:
+    """The event id of `response_id` reaching `status`: derived from both, so that every delivery of
+    that end (a retry, or a re-run of a session whose finish the store lost) carries the same id."""
+    digest = hashlib.sha256(f"{response_id}\x00{status}".encode()).hexdigest()
+    return f"evt_{digest[:32]}"
+
+
 def completion_event(
     response_id: str,
     status: str,
     data: dict[str, Any] | None = None,
     now: float | None = None,
+    event_id: str | None = None,
 ) -> tuple[str, bytes]:
     """(event id, JSON body) for a background response that reached a terminal ``status``.
 
-    ``data`` adds fields next to the response id; it cannot override ``id``."""
+    ``data`` adds fields next to the response id; it cannot override ``id``. ``event_id``: None, a
+    new random one (`completion_event_id` gives the stable one of the response and status)."""
     if status not in COMPLETION_STATUSES:
         raise ValueError(f"status must be one of {', '.join(COMPLETION_STATUSES)}, got {status!r}")
-    event_id = new_event_id()
+    event_id = event_id or new_event_id()
     event = {
         "id": event_id,
         "object": "event",
@@ -289,23 +300,31 @@ class WebhookSender:
 class CompletionNotifier:
     """Calls the tenant's webhook when one of its sessions finishes (the `on_finished` hook of
     serving.sessions.worker.SessionWorker). Deliveries run as background tasks; `aclose` waits for them.
+    The event id is `completion_event_id(session id, status)`: a repeated end gets the same id.
 
     Args:
         targets: tenant → its webhook.
         sender: delivers with retries.
+        keep_results: the latest delivery results kept in `results` (a worker runs for weeks);
+            `delivered` and `failed` count them all.
     """
 
-    def __init__(self, targets: Mapping[str, WebhookTarget], sender: WebhookSender) -> None:
+    def __init__(
+        self, targets: Mapping[str, WebhookTarget], sender: WebhookSender, keep_results: int = 100
+    ) -> None:
         self.targets = dict(targets)
         self.sender = sender
-        self.results: list[DeliveryResult] = []
+        self.results: deque[DeliveryResult] = deque(maxlen=keep_results)
+        self.delivered = 0
+        self.failed = 0
         self._tasks: set[asyncio.Task] = set()
 
     def __call__(self, rec: Any, obj: Mapping[str, Any]) -> None:
         target = self.targets.get(rec.tenant)
         if target is None:
             return
-        event_id, body = completion_event(rec.id, obj["status"])
+        status = obj["status"]
+        event_id, body = completion_event(rec.id, status, event_id=completion_event_id(rec.id, status))
         task = asyncio.get_running_loop().create_task(self._deliver(target, event_id, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -313,7 +332,10 @@ class CompletionNotifier:
     async def _deliver(self, target: WebhookTarget, event_id: str, body: bytes) -> None:
         result = await self.sender.deliver(target, event_id, body)
         self.results.append(result)
-        if not result.delivered:
+        if result.delivered:
+            self.delivered += 1
+        else:
+            self.failed += 1
             logger.warning("webhook %s not delivered after %d attempts", event_id, result.attempts)
 
     async def aclose(self, wait_s: float = 5.0) -> None:

@@ -15,7 +15,15 @@ serving.sessions.server.SessionServer), not to any HTTP connection:
 - readers (the ingress) only ever read the store: polling, resuming a stream from an event number,
   or waiting for the end all work whatever happens to the ingress or the worker;
 - cancel is a flag in the store; the owner polls it every `cancel_poll_s`, stops the engine call
-  (which aborts the request at the engine) and finishes the session as cancelled.
+  (which aborts the request at the engine) and finishes the session as cancelled;
+- an engine leg that sends nothing for `resilience.streams.stall_timeout_s` after its first chunk (an
+  engine alive but stuck) is closed, which aborts it, and fails like an error chunk: the session
+  resumes from the ids it has, within its retry limits, or ends failed with `engine_stalled`;
+- fairness: a worker runs at most `max_active_per_tenant` sessions of one tenant, and its sweep claims
+  orphans round-robin across tenants (the store's `orphans` order);
+- a store that does not answer (serving.sessions.store.store_unavailable) stops the run as a lost
+  lease does: nothing is marked failed, the lease lapses and a sweep resumes the session from its
+  last checkpoint once the store answers again.
 
 What a session stores and readers see (response objects, numbered events) is shaped by
 serving.sessions.events.
@@ -41,7 +49,16 @@ from serving.sessions.events import (
     response_object,
 )
 from serving.sessions.request import SessionRequest
-from serving.sessions.store import Event, LeaseLost, SessionRecord, SessionStore, Status
+from serving.sessions.store import (
+    Event,
+    LeaseLost,
+    SessionRecord,
+    SessionStore,
+    Status,
+    StoreError,
+    head_of,
+    store_unavailable,
+)
 from serving.thinking import ReasoningState, StreamFn, ThinkingRun, ThinkTags, split_generated
 
 logger = logging.getLogger(__name__)
@@ -81,9 +98,17 @@ class WorkerSettings:
     max_active: int
     #: Engine legs: attempts in a row without progress, and the backoff between them.
     retry: RetryPolicy
+    #: Sessions of one tenant run at once (None: no bound but max_active).
+    max_active_per_tenant: int | None = None
+    #: Most time between two chunks of a leg once it sent its first (resilience.streams.stall_timeout_s,
+    #: the chat path's setting: a stuck engine is as stuck for a session); past it the leg has failed.
+    #: None: no limit (tests that build settings by hand).
+    stall_timeout_s: float | None = None
 
     @classmethod
-    def from_spec(cls, spec: Any) -> WorkerSettings:
+    def from_spec(cls, spec: Any, streams: Any) -> WorkerSettings:
+        """The knobs of config.SessionsSpec `spec`, with the stall timeout of `streams`
+        (config.StreamResilienceSpec)."""
         return cls(
             checkpoint_tokens=spec.checkpoint_tokens,
             checkpoint_interval_s=spec.checkpoint_interval_s,
@@ -92,18 +117,26 @@ class WorkerSettings:
             cancel_poll_s=spec.cancel_poll_s,
             max_active=spec.max_active_per_worker,
             retry=spec.retry_policy(),
+            max_active_per_tenant=spec.max_active_per_tenant,
+            stall_timeout_s=streams.stall_timeout_s,
         )
 
 
 class _LegFailed(Exception):
-    def __init__(self, error: EngineError) -> None:
+    """An engine leg ended without finishing: an error chunk, an abort, or a stall (`stalled`: no chunk
+    for `stall_timeout_s`, after `chunks` chunks of that leg)."""
+
+    def __init__(self, error: EngineError, stalled: bool = False, chunks: int = 0) -> None:
         super().__init__(error.message)
         self.error = error
+        self.stalled = stalled
+        self.chunks = chunks
 
 
 @dataclass(slots=True)
 class _Active:
     task: asyncio.Task
+    tenant: str = ""
     cancel_requested: bool = False
     lost: bool = False
 
@@ -134,7 +167,8 @@ class SessionWorker:
         self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
         self._on_finished = on_finished
         self._active: dict[str, _Active] = {}
-        self._claiming: set[str] = set()
+        #: Sessions being claimed (the slot is taken before the claim's await) → their tenant.
+        self._claiming: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task] = []
         self.resumed = 0
@@ -186,35 +220,68 @@ class SessionWorker:
 
     # -- claiming --
 
+    def _busy(self, session_id: str) -> bool:
+        return (
+            session_id in self._active
+            or session_id in self._claiming
+            or len(self._active) + len(self._claiming) >= self.settings.max_active
+        )
+
+    def _running(self, tenant: str) -> int:
+        """Sessions of `tenant` this worker runs or is claiming."""
+        return sum(a.tenant == tenant for a in self._active.values()) + sum(
+            t == tenant for t in self._claiming.values()
+        )
+
     async def submit(self, session_id: str) -> bool:
-        """Claim `session_id` and run it here; False if it is full, taken or finished."""
-        busy = len(self._active) + len(self._claiming)
-        if session_id in self._active or session_id in self._claiming or busy >= self.settings.max_active:
+        """Claim `session_id` and run it here; False if it is full (or full for its tenant), taken or
+        finished."""
+        if self._busy(session_id):
             return False
+        cap = self.settings.max_active_per_tenant
+        tenant = ""
+        if cap is not None:
+            # Read the tenant before claiming: a claim given back would count as a takeover.
+            self._claiming[session_id] = ""  # the slot, held across the await
+            try:
+                head = await asyncio.to_thread(head_of, self.store, session_id)
+            finally:
+                del self._claiming[session_id]
+            if head is None or head.status.finished or self._busy(session_id):
+                return False
+            tenant = head.tenant
+            if self._running(tenant) >= cap:
+                return False
         # Reserve the slot before the claim's await: a notify and a sweep may submit at once.
-        self._claiming.add(session_id)
+        self._claiming[session_id] = tenant
         try:
             rec = await asyncio.to_thread(self.store.claim, session_id, self.owner, self.settings.lease_s)
         finally:
-            self._claiming.discard(session_id)
+            del self._claiming[session_id]
         if rec is None:
             return False
         if rec.claims > 1:
             self.resumed += 1
             logger.info("session %s taken over by %s (claim %d)", session_id, self.owner, rec.claims)
         task = asyncio.create_task(self._run(rec), name=f"session-{session_id}")
-        self._active[session_id] = _Active(task)
+        self._active[session_id] = _Active(task, rec.tenant)
         task.add_done_callback(lambda _: self._active.pop(session_id, None))
         return True
 
     async def sweep(self) -> int:
-        """Claim orphaned sessions (unowned, or their owner's lease lapsed) while there is room."""
-        room = self.settings.max_active - len(self._active) - len(self._claiming)
+        """Claim orphaned sessions (unowned, or their owner's lease lapsed) while there is room, in the
+        store's round-robin order across tenants, skipping tenants at max_active_per_tenant."""
+        s = self.settings
+        room = s.max_active - len(self._active) - len(self._claiming)
         if room <= 0:
             return 0
-        ids = await asyncio.to_thread(self.store.orphans, None, room)
+        # With a per-tenant bound some candidates may be skipped: read a worker's worth more.
+        want = room if s.max_active_per_tenant is None else room + s.max_active
+        ids = await asyncio.to_thread(self.store.orphans, None, want)
         taken = 0
         for sid in ids:
+            if len(self._active) + len(self._claiming) >= s.max_active:
+                break
             taken += await self.submit(sid)
         return taken
 
@@ -267,10 +334,28 @@ class SessionWorker:
         except LeaseLost:
             logger.warning("session %s: lease lost by %s", sid, self.owner)
         except Exception as e:
+            if store_unavailable(e):
+                # A blip, not a fault of the session: stop here and let the lease lapse; a sweep
+                # (this worker's or another's) resumes it from its last checkpoint.
+                logger.warning(
+                    "session %s: the store did not answer (%s: %s); %s stops, the session resumes "
+                    "after its lease lapses", sid, type(e).__name__, e, self.owner,
+                )  # fmt: skip
+                return
             # A fault here would fail again on every takeover: end the session as failed instead.
             logger.exception("session %s failed in worker %s", sid, self.owner)
             with contextlib.suppress(Exception):
                 await _SessionRun(self, rec).fail("internal_error", f"{type(e).__name__}: {e}")
+
+    async def report(self, session_id: str) -> bool:
+        """Run `on_finished` for a session that ended without a worker (cancelled at the ingress
+        while queued: `cancel_session_here`); False if it is not such a session. Its webhook id is
+        that of its (id, status), so a repeated report is one event to the receiver."""
+        rec = await asyncio.to_thread(self.store.get_any, session_id)
+        if rec is None or rec.status is not Status.CANCELLED or rec.result is None:
+            return False
+        self._finished(rec, rec.result)
+        return True
 
     def _finished(self, rec: SessionRecord, obj: dict[str, Any]) -> None:
         self.completed[obj["status"]] = self.completed.get(obj["status"], 0) + 1
@@ -337,10 +422,16 @@ class _SessionRun:
                 except _LegFailed as e:
                     await self._checkpoint(force=True)
                     # Failures count legs in a row without progress (a leg that made some resets them).
-                    failures = 0 if len(self.generated) > progress_at else failures + 1
+                    # NOTE(stalls): a leg that stalled after its first chunk made none: an engine that
+                    # answers each leg once and then hangs would otherwise resume the session chunk by
+                    # chunk, stall_timeout_s each, holding its lease for as long as max_output_tokens lasts.
+                    progressed = len(self.generated) > progress_at and not (e.stalled and e.chunks <= 1)
+                    failures = 0 if progressed else failures + 1
                     err = e.error
+                    # The error type tells an engine fault (500 engine_error: the same input fails the
+                    # same way) from a server error: the former is not retried (router.resilience).
                     step = w.settings.retry.next_step(
-                        classify(err.status), failures, retry_after_s=err.retry_after_s
+                        classify(err.status, e.stalled, err.type), failures, retry_after_s=err.retry_after_s
                     )
                     if not isinstance(step, Retry):  # a session has no other target to go to
                         await self._finish(Status.FAILED, error=(err.type, err.message))
@@ -348,7 +439,7 @@ class _SessionRun:
                     delay = step.delay_s
                     logger.warning(
                         "session %s: engine call failed (%s); resuming from %d tokens in %.2fs",
-                        rec.id, e.error.message, len(self.generated), delay,
+                        rec.id, err.message, len(self.generated), delay,
                     )  # fmt: skip
                     await asyncio.sleep(delay)
                     continue
@@ -415,9 +506,28 @@ class _SessionRun:
         )
 
     async def _consume(self, run: ThinkingRun) -> None:
+        """Read `run` to its end, checkpointing as it goes; `_LegFailed` if it does not finish (an error
+        chunk, an abort, or no chunk for `stall_timeout_s` once the first one came: the engine stream is
+        closed, which aborts the request there, and the caller resumes from `self.generated`)."""
         it = run.chunks()
+        stall_s = self.w.settings.stall_timeout_s
+        chunks = 0
         try:
-            async for chunk in it:
+            while True:
+                # The first chunk waits for its prefill and the engine's queue (a background session may
+                # wait long there); after it, the stall timeout (a run's later legs included).
+                deadline = asyncio.timeout(stall_s if chunks else None)
+                try:
+                    async with deadline:
+                        chunk = await anext(it)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    error = EngineError(f"the engine sent nothing for {stall_s:g}s", 504, "engine_stalled")
+                    raise _LegFailed(error, stalled=True, chunks=chunks) from None
+                chunks += 1
                 if chunk.error is not None:
                     raise _LegFailed(chunk.error)
                 if chunk.cached_tokens and not self.cached:
@@ -531,16 +641,35 @@ class _SessionRun:
 
 
 def cancel_session(store: SessionStore, session_id: str, tenant: str) -> SessionRecord | None:
+    """Ask for a session to be cancelled (blocking; run it in a thread); the record after it (None:
+    the tenant has no session by that id). See `cancel_session_here`."""
+    return cancel_session_here(store, session_id, tenant)[0]
+
+
+def cancel_session_here(
+    store: SessionStore, session_id: str, tenant: str
+) -> tuple[SessionRecord | None, bool]:
     """Ask for a session to be cancelled (blocking; run it in a thread). A session no worker holds
-    is cancelled on the spot, and its stream gets its terminal event here."""
+    is cancelled on the spot, and its stream gets its terminal event here. Returns the record after
+    it and whether it was ended here (no worker runs its `on_finished` then: the caller reports it,
+    see `SessionWorker.report`).
+
+    A delete that lands meanwhile wins: the store writes nothing for a session that is gone (no
+    orphan event is left) and this answers None, as for a session that never existed. A second
+    cancel writing the same end at once is harmless too (the first one's end stands)."""
     rec = store.request_cancel(session_id, tenant)
     if rec is None or rec.status is not Status.CANCELLED or rec.owner is not None:
-        return rec
+        return rec, False
     events = store.events(session_id)
-    if not any(ev.type in TERMINAL_EVENTS for ev in events):
+    here = not any(ev.type in TERMINAL_EVENTS for ev in events)
+    if here:
         obj = dict(response_object(rec, Status.CANCELLED), status="cancelled")
         seq = events[-1].seq + 1 if events else 0
         data = {"type": "response.cancelled", "sequence_number": seq, "response": obj}
-        store.append_events(session_id, [Event(seq, "response.cancelled", data)])
-        store.set_status(session_id, Status.CANCELLED, obj)
-    return store.get(session_id, tenant)
+        try:
+            store.append_events(session_id, [Event(seq, "response.cancelled", data)])
+            store.set_status(session_id, Status.CANCELLED, obj)
+        except StoreError as e:  # deleted meanwhile ("no session"), or another cancel's end stored
+            logger.info("cancel of %s raced another write (%s)", session_id, e)
+            here = False
+    return store.get(session_id, tenant), here

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +20,10 @@ import pytest
 
 from benchmarks.asgi import StreamingASGITransport
 from serving.backends import EngineBackend
+from serving.config import SessionsSpec, parse_spec
 from serving.http.api import build_api
+from serving.http.gateway import Gateway
+from serving.http.metrics import IngressMetrics
 from serving.http.pipeline import ServedModel
 from serving.http.responses import SessionsFrontend
 from serving.replicas.engines.fake import FakeEngine
@@ -47,6 +55,7 @@ class Rig:
     worker: SessionWorker
     engine: FakeEngine
     legs: Recorder
+    front: SessionsFrontend
 
     async def post(self, tenant: str = "a", **body: Any) -> httpx.Response:
         body.setdefault("model", "r")
@@ -79,14 +88,28 @@ class Rig:
         return await asyncio.wait_for(poll(), 5)
 
 
+#: The rig's session limits: fast polls (the spec's defaults otherwise).
+FAST = {"stream_poll_s": 0.01, "stream_poll_max_s": 0.05}
+
+
 @asynccontextmanager
-async def rig(tmp_path: Any, token_delay_s: float = 0.0, workers: bool = True):
+async def rig(
+    tmp_path: Any,
+    token_delay_s: float = 0.0,
+    workers: bool = True,
+    wrap: Callable[[SQLiteStore], Any] | None = None,
+    gateway: Gateway | None = None,
+    context: int = CONTEXT,
+    on_cancelled: Callable[[str], Any] | None = None,
+    **spec: Any,
+):
     """Model "r" (reasoning, its sessions stop at EOS) and "plain" (no tags), one worker (none and a
-    notify that hands nothing over if not `workers`)."""
+    notify that hands nothing over if not `workers`). `wrap`: the store the ingress sees (the worker
+    uses the store itself); `spec`: SessionsSpec fields over FAST."""
     store = new_store(tmp_path)
-    engine = FakeEngine("r", token_delay_s=token_delay_s)
+    engine = FakeEngine("r", token_delay_s=token_delay_s, max_model_len=context)
     backend = EngineBackend(engine)
-    plain = EngineBackend(FakeEngine("plain"))
+    plain = EngineBackend(FakeEngine("plain", max_model_len=context))
     legs = Recorder(StopAt(backend.stream))
     worker = SessionWorker(
         store,
@@ -100,15 +123,22 @@ async def rig(tmp_path: Any, token_delay_s: float = 0.0, workers: bool = True):
     if workers:
         worker.start()
     models = {
-        "r": ServedModel("r", CONTEXT, TOK, backend, tags=TAGS),
-        "plain": ServedModel("plain", CONTEXT, TOK, plain),
+        "r": ServedModel("r", context, TOK, backend, tags=TAGS),
+        "plain": ServedModel("plain", context, TOK, plain),
     }
-    app = build_api(models, sessions=SessionsFrontend(store, worker.submit if workers else nobody, 0.01))
+    front = SessionsFrontend(
+        wrap(store) if wrap else store,
+        worker.submit if workers else nobody,
+        spec=SessionsSpec(**{**FAST, **spec}),
+        on_cancelled=on_cancelled,
+    )
+    app = build_api(models, gateway=gateway, sessions=front)
     try:
         async with httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://t") as c:
-            yield Rig(c, store, worker, engine, legs)
+            yield Rig(c, store, worker, engine, legs, front)
     finally:
         await worker.close()
+        front.close()
         close_store(store)
 
 
@@ -116,7 +146,7 @@ def parse_sse(text: str) -> list[dict]:
     """`event: <type>` / `data: <json>` blocks; the data's type is the event's."""
     out = []
     for block in text.split("\n\n"):
-        if not block.strip():
+        if not block.strip() or block.startswith(":"):  # a comment (keepalive)
             continue
         lines = block.split("\n")
         assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
@@ -400,7 +430,12 @@ async def test_another_tenant_gets_404_for_everything(tmp_path) -> None:
 
 
 async def test_cancel_endpoint(tmp_path) -> None:
-    async with rig(tmp_path, token_delay_s=0.01) as s:
+    reported: list[str] = []
+
+    async def report(rid: str) -> None:
+        reported.append(rid)
+
+    async with rig(tmp_path, token_delay_s=0.01, on_cancelled=report) as s:
         rid = (await s.post(background=True, max_output_tokens=300, reasoning={"max_tokens": 250})).json()[
             "id"
         ]
@@ -417,15 +452,24 @@ async def test_cancel_endpoint(tmp_path) -> None:
         r = await s.client.post(f"/v1/responses/{done['id']}/cancel", headers={"x-tandem-tenant": "a"})
         assert r.status_code == 200 and r.json() == done and done["status"] == "completed"
         assert (await s.client.post("/v1/responses/resp_nope/cancel")).status_code == 404
+        assert reported == []  # the worker that ran it reported it itself
 
 
 async def test_cancel_endpoint_on_a_queued_session_nobody_runs(tmp_path) -> None:
-    async with rig(tmp_path, workers=False) as s:
+    reported: list[str] = []
+
+    async def report(rid: str) -> None:
+        reported.append(rid)
+
+    async with rig(tmp_path, workers=False, on_cancelled=report) as s:
         rid = (await s.post(background=True, max_output_tokens=20)).json()["id"]
         assert s.store.get(rid, "a").status is Status.QUEUED
         r = await s.client.post(f"/v1/responses/{rid}/cancel", headers={"x-tandem-tenant": "a"})
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
         assert [e["type"] for e in await s.events(rid)] == ["response.cancelled"]
+        assert reported == [rid]  # no worker ran it: a worker is asked to report it (its webhook)
+        again = await s.client.post(f"/v1/responses/{rid}/cancel", headers={"x-tandem-tenant": "a"})
+        assert again.json()["status"] == "cancelled" and reported == [rid]  # ended once, told once
 
 
 async def test_delete_a_running_session_stops_it(tmp_path) -> None:
@@ -478,3 +522,225 @@ async def test_chat_reasoning_budget_and_usage(tmp_path) -> None:
             "/v1/chat/completions", json={"model": "plain", "messages": msgs, "max_tokens": 5}
         )
         assert "completion_tokens_details" not in r.json()["usage"]
+
+
+# -- limits: streams, waits, store outages, what a session is charged ---------------------------------
+
+
+class CountingStore:
+    """The store with every call counted (by method name); `fail` methods raise `error`; `block`
+    methods wait for `release` (a store that stopped answering)."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.fail: set[str] = set()
+        self.error: Exception = ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+        self.block: set[str] = set()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kw: Any) -> Any:
+            self.calls[name] += 1
+            if name in self.fail:
+                raise self.error
+            if name in self.block:
+                self.release.wait(30)
+            return attr(*args, **kw)
+
+        call.__name__ = name
+        return call
+
+
+async def _open_streams(s: Rig, rid: str, n: int) -> tuple[list[asyncio.Task], asyncio.Event]:
+    """`n` GET streams on `rid`, held open (reading) until the returned event is set."""
+    leave = asyncio.Event()
+    opened: list[int] = []
+
+    async def one() -> None:
+        async with s.client.stream(
+            "GET", f"/v1/responses/{rid}", params={"stream": "true"}, headers={"x-tandem-tenant": "a"}
+        ) as r:
+            opened.append(r.status_code)
+            reading = asyncio.ensure_future(r.aread())
+            await leave.wait()
+            reading.cancel()
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await wait_until(lambda: len(opened) == n)
+    assert opened == [200] * n
+    return tasks, leave
+
+
+async def test_a_tenant_holds_at_most_max_streams_and_the_store_is_read_sparingly(tmp_path) -> None:
+    async with rig(tmp_path, workers=False, wrap=CountingStore, stream_poll_max_s=0.2) as s:
+        store: CountingStore = s.front.store  # type: ignore[assignment]
+        rid = (await s.post(background=True, max_output_tokens=20)).json()["id"]  # queued: no worker
+        tasks, leave = await _open_streams(s, rid, 50)
+        try:
+            assert s.front.open_streams("a") == 50
+            r = await s.get(rid, stream="true")
+            assert r.status_code == 429, r.text
+            err = r.json()["error"]
+            assert err["code"] == "too_many_streams" and err["type"] == "rate_limit_error"
+            assert "max_streams_per_tenant" in err["message"] and int(r.headers["retry-after"]) >= 1
+            assert (await s.post(max_output_tokens=20)).status_code == 429  # a waiting create too
+            assert (await s.get(rid)).status_code == 200  # polling is not a stream
+            await asyncio.sleep(1.0)  # the streams' polls back off to stream_poll_max_s
+            store.calls.clear()
+            await asyncio.sleep(1.0)
+            # 50 streams x 1/0.2 s reads, and a status read every tenth; never the whole record.
+            # (Polling every stream_poll_s = 10 ms, as before, is ~5000 reads a second.)
+            assert sum(store.calls.values()) <= 50 * 5 * 1.1 + 50, store.calls
+            assert store.calls["get"] == 0 and store.calls["get_any"] == 0
+        finally:
+            leave.set()
+            await asyncio.gather(*tasks)
+        await wait_until(lambda: s.front.open_streams("a") == 0)  # every stream gave its slot back
+
+
+async def test_an_idle_stream_sends_keepalive_comments(tmp_path) -> None:
+    async with rig(tmp_path, workers=False, stream_heartbeat_s=0.1) as s:
+        rid = (await s.post(background=True, max_output_tokens=20)).json()["id"]
+        lines: list[str] = []
+
+        async def read() -> None:
+            async with s.client.stream(
+                "GET", f"/v1/responses/{rid}", params={"stream": "true"}, headers={"x-tandem-tenant": "a"}
+            ) as r:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(read(), 0.55)
+        assert lines.count(": keepalive") >= 2, lines
+
+
+async def test_a_waiting_create_answers_after_wait_max_s(tmp_path) -> None:
+    async with rig(tmp_path, workers=False, wait_max_s=0.3) as s:
+        t0 = time.monotonic()
+        r = await asyncio.wait_for(s.post(max_output_tokens=20), 3)
+        assert r.status_code == 200 and r.json()["status"] == "queued"  # as it stands: poll it by id
+        assert 0.3 <= time.monotonic() - t0 < 2
+        assert s.front.open_streams("a") == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionError("Connection refused"), sqlite3.OperationalError("database is locked")],
+    ids=["connection", "locked"],
+)
+async def test_a_store_that_does_not_answer_is_a_503_with_retry_after(tmp_path, error) -> None:
+    async with rig(tmp_path, wrap=CountingStore) as s:
+        store: CountingStore = s.front.store  # type: ignore[assignment]
+        rid = (await s.post(max_output_tokens=20, reasoning={"max_tokens": 3})).json()["id"]
+        store.error = error
+        store.fail = {"create", "get", "head", "events", "request_cancel", "delete"}
+        for r in (
+            await s.post(background=True, max_output_tokens=20),
+            await s.get(rid),
+            await s.get(rid, stream="true"),
+            await s.client.post(f"/v1/responses/{rid}/cancel", headers={"x-tandem-tenant": "a"}),
+            await s.client.delete(f"/v1/responses/{rid}", headers={"x-tandem-tenant": "a"}),
+        ):
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"] == "application/json"
+            err = r.json()["error"]
+            assert err["code"] == "store_unavailable" and err["type"] == "service_unavailable_error"
+            assert r.headers["retry-after"] == "2"
+        store.fail = set()
+        assert (await s.get(rid)).json()["status"] == "completed"
+        assert s.front.open_streams("a") == 0
+
+
+async def test_a_store_outage_mid_stream_ends_it_with_an_error_event(tmp_path) -> None:
+    async with rig(tmp_path, workers=False, wrap=CountingStore) as s:
+        store: CountingStore = s.front.store  # type: ignore[assignment]
+        rid = (await s.post(background=True, max_output_tokens=20)).json()["id"]
+        async with s.client.stream(
+            "GET", f"/v1/responses/{rid}", params={"stream": "true"}, headers={"x-tandem-tenant": "a"}
+        ) as r:
+            assert r.status_code == 200
+            store.fail = {"events", "head"}
+            text = (await asyncio.wait_for(r.aread(), 2)).decode()
+        events = parse_sse(text)
+        assert [e["type"] for e in events] == ["error"] and events[0]["code"] == "store_unavailable"
+
+
+async def test_a_store_that_hangs_does_not_stall_chat_completions(tmp_path) -> None:
+    async with rig(tmp_path, workers=False, wrap=CountingStore) as s:
+        store: CountingStore = s.front.store  # type: ignore[assignment]
+        rid = (await s.post(background=True, max_output_tokens=20)).json()["id"]
+        store.block = {"events"}
+        streams = [asyncio.create_task(s.get(rid, stream="true")) for _ in range(40)]
+        try:
+            # 40 stuck reads: more than the default thread pool's at most 32 threads.
+            await wait_until(lambda: store.calls["events"] >= 5)
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            r = await asyncio.wait_for(
+                s.client.post(
+                    "/v1/chat/completions",
+                    json={"model": "plain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                ),
+                5,
+            )
+            assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+        finally:
+            store.release.set()
+            for t in streams:
+                t.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+
+
+def _charging_gateway(burst: int) -> Gateway:
+    spec = parse_spec(
+        {
+            "models": [{"name": n, "source": "fake", "pools": [{"engine": "fake"}]} for n in ("r", "plain")],
+            "auth": {"enabled": False},
+            "admission": {"default_tenant": {"tokens_per_s": 0.001, "burst_tokens": burst}},
+        }
+    )
+    return Gateway.from_spec(spec, IngressMetrics())
+
+
+async def test_a_session_without_max_output_tokens_is_charged_for_all_it_may_generate(tmp_path) -> None:
+    gateway = _charging_gateway(50_000)
+    async with rig(tmp_path, gateway=gateway, context=65536, default_max_output_tokens=300) as s:
+        r = await s.post(model="plain", background=True)  # no max_output_tokens, a 64k context
+        assert r.status_code == 200, r.text
+        rid = r.json()["id"]
+        charged = 50_000 - gateway.admission.snapshot()["buckets"]["a"]
+        stored = s.store.get(rid, "a").request
+        may_generate = len(stored["prompt_ids"]) + stored["max_output_tokens"]
+        assert may_generate <= charged + 1  # (the bucket refills 0.001 tokens/s)
+        done = await s.until_finished(rid)
+        assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 300
+        assert done["usage"]["total_tokens"] <= charged + 1
+        assert done["max_output_tokens"] is None  # the client set none; the limit is the spec's
+
+
+async def test_a_session_that_may_generate_more_than_the_burst_is_a_400_naming_max_output_tokens(
+    tmp_path,
+) -> None:
+    gateway = _charging_gateway(5000)
+    async with rig(tmp_path, gateway=gateway, context=65536, default_max_output_tokens=8192) as s:
+        r = await s.post(model="plain", background=True)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and err["param"] == "max_output_tokens"
+        assert "sessions.default_max_output_tokens" in err["message"]
+        assert s.store.orphans() == []
+        r = await s.post(model="plain", background=True, max_output_tokens=100)
+        assert r.status_code == 200, r.text
+
+
+def test_stream_poll_max_below_stream_poll_names_both_fields() -> None:
+    with pytest.raises(
+        ValueError, match="stream_poll_max_s .* raise stream_poll_max_s or lower stream_poll_s"
+    ):
+        SessionsSpec(stream_poll_s=0.5, stream_poll_max_s=0.1)

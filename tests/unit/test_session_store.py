@@ -20,10 +20,13 @@ from serving.sessions.store import (
     Event,
     LeaseLost,
     QuotaExceeded,
+    SessionHead,
     SessionRecord,
     SQLiteStore,
     Status,
     StoreError,
+    StoreUnavailable,
+    store_unavailable,
 )
 
 T0 = 1_000_000.0  # the lease clock in ownership tests (passed as now=)
@@ -363,6 +366,71 @@ def test_orphans_are_unheld_unfinished_sessions_oldest_first(store) -> None:
     assert store.orphans(now=T0 + 31) == ["old", "mid", "new"]
 
 
+def test_orphans_take_turns_across_tenants(make_store) -> None:
+    store = make_store(max_sessions_per_tenant=200)
+    for i in range(100):  # tenant a queues 100, then b queues one
+        store.create(_rec(f"a{i:03}", "a", created=T0 + i))
+    store.create(_rec("b0", "b", created=T0 + 100))
+    order = store.orphans(now=T0, limit=-1)
+    assert order.index("b0") < order.index("a099")
+    assert order[:3] == ["a000", "b0", "a001"]  # every tenant's oldest, then the next round
+    assert store.orphans(now=T0, limit=2) == ["a000", "b0"]
+    # Within a round, tenants never served come first, then the least recently served: a worker with
+    # one free slot takes b's next even though a's next is older.
+    store.claim("a000", "w1", lease_s=30, now=T0)
+    assert store.orphans(now=T0, limit=2) == ["b0", "a001"]
+    store.claim("b0", "w1", lease_s=30, now=T0 + 1)
+    assert store.orphans(now=T0 + 1, limit=2) == ["a001", "a002"]
+    # A lapsed lease is its tenant's orphan at its place by creation; c was never served.
+    store.create(_rec("c0", "c", created=T0 + 50))
+    assert store.orphans(now=T0 + 32, limit=5) == ["c0", "a000", "b0", "a001", "a002"]
+
+
+def test_head_reads_tenant_and_status_only(store) -> None:
+    assert store.head("s1") is None
+    store.create(_rec("s1", "a"))
+    assert store.head("s1") == SessionHead("a", Status.QUEUED)
+    store.claim("s1", "w1", lease_s=30)
+    assert store.head("s1") == SessionHead("a", Status.IN_PROGRESS)
+    store.finish("s1", "w1", Status.COMPLETED, {"x": 1}, [])
+    assert store.head("s1") == SessionHead("a", Status.COMPLETED)
+    store.delete("s1", "a")
+    assert store.head("s1") is None
+
+
+def test_a_cancel_racing_a_delete_leaves_no_orphan_log(store) -> None:
+    store.create(_rec("s1"))
+    assert store.request_cancel("s1", "a").status is Status.CANCELLED
+    assert store.delete("s1", "a")  # lands between the cancel and the writing of its end
+    store.append_events("s1", [_ev(0, "cancelled")])  # no error: the session is gone
+    store.append_tokens("s1", 0, [1, 2])
+    assert store.events("s1") == [] and store.tokens("s1") == [] and store.last_seq("s1") == -1
+    if isinstance(store, SQLiteStore):
+        for table in ("events", "tokens", "sessions"):
+            assert store._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)  # noqa: S608
+    else:
+        assert store._r.keys("*") == []
+
+
+def test_cancel_session_racing_a_delete_answers_none_and_leaves_nothing(store) -> None:
+    from serving.sessions.worker import cancel_session
+
+    class DeletedMeanwhile:
+        """The store, with a DELETE landing right after the cancel request."""
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def request_cancel(self, *args, **kw):
+            rec = store.request_cancel(*args, **kw)
+            store.delete("s1", "a")
+            return rec
+
+    store.create(_rec("s1"))
+    assert cancel_session(DeletedMeanwhile(), "s1", "a") is None
+    assert store.get_any("s1") is None and store.events("s1") == []
+
+
 def test_checkpoint_appends_tokens_and_events_for_the_holder(store) -> None:
     store.create(_rec("s1"))
     store.claim("s1", "w1", lease_s=30, now=T0)
@@ -595,10 +663,14 @@ def test_redis_delete_purge_and_eviction_leave_no_keys_behind(redis_url, redis_c
     assert keys == {
         "tandem:s:kept", "tandem:e:kept", "tandem:t:kept", "tandem:s:new",
         "tandem:tenant:a", "tandem:leases", "tandem:unowned", "tandem:held:w1",
+        "tandem:uq:a", "tandem:uq_tenants", "tandem:served",
     }  # fmt: skip
     assert redis_client.zrange("tandem:tenant:a", 0, -1) == [b"kept", b"new"]
     assert redis_client.smembers("tandem:held:w1") == {b"kept"}
     assert redis_client.zrange("tandem:unowned", 0, -1) == [b"new"]
+    assert redis_client.zrange("tandem:uq:a", 0, -1) == [b"new"]
+    s.claim("new", "w1", lease_s=30)  # the tenant's last queued one: its queue goes
+    assert not redis_client.exists("tandem:uq:a", "tandem:uq_tenants")
     s.close()
 
 
@@ -787,3 +859,127 @@ def test_redis_and_sqlite_agree_on_random_operations(seed, redis_url, redis_clie
             assert (row and row[0]) == (stored and int(stored))
         sq.close()
         rs.close()
+
+
+# -- durability and availability ------------------------------------------------------------------
+
+
+def test_sqlite_commits_with_synchronous_full(tmp_path) -> None:
+    s = SQLiteStore(tmp_path / "d.db", **BOUNDS)
+    assert s._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL (NORMAL is 1)
+    assert s._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    s.close()
+
+
+def test_store_unavailable_tells_an_outage_from_a_refused_write(tmp_path) -> None:
+    import redis
+
+    assert store_unavailable(StoreUnavailable("down"))
+    assert store_unavailable(ConnectionError("refused")) and store_unavailable(TimeoutError())
+    assert store_unavailable(redis.ConnectionError("refused")) and store_unavailable(redis.TimeoutError())
+    assert store_unavailable(redis.exceptions.ReadOnlyError("READONLY replica"))  # a failover
+    assert not store_unavailable(redis.ResponseError("ERR bad script"))
+    assert not store_unavailable(StoreError("gap")) and not store_unavailable(LeaseLost("x"))
+    assert not store_unavailable(ValueError("x"))
+    # SQLite: a writer holding the lock past the busy timeout.
+    a = SQLiteStore(tmp_path / "l.db", **BOUNDS)
+    b = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    b.execute("BEGIN IMMEDIATE")
+    a._db.execute("PRAGMA busy_timeout = 50")
+    with pytest.raises(sqlite3.OperationalError, match="locked") as e:
+        a.create(_rec("s1"))
+    assert store_unavailable(e.value)
+    b.execute("ROLLBACK")
+    b.close()
+    a.close()
+
+
+def test_redis_store_sets_its_timeouts_and_retries(redis_url, redis_client) -> None:
+    from serving.config import SessionsSpec
+    from serving.sessions.stores import open_store
+
+    s = _redis_store(redis_url)
+    kw = s._r.connection_pool.connection_kwargs
+    assert kw["socket_timeout"] == 5.0 and kw["socket_connect_timeout"] == 2.0  # the spec's defaults
+    assert kw["retry"].get_retries() == 1
+    s.close()
+    spec = SessionsSpec(
+        store={"kind": "redis", "url": redis_url, "socket_timeout_s": 0.5, "socket_connect_timeout_s": 0.25,
+               "retries": 0},
+    )  # fmt: skip
+    s = open_store(spec)
+    kw = s._r.connection_pool.connection_kwargs
+    assert (kw["socket_timeout"], kw["socket_connect_timeout"], kw["retry"].get_retries()) == (0.5, 0.25, 0)
+    s.close()
+
+
+def test_a_redis_that_does_not_answer_fails_calls_in_bounded_time(caplog) -> None:
+    import socket
+
+    from serving.sessions.store_redis import RedisStore
+
+    with socket.socket() as black_hole:  # accepts connections (the backlog) and never answers
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(8)
+        url = f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0"
+        t0 = time.monotonic()
+        s = RedisStore(url, **BOUNDS, socket_timeout=0.2, retries=0)  # opens, warning it could not check
+        assert "could not check its persistence" in caplog.text
+        with pytest.raises(Exception) as e:  # noqa: PT011 - redis-py's TimeoutError
+            s.get("s1", "a")
+        assert store_unavailable(e.value) and time.monotonic() - t0 < 2.0
+        s.close()
+
+
+def test_redis_without_aof_warns_or_with_require_aof_refuses(redis_url, redis_client, caplog) -> None:
+    from serving.config import SessionsSpec
+    from serving.sessions.stores import open_store
+
+    _redis_store(redis_url).close()  # the test server runs with --appendonly no (conftest.py)
+    assert "runs without an append-only file (appendonly no)" in caplog.text
+    with pytest.raises(ValueError, match=r"sessions.store.require_aof: .*appendonly yes"):
+        open_store(SessionsSpec(store={"kind": "redis", "url": redis_url, "require_aof": True}))
+    caplog.clear()
+    redis_client.config_set("appendonly", "yes")
+    try:
+        open_store(SessionsSpec(store={"kind": "redis", "url": redis_url, "require_aof": True})).close()
+        assert "append-only" not in caplog.text
+    finally:
+        redis_client.config_set("appendonly", "no")
+
+
+def test_redis_that_refuses_config_is_warned_about_not_refused(
+    redis_url, redis_client, caplog, monkeypatch
+) -> None:
+    import redis
+
+    def refused(*_a, **_k):
+        raise redis.ResponseError("unknown command 'CONFIG', with args beginning with: 'GET'")
+
+    monkeypatch.setattr(redis.Redis, "config_get", refused)
+    s = _redis_store(redis_url, require_aof=True)  # managed Redis: cannot be checked, so not refused
+    assert "could not check its persistence" in caplog.text and "unknown command" in caplog.text
+    s.create(_rec("s1"))
+    assert s.get("s1", "a") is not None
+    s.close()
+
+
+def test_redis_offers_sessions_queued_without_tenant_queues_and_drops_stale_entries(
+    redis_url, redis_client
+) -> None:
+    s = _redis_store(redis_url)
+    s.create(_rec("old", "a", created=T0))
+    s.create(_rec("new", "b", created=T0 + 1))
+    # "old" as a version without tenant queues left it: in `unowned` only.
+    redis_client.zrem("tandem:uq:a", "old")
+    redis_client.srem("tandem:uq_tenants", "a")
+    assert s.orphans(now=T0) == ["old", "new"]
+    # A tenant-queue entry that an older version's claim left behind is not offered, and is dropped.
+    redis_client.zadd("tandem:uq:b", {"taken": T0 - 1})
+    redis_client.zadd("tandem:uq:b", {"new": T0 + 1})
+    s.create(_rec("taken", "b", created=T0 - 1))
+    s.claim("taken", "w1", lease_s=30, now=T0)
+    redis_client.zadd("tandem:uq:b", {"taken": T0 - 1})
+    assert s.orphans(now=T0) == ["old", "new"]
+    assert redis_client.zrange("tandem:uq:b", 0, -1) == [b"new"]
+    s.close()

@@ -607,3 +607,47 @@ async def test_on_finished_survives_a_cancel_that_races_the_finish(tmp_path) -> 
         assert calls == [final.result]
     finally:
         close_store(store)
+
+
+# -- fairness across tenants --------------------------------------------------------------------------
+
+
+async def test_a_tenant_that_queued_a_hundred_does_not_hold_back_another(store) -> None:
+    for i in range(100):
+        store.create(record(f"resp_a{i:03}", prompt("a"), 2, tenant="a"))
+    store.create(record("resp_b", prompt("b"), 2, tenant="b"))
+    legs = Recorder(engine_stream()[1])
+    w = make_worker(store, legs, max_active=1)
+    try:
+        for _ in range(5):  # one session at a time, claimed by the sweep
+            await w.sweep()
+            await wait_until(lambda: not w.active)
+    finally:
+        await w.close()
+    started = [r.request_id.rsplit("-", 1)[0] for r in legs.requests]
+    assert store.get("resp_b", "b").status.finished
+    assert started.index("resp_b") == 1  # a's oldest, then b's, then a's next: not after a's 100th
+    assert started[:5] == ["resp_a000", "resp_b", "resp_a001", "resp_a002", "resp_a003"]
+
+
+async def test_a_worker_runs_at_most_max_active_per_tenant_of_one_tenant(store) -> None:
+    gate = Gate(engine_stream()[1], after=1)
+    a = [f"resp_a{i}" for i in range(4)]
+    for rid in a:
+        store.create(record(rid, prompt(rid), 6, tenant="a"))
+    store.create(record("resp_b", prompt("b"), 6, tenant="b"))
+    w = make_worker(store, gate, max_active=4, max_active_per_tenant=2)
+    try:
+        assert await w.submit(a[0]) and await w.submit(a[1])
+        assert not await w.submit(a[2])  # a's bound here, though the worker has room
+        rec = store.get(a[2], "a")
+        assert rec.owner is None and rec.claims == 0  # never claimed (a claim given back would count)
+        assert await w.sweep() == 1  # b's, not a's others
+        assert sorted(store.get_any(sid).tenant for sid in w.active) == ["a", "a", "b"]
+        gate.release()
+        async with started(w):
+            for rid in a:
+                await wait_finished(store, rid)
+    finally:
+        await w.close()
+    assert w.completed == {"incomplete": 5}
