@@ -5,8 +5,8 @@ tandem up [--config FILE] [--host H] [--port P]
 tandem status [--config FILE] [--dashboard URL]
 tandem config check FILE
 tandem templates check FILE [--config SPEC]   (a template library file, before it goes into a ConfigMap)
-tandem key new --tenant NAME        (prints a new API key and the {tenant, sha256} entry to store)
-tandem key hash KEY
+tandem key new --tenant NAME [--scope metrics]   (prints a new API key and the entry to store)
+tandem key hash < key-file          (the key on stdin, or typed at a hidden prompt; not on argv)
 """
 
 from __future__ import annotations
@@ -225,18 +225,37 @@ def cmd_key_new(args: argparse.Namespace) -> int:
     from serving.config import ApiKey
     from serving.http.auth import hash_key, new_key
 
-    ApiKey(tenant=args.tenant, sha256="0" * 64)  # validates the tenant name
+    scopes = sorted(set(args.scope or ["inference"]))
+    ApiKey(tenant=args.tenant, sha256="0" * 64, scopes=scopes)  # validates the tenant name
     key = new_key()
     print(f"key (give it to the tenant; it is not stored anywhere): {key}")
     print("add to auth.keys in the spec, or to the keys file of the Secret:")
-    print(f"  - {{tenant: {args.tenant}, sha256: {hash_key(key)}}}")
+    extra = f", scopes: [{', '.join(scopes)}]" if scopes != ["inference"] else ""
+    print(f"  - {{tenant: {args.tenant}, sha256: {hash_key(key)}{extra}}}")
     return 0
 
 
 def cmd_key_hash(args: argparse.Namespace) -> int:
     from serving.http.auth import hash_key
 
-    print(hash_key(args.key))
+    key = args.key
+    if key is not None:
+        print(
+            "warning: a key on the command line lands in the shell history and `ps`; "
+            "pipe it in instead: tandem key hash < key-file",
+            file=sys.stderr,
+        )
+    elif sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key (not echoed): ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        print("error: no key given (pipe it on stdin: tandem key hash < key-file)", file=sys.stderr)
+        return 2
+    print(hash_key(key))
     return 0
 
 
@@ -290,9 +309,15 @@ def parser() -> argparse.ArgumentParser:
     key = sub.add_parser("key", help="API keys").add_subparsers(dest="action", required=True)
     new = key.add_parser("new", help="make an API key for a tenant; prints the key and its hash entry")
     new.add_argument("--tenant", required=True)
+    new.add_argument(
+        "--scope",
+        action="append",
+        choices=["inference", "metrics"],
+        help="what the key may call (repeatable; default inference): metrics for a Prometheus scraper",
+    )
     new.set_defaults(func=cmd_key_new)
-    hsh = key.add_parser("hash", help="the SHA-256 of a key, as the spec stores it")
-    hsh.add_argument("key")
+    hsh = key.add_parser("hash", help="the SHA-256 of a key read from stdin, as the spec stores it")
+    hsh.add_argument("key", nargs="?", help="deprecated: the key (it lands in shell history); use stdin")
     hsh.set_defaults(func=cmd_key_hash)
     return p
 

@@ -1,13 +1,16 @@
 """The OpenAI-compatible HTTP API (FastAPI), independent of Ray: routes, SSE framing, middlewares.
 
-`build_api(models, metrics, gateway, sessions)` returns an ASGI app. Each served model brings a
+`build_api(models, metrics, gateway, sessions, http)` returns an ASGI app. Each served model brings a
 tokenizer and a `Backend` that streams engine chunks (serving.backends): through Ray Serve handles in
 production (`serving.http.ingress`), or an in-process engine in unit tests and benchmarks.
 
-Path of a request: auth middleware (401, tenant) → validate body (400 naming the field) → the shared
-pipeline (serving.http.pipeline: plan → admit → open the stream along the tier's degradation chain) →
-SSE or one JSON body. A client that disconnects cancels the backend stream, which aborts the engine
-request, and its admission ticket is released exactly once (`_StreamCloser`).
+Path of a request: body limit middleware (413 past `http.max_body_bytes`, 408 past
+`http.body_timeout_s`) → auth middleware (401, tenant; Tandem's request headers checked, 400) → parse
+the JSON body (400 on a lone surrogate or deep nesting, naming the field) → validate it (400 naming
+the field) → the shared pipeline (serving.http.pipeline: plan → admit → open the stream along the
+tier's degradation chain) → SSE or one JSON body. A client that disconnects cancels the backend
+stream, which aborts the engine request, and its admission ticket is released exactly once
+(`_StreamCloser`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.admission import Ticket
 from router.contracts import DisaggMode
+from serving.config import HttpSpec, KeyScope
 from serving.http.auth import AuthError
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
@@ -34,6 +39,7 @@ from serving.http.migration import MIGRATIONS_FIELD, MigratingStream
 from serving.http.pipeline import PlanInput, RequestPipeline, ServedModel
 from serving.http.protocol import (
     DISAGG_HEADER,
+    MAX_JSON_DEPTH,
     PRIORITY_HEADER,
     ROUTE_HEADER,
     SESSION_HEADER,
@@ -45,6 +51,8 @@ from serving.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     _SamplingBody,
+    body_problem,
+    check_headers,
     error_body,
     max_tokens_clamp,
     now,
@@ -60,6 +68,14 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+class _ErrorJSON(JSONResponse):
+    """An error body as ASCII JSON: whatever an error message quotes from the request (a model name,
+    a header), it renders (a lone surrogate would make UTF-8 encoding, hence the answer, fail)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _error_response(
     status: int,
     message: str,
@@ -68,11 +84,32 @@ def _error_response(
     code: Any = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
+    return _ErrorJSON(
         error_body(message, type_, param, status if code is None else code),
         status_code=status,
         headers=headers,
     )
+
+
+class _EdgeError(StarletteHTTPException):
+    """A request refused while its body is read or parsed (413, 408, 400), in the OpenAI shape.
+
+    An HTTPException because FastAPI passes those through from reading the body (any other error
+    becomes a 400 that names nothing)."""
+
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, close: bool = False
+    ) -> None:
+        super().__init__(status, message)
+        self.message, self.code, self.param = message, code, param
+        #: The connection is closed after the answer (the rest of the body is never read).
+        self.close = close
+
+    def response(self) -> JSONResponse:
+        headers = {"connection": "close"} if self.close else None
+        return _error_response(
+            self.status_code, self.message, "invalid_request_error", self.param, self.code, headers
+        )
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -93,11 +130,17 @@ class OpenAIApi:
     """Request handlers; one instance per ingress replica. The front half of every request is the
     shared pipeline (serving.http.pipeline); this class answers: SSE or one JSON body."""
 
-    def __init__(self, models: dict[str, ServedModel], metrics: IngressMetrics, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        metrics: IngressMetrics,
+        gateway: Gateway,
+        http: HttpSpec | None = None,
+    ) -> None:
         self.models = models
         self.metrics = metrics
         self.gateway = gateway
-        self.pipeline = RequestPipeline(models, gateway, metrics)
+        self.pipeline = RequestPipeline(models, gateway, metrics, http)
 
     def plan_input(
         self,
@@ -385,6 +428,136 @@ class _JSONBodyByDefault:
         await self.app(scope, receive, send)
 
 
+class _BodyLimit:
+    """ASGI middleware, outermost: a request body may have at most `max_bytes` bytes (413
+    `body_too_large`, from Content-Length before anything is read, else by counting a chunked body,
+    which is not read further) and must arrive within `timeout_s` of the request (408
+    `body_timeout`)."""
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    def _too_large(self) -> _EdgeError:
+        return _EdgeError(
+            413,
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+            "(http.max_body_bytes); send a smaller request",
+            "body_too_large",
+            close=True,
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            error = None
+            if length < 0:
+                error = _EdgeError(
+                    400, "content-length: not a byte count", "invalid_header", "content-length", close=True
+                )
+            elif length > self.max_bytes:
+                error = self._too_large()
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        received = 0
+        done = False
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal received, done
+            if done:
+                return await receive()
+            error: _EdgeError | None = None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                error = _EdgeError(
+                    408,
+                    f"The request body did not arrive within {self.timeout_s:g} s (http.body_timeout_s)",
+                    "body_timeout",
+                    close=True,
+                )
+            else:
+                if message["type"] != "http.request":
+                    done = True
+                    return message
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    error = self._too_large()
+                done = not message.get("more_body", False)
+                if error is None:
+                    return message
+            if started:
+                # An answer already under way (an endpoint that streams without reading its body)
+                # cannot become a 413/408: the client is treated as gone.
+                done = True
+                return {"type": "http.disconnect"}
+            raise error
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _EdgeError as e:  # read outside a FastAPI route (which answers it itself)
+            if started:
+                raise
+            await e.response()(scope, receive, send)
+
+
+class _CheckedRequest(Request):
+    """A request whose JSON body is checked once parsed: a lone surrogate anywhere (a value or a key)
+    or nesting past MAX_JSON_DEPTH is a 400 naming the field; invalid UTF-8 and a nesting too deep
+    to parse are 400s that say so."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                parsed = json.loads(body)
+            except json.JSONDecodeError:
+                raise  # FastAPI answers it (400 "not valid JSON")
+            except UnicodeDecodeError:
+                raise _EdgeError(400, "The request body is not valid UTF-8.", "invalid_body") from None
+            except RecursionError:
+                msg = f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)."
+                raise _EdgeError(400, msg, "invalid_body") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise _EdgeError(400, f"The request body is not valid JSON: {e}", "invalid_body") from None
+            problem = body_problem(parsed, body)
+            if problem is not None:
+                field, msg = problem
+                text = f"{field}: {msg}" if field else f"The request body {msg}"
+                raise _EdgeError(400, text, "invalid_body", field)
+            self._json = parsed
+        return self._json
+
+
+class _CheckedRoute(APIRoute):
+    """An API route whose handler reads the body through `_CheckedRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(_CheckedRequest(request.scope, request.receive))
+
+        return checked
+
+
 def _include_reasoning(body: Any) -> bool:
     return bool(getattr(body, "include_reasoning", False))
 
@@ -417,10 +590,28 @@ def _route_path(scope: Any) -> str:
     return path
 
 
-class _Authenticate:
-    """ASGI middleware: `/v1/*` requests need a valid API key (401 otherwise, before the body is read).
+#: Paths answered without a key (liveness probes).
+_OPEN_PATHS = frozenset({"/health"})
+#: The API docs pages (served only with `http.docs`); with auth on, any valid key opens them.
+_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
-    The tenant goes into the request's state (`request.state.tenant`).
+
+def _scope_needed(path: str) -> KeyScope | None:
+    """The key scope a path needs with auth on (None: any valid key)."""
+    if path == "/metrics":
+        return "metrics"
+    if path in _DOCS_PATHS:
+        return None
+    return "inference"
+
+
+class _Authenticate:
+    """ASGI middleware: with auth on, every path but /health needs a valid API key, before the body is
+    read (401 otherwise): `/metrics` a key with the `metrics` scope, the docs pages any key, the rest
+    (`/v1/*`) a key with the `inference` scope. With auth off, everything is open.
+
+    On `/v1/*`, Tandem's request headers are checked (400 naming the header) and the tenant goes into
+    the request's state (`request.state.tenant`).
     """
 
     def __init__(self, app: Any, api: OpenAIApi) -> None:
@@ -428,25 +619,38 @@ class _Authenticate:
         self.api = api
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            try:
-                tenant = self.api.gateway.auth.tenant(
-                    headers.get("authorization"), headers.get(TENANT_HEADER)
-                )
-            except AuthError as e:
-                self.api.metrics.auth_failures.labels(e.reason).inc()
-                resp = _error_response(
-                    401,
-                    e.message,
-                    "authentication_error",
-                    None,
-                    "invalid_api_key",
-                    {"www-authenticate": "Bearer"},
-                )
-                await resp(scope, receive, send)
-                return
-            scope.setdefault("state", {})["tenant"] = tenant
+        path = _route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        auth = self.api.gateway.auth
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            await auth.refresh()  # a key revoked in the keys file stops working
+            needed = _scope_needed(path)
+            if path.startswith("/v1/"):
+                tenant = auth.tenant(headers.get("authorization"), headers.get(TENANT_HEADER), "inference")
+                check_headers(headers, tenant_header=not auth.enabled)
+                scope.setdefault("state", {})["tenant"] = tenant
+            elif needed is None:
+                auth.check_key(headers.get("authorization"))
+            else:
+                auth.tenant(headers.get("authorization"), None, needed)
+        except AuthError as e:
+            self.api.metrics.auth_failures.labels(e.reason).inc()
+            resp = _error_response(
+                401,
+                e.message,
+                "authentication_error",
+                None,
+                "invalid_api_key",
+                {"www-authenticate": "Bearer"},
+            )
+            await resp(scope, receive, send)
+            return
+        except ApiError as e:
+            await _error_response(e.status, e.message, e.type, e.param, e.code)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -466,16 +670,24 @@ def build_api(
     metrics: IngressMetrics | None = None,
     gateway: Gateway | None = None,
     sessions: SessionsFrontend | None = None,
+    http: HttpSpec | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `models` (`gateway`: auth, tiers, admission; default: none of them;
-    `sessions`: /v1/responses, only when given)."""
+    `sessions`: /v1/responses, only when given; `http`: body limits and the docs pages, the spec's
+    `http`)."""
     metrics = metrics or IngressMetrics()
-    api = OpenAIApi(models, metrics, gateway or Gateway.open(list(models), metrics))
+    http = http or HttpSpec()
+    api = OpenAIApi(models, metrics, gateway or Gateway.open(list(models), metrics), http)
     app = FastAPI(
         title="Tandem",
         description="OpenAI-compatible API of a Tandem deployment.",
         version="0.1.0",
+        docs_url="/docs" if http.docs else None,
+        redoc_url="/redoc" if http.docs else None,
+        openapi_url="/openapi.json" if http.docs else None,
     )
+    # Every route added from here on (responses.py's too) parses its body through _CheckedRequest.
+    app.router.route_class = _CheckedRoute
     for name, served in models.items():
         # The recovery probe of a terminal target: its backend's (backends without one never recover
         # by probe, only by a later success).
@@ -485,15 +697,26 @@ def build_api(
     app.state.api = api
     app.add_middleware(_JSONBodyByDefault)
     app.add_middleware(_Authenticate, api=api)
+    # Outermost: a body past the limit is refused before a key is looked at or a byte is parsed.
+    app.add_middleware(_BodyLimit, max_bytes=http.max_body_bytes, timeout_s=http.body_timeout_s)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
+    @app.exception_handler(_EdgeError)
+    async def _edge_error(_: Request, exc: _EdgeError) -> JSONResponse:
+        return exc.response()
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # A union field (`prompt`: a string or token ids) fails once per branch: the deepest error is
+        # the branch the client meant (`prompt.0: ... less than or equal to`, not "a valid string").
+        field = tuple(first.get("loc", ()))[:2]
+        same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+        first = max(same or [first], key=lambda e: len(e.get("loc", ())))
         param = _loc_to_param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
@@ -587,7 +810,9 @@ def build_api(
                 raise ApiError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
             return ids
 
-        inp = api.plan_input(body, request.headers, request.state.tenant, encode, "prompt")
+        inp = api.plan_input(
+            body, request.headers, request.state.tenant, encode, "prompt", prompt=body.prompt
+        )
         return await api.serve("completion", body, inp)
 
     if sessions is not None:

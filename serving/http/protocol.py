@@ -6,15 +6,36 @@ dropping would change the answer (those are rejected with a 400 naming the field
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.config import _NAME_RE
 from serving.replicas.engines.base import SamplingOptions
 from serving.sessions.events import SummaryMode
 
 _MAX_STOP = 4
+#: Longest stop sequence (characters): the engine looks for every stop sequence after each token, so a
+#: long one costs every step; real ones are a few words.
+MAX_STOP_CHARS = 1024
+#: Most items in `messages`, `input` and a message's content parts (OpenAI's own limit on `messages`).
+#: A long context is a few long messages; the prompt's size is bounded by characters in the pipeline.
+MAX_ITEMS = 2048
+#: Most stop token ids.
+MAX_STOP_TOKEN_IDS = 64
+#: Bound of every token count and token id in a request: no context holds more, and engines keep them
+#: in 32-bit integers (a larger value would overflow there, not be a clean 400).
+MAX_INT32 = 2**31 - 1
+#: Longest model name, response id or the like (characters).
+MAX_NAME_CHARS = 256
+#: Deepest JSON nesting of a request body; real requests nest about 5 levels.
+MAX_JSON_DEPTH = 64
+
+_TokenCount = Annotated[int, Field(ge=1, le=MAX_INT32)]
+_TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
 
 
 class _Body(BaseModel):
@@ -38,8 +59,8 @@ class ChatMessage(_Body):
     """One chat message."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)] | None = None
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     def text(self) -> str:
         """The message's text (content parts joined)."""
@@ -53,17 +74,21 @@ class ChatMessage(_Body):
 class _SamplingBody(_Body):
     """Sampling fields shared by chat and text completions."""
 
-    model: str = Field(min_length=1, description="Served model name (see /v1/models).")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    model: str = Field(
+        min_length=1, max_length=MAX_NAME_CHARS, description="Served model name (see /v1/models)."
+    )
+    max_tokens: _TokenCount | None = Field(
         None, description="Most tokens to generate; defaults to the rest of the context."
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or None disables it.")
-    min_tokens: int = Field(0, ge=0, description="vLLM extension.")
+    top_k: int | None = Field(
+        None, ge=-1, le=MAX_INT32, description="vLLM extension; -1 or None disables it."
+    )
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32, description="vLLM extension.")
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[_TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = Field(False, description="vLLM extension: keep going past EOS.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -80,6 +105,8 @@ class _SamplingBody(_Body):
             raise ValueError(f"at most {_MAX_STOP} stop sequences")
         if isinstance(v, list) and any(s == "" for s in v) or v == "":
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")
@@ -115,13 +142,13 @@ class _SamplingBody(_Body):
 class ChatCompletionRequest(_SamplingBody):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
+    max_completion_tokens: _TokenCount | None = None
     tools: list[dict[str, Any]] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
         None, description="Used to pick a tier for `model: auto` (routing.rules)."
     )
-    max_reasoning_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_reasoning_tokens: _TokenCount | None = Field(
         None,
         description="Reasoning budget (reasoning models): at this many reasoning tokens the "
         "closing tag is forced and the answer follows. Counts within max_tokens.",
@@ -145,7 +172,7 @@ class ChatCompletionRequest(_SamplingBody):
 class CompletionRequest(_SamplingBody):
     """POST /v1/completions (one prompt: a string or a list of token ids)."""
 
-    prompt: str | list[Annotated[int, Field(ge=0)]] = Field(
+    prompt: str | list[_TokenId] = Field(
         description="A string, or token ids (a batch of prompts is not supported)."
     )
     echo: bool = Field(False, description="Must be false.")
@@ -169,7 +196,7 @@ class ReasoningParams(_Body):
     """`reasoning` of a Responses request."""
 
     effort: _EFFORTS | None = Field(None, description="Used to pick a tier for `model: auto`.")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_tokens: _TokenCount | None = Field(
         None, description="Reasoning budget: the closing tag is forced at this many reasoning tokens."
     )
     summary: SummaryMode | None = Field(
@@ -191,7 +218,7 @@ class InputMessage(_Body):
 
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
+    content: str | Annotated[list[InputText], Field(max_length=MAX_ITEMS)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -200,17 +227,21 @@ class InputMessage(_Body):
 class ResponsesRequest(_Body):
     """POST /v1/responses (a subset of the OpenAI Responses API)."""
 
-    model: str = Field(min_length=1, description="Served model name or `auto`.")
-    input: str | list[InputMessage] = Field(description="A user message, or a list of messages.")
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="Served model name or `auto`.")
+    input: str | Annotated[list[InputMessage], Field(max_length=MAX_ITEMS)] = Field(
+        description="A user message, or a list of messages."
+    )
     instructions: str | None = Field(None, description="A system message put before the input.")
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_output_tokens: _TokenCount | None = Field(
         None, description="Most tokens generated in all (reasoning included)."
     )
     reasoning: ReasoningParams | None = None
     background: bool = Field(False, description="Run detached from this request; poll or stream it later.")
     stream: bool = False
     store: bool = Field(True, description="Must be true: every response is stored (sessions).")
-    previous_response_id: str | None = Field(None, description="Continue that response's conversation.")
+    previous_response_id: str | None = Field(
+        None, max_length=MAX_NAME_CHARS, description="Continue that response's conversation."
+    )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs echoed back.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -337,3 +368,112 @@ def truncation_header(headers: Any) -> bool:
 def max_tokens_clamp(headers: Any) -> bool:
     """`x-tandem-max-tokens: clamp` (lower max_tokens to what fits) or `strict` (the default)."""
     return _choice_header(headers, MAX_TOKENS_HEADER, "clamp", "strict")
+
+
+# -- the edge: request headers and the parsed JSON body -------------------------------------------
+
+#: Longest value of a Tandem request header (characters).
+MAX_HEADER_CHARS = 256
+#: Request headers whose values Tandem reads: identifiers and choices, printable ASCII only.
+CHECKED_HEADERS = (
+    TASK_HEADER,
+    TASK_ID_HEADER,
+    SESSION_HEADER,
+    PRIORITY_HEADER,
+    DISAGG_HEADER,
+    TRUNCATION_HEADER,
+    MAX_TOKENS_HEADER,
+)
+_HEADER_VALUE = re.compile(rf"[\x20-\x7e]{{0,{MAX_HEADER_CHARS}}}")
+_TENANT_NAME = re.compile(_NAME_RE)
+
+
+def check_headers(headers: Mapping[str, str], tenant_header: bool) -> None:
+    """400 naming the header when a Tandem request header holds a control character (CR, LF, NUL),
+    non-ASCII text or more than MAX_HEADER_CHARS characters; `tenant_header`: x-tandem-tenant is
+    honoured (auth disabled) and must be a tenant name."""
+    for name in CHECKED_HEADERS:
+        value = headers.get(name)
+        if value is not None and not _HEADER_VALUE.fullmatch(value):
+            msg = f"header {name}: must be at most {MAX_HEADER_CHARS} printable ASCII characters"
+            raise ApiError(400, msg, "invalid_request_error", name, "invalid_header")
+    value = headers.get(TENANT_HEADER) if tenant_header else None
+    if value is not None and value.strip() and not _TENANT_NAME.fullmatch(value.strip()):
+        msg = (
+            f"header {TENANT_HEADER}: must be a tenant name (lowercase letters, digits, '.', '_', '-'; "
+            "at most 63 characters)"
+        )
+        raise ApiError(400, msg, "invalid_request_error", TENANT_HEADER, "invalid_header")
+
+
+#: Bytes without which no lone surrogate can parse from a JSON body: the start of a `\\uD800`-`\\uDFFF`
+#: escape, or the lead byte of a surrogate's UTF-8 form (Python's json takes it from bytes). They also
+#: start other characters (Hangul, `\\ud7ff`): then the strings are looked at.
+_SURROGATE_HINTS = (b"\\ud", b"\\uD", b"\xed")
+
+
+def _surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate (JSON `"\\ud800"` parses to one), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def body_problem(
+    body: Any, raw: bytes | None = None, max_depth: int = MAX_JSON_DEPTH
+) -> tuple[str | None, str] | None:
+    """The first problem of a parsed JSON body as (field, message), None if there is none: a string
+    (value or key) with a lone surrogate, which no UTF-8 encoder (the response, the store, the
+    tokenizer) can take, or nesting deeper than `max_depth`.
+
+    Iterative, so any depth is safe to walk; `raw` (the body's bytes) lets it skip what cannot be
+    there: strings when no surrogate can have parsed, everything when there are fewer brackets than
+    `max_depth` too (a prompt of token ids is not walked).
+    """
+    strings = raw is None or any(hint in raw for hint in _SURROGATE_HINTS)
+    if not strings and raw is not None and raw.count(b"[") + raw.count(b"{") < max_depth:
+        return None
+    # Paths are kept as parent links and spelled out only for the answer.
+    links: list[tuple[Any, int]] = [(None, -1)]
+
+    def field(node: int) -> str | None:
+        parts = []
+        while node > 0:
+            key, node = links[node]
+            parts.append(str(key)[:64])
+        return ".".join(reversed(parts)) or None
+
+    surrogate = (
+        "contains a lone UTF-16 surrogate (U+{:04X}) at character {}; send valid Unicode (an escaped "
+        "character outside the BMP needs both halves of its pair)"
+    )
+    kinds = (dict, list, str) if strings else (dict, list)
+    stack: list[tuple[Any, int, int]] = [(body, 0, 0)]
+    while stack:
+        value, node, depth = stack.pop()
+        if isinstance(value, str):
+            at = _surrogate_at(value)
+            if at is not None:
+                return field(node), surrogate.format(ord(value[at]), at)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= max_depth:
+            return field(node), f"nested more than {max_depth} levels deep"
+        if isinstance(value, dict):
+            if strings:
+                for key in value:
+                    if _surrogate_at(key) is not None:
+                        return field(node), "a key contains a lone UTF-16 surrogate; send valid Unicode"
+            items: Any = value.items()
+        else:
+            items = enumerate(value)
+        children = [(k, v) for k, v in items if isinstance(v, kinds)]
+        for k, v in reversed(children):
+            links.append((k, node))
+            stack.append((v, len(links) - 1, depth + 1))
+    return None
