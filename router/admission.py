@@ -3,6 +3,8 @@
 Pure asyncio, no Ray and no HTTP: the ingress builds one `AdmissionController` per replica and
 calls `admit()` for every request. The checks, in order:
 
+0. **In-flight cap per tenant** (`Limits.max_in_flight`): a tenant with that many admitted requests
+   not yet finished gets a 429 `tenant_concurrency` (its cheap requests cannot hold every slot).
 1. **Token bucket per tenant.** A request costs its prompt tokens plus the output tokens it
    reserves (its max_tokens, or a default). The cost is taken at admission and reconciled when the
    request ends: unused reserved tokens go back to the bucket. A request that does not fit gets a
@@ -10,8 +12,10 @@ calls `admit()` for every request. The checks, in order:
 2. **Fan-out semaphore per agent task** (`x-tandem-task-id`): at most the tenant's width of calls of
    one task are in flight; the rest wait their turn (first come, first served) up to a deadline.
 3. **Pool concurrency** per model: at most `limit` requests in flight; the rest wait in a bounded
-   queue ordered by priority class, then arrival. A request whose predicted wait already exceeds
-   its tier's TTFT objective is rejected at once instead of queueing to miss it.
+   queue ordered by priority class, then fairly between tenants (round-robin, the tenant holding
+   the fewest slots first), then arrival; a tenant holding the most queue places makes room for
+   another (see `PoolLimiter`). A request whose predicted wait already exceeds its tier's TTFT
+   objective is rejected at once instead of queueing to miss it.
 
 `Ticket` holds what was taken and gives every piece back exactly once (`release`), whatever
 happens to the request. Limits are per ingress replica: the controller is built with the cluster
@@ -22,13 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Floor of a Retry-After value (seconds): clients should not come back in a tight loop.
 MIN_RETRY_AFTER_S = 1.0
@@ -144,18 +146,30 @@ class FairSemaphore:
         self.in_use -= 1
 
 
-@dataclass(order=True)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     rank: int
-    seq: int
-    fut: asyncio.Future[None] = field(compare=False)
+    tenant: str | None
+    fut: asyncio.Future[None]
 
 
 class PoolLimiter:
-    """Concurrency limit of one pool with a bounded wait queue ordered by (priority, arrival).
+    """Concurrency limit of one pool with a bounded wait queue, fair between tenants.
+
+    NOTE(fairness): one tenant's cheap requests must not take every slot and queue place from the
+    others (the token bucket bounds tokens, not requests):
+
+    1. Order: a freed slot goes to the best priority class waiting; within it, to the waiting tenant
+       that holds the fewest of this pool's slots, ties in round-robin order (a tenant served goes to
+       the back); first come, first served within a tenant. A lone tenant is plain FIFO.
+    2. Space: a full queue is not full for a tenant that holds fewer places than another. The
+       tenant with the most places loses its newest waiter of the newcomer's class or worse (a 429
+       `queue_full`, as if it had come last) when it holds at least two more than the newcomer, so
+       a lone tenant may use the whole queue and a second one still gets in (longest queue drop).
 
     The mean time a slot is held (EWMA over releases) predicts how long a newcomer would wait:
-    (requests ahead of it + 1) x mean hold / limit.
+    (requests served before it + 1) x mean hold / limit, counting the other tenants' waiters of its
+    class as round-robin serves them.
     """
 
     def __init__(self, limit: int, max_queue: int, ewma_alpha: float = 0.2) -> None:
@@ -166,40 +180,80 @@ class PoolLimiter:
         self.in_use = 0
         self.mean_hold_s = 0.0
         self._alpha = ewma_alpha
-        self._heap: list[_Waiter] = []
-        self._seq = itertools.count()
+        #: rank -> tenant -> its waiters (oldest first); a rank's tenants in round-robin order. Only
+        #: waiters still waiting are here: served, evicted and gone ones are taken out at once.
+        self._ranks: dict[int, dict[str | None, deque[_Waiter]]] = {}
+        #: Slots held per tenant (None: callers that name no tenant).
+        self._held: dict[str | None, int] = {}
 
     @property
     def queued(self) -> int:
         """Requests waiting for a slot."""
-        return sum(1 for w in self._heap if not w.fut.done())
+        return sum(len(q) for tenants in self._ranks.values() for q in tenants.values())
 
-    def predicted_wait_s(self, rank: int) -> float:
-        """Seconds a request of priority `rank` arriving now would wait for a slot."""
-        if self.in_use < self.limit and not self._heap:
+    @property
+    def busy(self) -> bool:
+        """Every slot is taken or someone waits for one: the pool is saturated (at this ingress)."""
+        return self.in_use >= self.limit or bool(self._ranks)
+
+    def held(self, tenant: str | None) -> int:
+        """Slots `tenant` holds."""
+        return self._held.get(tenant, 0)
+
+    def queued_of(self, tenant: str | None) -> int:
+        """Requests of `tenant` waiting for a slot."""
+        return sum(len(tenants.get(tenant, ())) for tenants in self._ranks.values())
+
+    def _ahead(self, rank: int, tenant: str | None) -> int:
+        """Waiters served before a request of `tenant` at `rank` arriving now (round-robin estimate)."""
+        ahead = 0
+        for r, tenants in self._ranks.items():
+            if r < rank:
+                ahead += sum(len(q) for q in tenants.values())
+            elif r == rank:
+                own = len(tenants.get(tenant, ()))
+                ahead += own + sum(min(len(q), own + 1) for t, q in tenants.items() if t != tenant)
+        return ahead
+
+    def predicted_wait_s(self, rank: int, tenant: str | None = None) -> float:
+        """Seconds a request of `tenant` at priority `rank` arriving now would wait for a slot."""
+        if self.in_use < self.limit and not self._ranks:
             return 0.0
-        ahead = sum(1 for w in self._heap if w.rank <= rank and not w.fut.done())
-        return (ahead + 1) * self.mean_hold_s / self.limit
+        return (self._ahead(rank, tenant) + 1) * self.mean_hold_s / self.limit
 
-    async def acquire(self, rank: int, max_wait_s: float, slo_s: float | None = None) -> None:
-        """Take a slot; Rejected when the queue is full, the predicted wait exceeds `slo_s`, or no slot
-        came within `max_wait_s`."""
-        if self.in_use < self.limit and not self._heap:
+    def _take(self, tenant: str | None) -> None:
+        self._held[tenant] = self._held.get(tenant, 0) + 1
+
+    def _drop(self, tenant: str | None) -> None:
+        n = self._held.get(tenant, 0) - 1
+        if n > 0:
+            self._held[tenant] = n
+        else:
+            self._held.pop(tenant, None)
+
+    async def acquire(
+        self, rank: int, max_wait_s: float, slo_s: float | None = None, tenant: str | None = None
+    ) -> None:
+        """Take a slot for `tenant`; Rejected when the queue is full (for it), the predicted wait
+        exceeds `slo_s`, no slot came within `max_wait_s`, or a tenant with fewer places took its."""
+        if self.in_use < self.limit and not self._ranks:
             self.in_use += 1
+            self._take(tenant)
             return
-        wait = self.predicted_wait_s(rank)
-        if self.queued >= self.max_queue:
+        wait = self.predicted_wait_s(rank, tenant)
+        if self.queued >= self.max_queue and not self._push_out(rank, tenant, wait):
             raise Rejected(
                 "queue_full",
                 f"the model's wait queue is full ({self.max_queue} requests); retry later",
                 max(wait, MIN_RETRY_AFTER_S),
             )
-        if slo_s is not None and self.mean_hold_s == 0.0 and self.queued >= self.limit:
+        ahead = self._ahead(rank, tenant)
+        if slo_s is not None and self.mean_hold_s == 0.0 and ahead >= self.limit:
             # No slot has been released yet, so no wait estimate: queue one wave at most.
             raise Rejected(
                 "predicted_wait",
-                f"{self.queued} requests already wait for {self.limit} slots and no wait estimate exists "
-                "yet; retry later",
+                f"{ahead} requests would be served before this one by {self.limit} slots and no wait "
+                "estimate exists yet; retry later",
                 MIN_RETRY_AFTER_S,
             )
         if slo_s is not None and wait > slo_s:
@@ -209,8 +263,8 @@ class PoolLimiter:
                 wait,
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(rank, next(self._seq), fut)
-        heapq.heappush(self._heap, waiter)
+        waiter = _Waiter(rank, tenant, fut)
+        self._ranks.setdefault(rank, {}).setdefault(tenant, deque()).append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(fut), max_wait_s)
         except TimeoutError:
@@ -218,35 +272,97 @@ class PoolLimiter:
             raise Rejected(
                 "queue_timeout",
                 f"no slot for this model within {max_wait_s:g}s; retry later",
-                max(self.predicted_wait_s(rank), MIN_RETRY_AFTER_S),
+                max(self.predicted_wait_s(rank, tenant), MIN_RETRY_AFTER_S),
             ) from None
         except BaseException:
             self._give_up(waiter)
             raise
 
-    def _give_up(self, waiter: _Waiter) -> None:
-        if waiter.fut.done() and not waiter.fut.cancelled():
-            self.release(None)  # handed a slot as we gave up: pass it on
-        else:
-            waiter.fut.cancel()
-        self._heap = [w for w in self._heap if w is not waiter]
-        heapq.heapify(self._heap)
+    def _push_out(self, rank: int, tenant: str | None, wait: float) -> bool:
+        """Make room in a full queue for `tenant` by evicting the newest waiter (of class `rank` or
+        worse) of the tenant with the most places, if it holds at least two more (NOTE(fairness))."""
+        counts: dict[str | None, int] = {}
+        for tenants in self._ranks.values():
+            for t, q in tenants.items():
+                counts[t] = counts.get(t, 0) + len(q)
+        own = counts.pop(tenant, 0)
+        if not counts:
+            return False
+        victim = max(counts, key=lambda t: counts[t])
+        if counts[victim] < own + 2:
+            return False
+        for r in sorted(self._ranks, reverse=True):
+            if r < rank:
+                break
+            q = self._ranks[r].get(victim)
+            if q:
+                w = q.pop()
+                self._forget(w)
+                w.fut.set_exception(
+                    Rejected(
+                        "queue_full",
+                        f"the model's wait queue is full ({self.max_queue} requests) and this tenant "
+                        "holds the most of it; its newest waiter made room for another tenant's; "
+                        "retry later",
+                        max(wait, MIN_RETRY_AFTER_S),
+                    )
+                )
+                return True
+        return False
 
-    def release(self, held_s: float | None) -> None:
-        """Give a slot back (held for `held_s`, which feeds the wait prediction)."""
+    def _forget(self, waiter: _Waiter) -> None:
+        """Take `waiter` out of the queue (if still there) and drop empty tenants and ranks."""
+        tenants = self._ranks.get(waiter.rank)
+        if tenants is None:
+            return
+        q = tenants.get(waiter.tenant)
+        if q is not None:
+            with contextlib.suppress(ValueError):
+                q.remove(waiter)
+            if not q:
+                del tenants[waiter.tenant]
+        if not tenants:
+            del self._ranks[waiter.rank]
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        fut = waiter.fut
+        self._forget(waiter)
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release(None, waiter.tenant)  # handed a slot as we gave up: pass it on
+        else:
+            fut.cancel()
+
+    def _next(self) -> _Waiter | None:
+        """The waiter a freed slot goes to (NOTE(fairness), 1), taken out of the queue."""
+        if not self._ranks:
+            return None
+        rank = min(self._ranks)
+        tenants = self._ranks[rank]
+        tenant = min(tenants, key=self.held)  # the first of the least served, in round-robin order
+        q = tenants.pop(tenant)
+        waiter = q.popleft()
+        if q:
+            tenants[tenant] = q  # to the back of the round
+        if not tenants:
+            del self._ranks[rank]
+        return waiter
+
+    def release(self, held_s: float | None, tenant: str | None = None) -> None:
+        """Give `tenant`'s slot back (held for `held_s`, which feeds the wait prediction)."""
         if held_s is not None:
             self.mean_hold_s = (
                 held_s
                 if self.mean_hold_s == 0.0
                 else (1 - self._alpha) * self.mean_hold_s + self._alpha * held_s
             )
-        while self._heap:
-            w = heapq.heappop(self._heap)
-            if not w.fut.done():
-                w.fut.set_result(None)
-                return
         if self.in_use <= 0:
             raise RuntimeError("release() without acquire()")
+        self._drop(tenant)
+        while (w := self._next()) is not None:
+            if not w.fut.done():
+                self._take(w.tenant)
+                w.fut.set_result(None)  # the slot passes on; in_use is unchanged
+                return
         self.in_use -= 1
 
 
@@ -258,6 +374,8 @@ class Limits:
     burst_tokens: float
     fanout_width: int
     priority_rank: int
+    #: Requests admitted at once (holding a ticket); None: no cap.
+    max_in_flight: int | None = None
 
 
 @dataclass(slots=True)
@@ -299,7 +417,7 @@ class Ticket:
         """Take a slot of `model`'s pool (leaving any pool held before); Rejected if none in time."""
         self.leave_pool()
         limiter = self._ctl.pool(model)
-        await limiter.acquire(self.priority_rank, self._ctl.queue_timeout_s, slo_s)
+        await limiter.acquire(self.priority_rank, self._ctl.queue_timeout_s, slo_s, self.request.tenant)
         self._pool = (model, self._ctl.clock())
 
     def leave_pool(self) -> None:
@@ -307,7 +425,7 @@ class Ticket:
         if self._pool is not None:
             model, since = self._pool
             self._pool = None
-            self._ctl.pool(model).release(self._ctl.clock() - since)
+            self._ctl.pool(model).release(self._ctl.clock() - since, self.request.tenant)
 
     def release(self, used_tokens: int | None) -> None:
         """Give everything back. `used_tokens`: prompt + generated tokens the request really used (the
@@ -398,12 +516,21 @@ class AdmissionController:
     # -- admission ------------------------------------------------------------------------------
 
     async def admit(self, req: AdmissionRequest) -> Ticket:
-        """Charge the bucket and take a fan-out slot; Rejected (nothing held) if either fails.
+        """Count the request against its tenant's in-flight cap, charge the bucket and take a fan-out
+        slot; Rejected (nothing held) if any fails.
 
         The pool slot is taken afterwards with `Ticket.enter_pool`, once the target model is known.
         """
         lim = self._limits_for(req.tenant)
         rank = lim.priority_rank if req.priority_rank is None else max(req.priority_rank, lim.priority_rank)
+        in_flight = self._tenant_in_flight.get(req.tenant, 0)
+        if lim.max_in_flight is not None and in_flight >= lim.max_in_flight:
+            raise Rejected(
+                "tenant_concurrency",
+                f"tenant {req.tenant!r} already has {in_flight} requests in flight, its limit here "
+                f"({lim.max_in_flight}); retry when one has finished",
+                MIN_RETRY_AFTER_S,
+            )
         bucket = self.bucket(req.tenant)
         wait = bucket.try_take(req.cost, self.clock())
         if math.isinf(wait):
@@ -422,6 +549,8 @@ class AdmissionController:
                 f"this request needs {req.cost} tokens",
                 wait,
             )
+        # Counted before the fan-out wait, so admissions waiting at once cannot overshoot the cap.
+        self._tenant_in_flight[req.tenant] = in_flight + 1
         key = None
         if req.task_id:
             key = (req.tenant, req.task_id)
@@ -433,7 +562,7 @@ class AdmissionController:
             except BaseException as e:
                 if sem.idle:
                     self._fanouts.pop(key, None)
-                bucket.give_back(req.cost, self.clock())
+                self._finish(req.tenant, req.cost)  # not in flight after all; the charge goes back
                 if isinstance(e, TimeoutError):
                     raise Rejected(
                         "fanout_timeout",
@@ -442,7 +571,6 @@ class AdmissionController:
                         MIN_RETRY_AFTER_S,
                     ) from None
                 raise
-        self._tenant_in_flight[req.tenant] = self._tenant_in_flight.get(req.tenant, 0) + 1
         return Ticket(self, req, rank, key)
 
     def _release_fanout(self, key: tuple[str, str]) -> None:

@@ -4,7 +4,10 @@ A chat or text completion whose engine stream fails after its first token (the r
 stream was cut, the engine stalled, or it ended without a finish reason) is continued on another
 replica of the model, or on the next target of the tier's chain whose vocabulary is the same, from
 the prompt plus the tokens already sent. Greedy decoding then gives, token for token, what the
-uninterrupted run would have (Dynamo's `migration_limit` is the same idea).
+uninterrupted run would have (Dynamo's `migration_limit` is the same idea). An error that is the
+request's own doing is not migrated: a 4xx, or an engine fault (a 500 `engine_error`: the engine raised
+on this input, and the continuation replays it), which ends the stream with its error as it would
+without migration.
 
 This module is pure: the decision (`MigrationPolicy.decide`) and the arithmetic of the resumed
 request (`resume_sampling`). The glue that opens streams is serving.http.migration.
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol, TypeVar
+
+from router.resilience import ErrorClass, classify
 
 
 class Failure(StrEnum):
@@ -57,6 +62,8 @@ class MigrationPolicy:
         ids_known: bool,
         remaining: int,
         budget: Budget | None,
+        error_type: str | None = None,
+        progressed: bool = True,
     ) -> Decision:
         """Whether a stream that broke with `failure` is continued.
 
@@ -69,9 +76,20 @@ class MigrationPolicy:
             remaining: output tokens the request may still generate.
             budget: the retry budget; a migration spends one retry (checked last, so nothing is
                 spent on a stream that would not migrate anyway).
+            error_type: the error chunk's type (ERROR only). A 500 `engine_error` is an engine fault
+                (`router.resilience.classify`): the engine raised on this very input, so a continuation
+                (the same prompt plus the tokens sent) would fail the same way: never migrated.
+            progressed: the stream that broke sent a token since it (re)started. A continuation that
+                stalled before its first chunk found the model not serving at all (an engine alive but
+                stuck, and no other replica took it): another one would wait as long again, so the
+                client gets its error now (`no_progress`).
         """
         if failure is Failure.ERROR and (status is None or status < 500):
             return Decision(False, "client_error")
+        if failure is Failure.ERROR and classify(status, error_type=error_type) is ErrorClass.ENGINE_FAULT:
+            return Decision(False, "engine_fault")
+        if failure is Failure.STALLED and not progressed:
+            return Decision(False, "no_progress")
         if self.limit <= 0:
             return Decision(False, "disabled")
         if migrations >= self.limit:

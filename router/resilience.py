@@ -10,17 +10,33 @@ prefills). Each configures its own `RetryPolicy` from its section of the spec. B
   without one), then retry on the same target; out of attempts or budget, fail with the Retry-After.
 - ``server`` (5xx) and ``timeout`` (no first token in time): full-jitter exponential backoff and retry
   on the same target while it is usable and attempts and budget allow; then the next target.
+- ``engine_fault`` (a plain 500 ``engine_error``: the engine raised on this request, e.g. an input that
+  overflows a kernel or a serializer): never retried on the same target, which would fail the same way
+  and spend the shared retry budget; the next target (another model) is tried.
 - ``client`` (other 4xx): never retried; failed as is.
 
 Health of a target (a model's serving pool) as one ingress replica sees it::
 
-    healthy --failure--> sticky_retry --success--> healthy
-                         sticky_retry --`terminal_after` consecutive failures--> terminal
+    healthy --strike--> sticky_retry --success--> healthy
+                        sticky_retry --`terminal_after` strikes in a row--> terminal
     terminal --probe ok--> healthy         (a probe every `probe_interval_s`)
     any --pool down--> terminal
 
 In ``sticky_retry`` requests still go to the target (and a failed one is retried there); in
 ``terminal`` they go down the tier's degradation chain until a probe succeeds.
+
+NOTE(strikes): health is shared by every tenant, so what counts against it must be the target's
+fault, not one request's:
+
+1. One strike per *distinct* key (`strike_key`) between two successes: the attempts of one request
+   count once, whatever `max_attempts` is, so `terminal_after` counts requests, not attempts.
+2. An engine fault is keyed by tenant, not request: one tenant resending a poison prompt strikes
+   once; `terminal_after` tenants failing in a row take the target down.
+3. A timeout while the target's pool is saturated (`overloaded`: others hold every admission slot or
+   wait for one) is no strike: a busy pool is slow, not dead, and declaring it terminal exactly when
+   it is busiest cascades the load onto the fallbacks. A pool that hangs with requests queued is
+   caught by the pool status (no running replica), the replicas' health checks and the stream stall
+   timeout instead.
 """
 
 from __future__ import annotations
@@ -38,18 +54,43 @@ class ErrorClass(StrEnum):
     RATE_LIMITED = "rate_limited"
     SERVER = "server"
     TIMEOUT = "timeout"
+    ENGINE_FAULT = "engine_fault"
     CLIENT = "client"
 
+    @property
+    def strikes(self) -> bool:
+        """Whether a failure of this class counts against the target's health (`TargetHealth`)."""
+        return self in (ErrorClass.SERVER, ErrorClass.TIMEOUT, ErrorClass.ENGINE_FAULT)
 
-def classify(status: int | None, timed_out: bool = False) -> ErrorClass:
-    """The class of a failed attempt: its HTTP status, or a timeout."""
+
+#: The error type of an engine's catch-all 500 (serving.replicas.engines: an exception on this
+#: request that is neither the client's fault, nor overload, nor a dead engine or replica).
+ENGINE_FAULT_TYPE = "engine_error"
+
+
+def classify(status: int | None, timed_out: bool = False, error_type: str | None = None) -> ErrorClass:
+    """The class of a failed attempt: its HTTP status (and error type, when known), or a timeout.
+
+    A 500 of type `ENGINE_FAULT_TYPE` is an engine fault; every other 5xx (502/503/504: transport, a
+    dead engine or replica, a KV transfer) is a server error, worth a retry on the same target."""
     if timed_out:
         return ErrorClass.TIMEOUT
     if status == 429:
         return ErrorClass.RATE_LIMITED
     if status is not None and 400 <= status < 500:
         return ErrorClass.CLIENT
+    if status == 500 and error_type == ENGINE_FAULT_TYPE:
+        return ErrorClass.ENGINE_FAULT
     return ErrorClass.SERVER
+
+
+def strike_key(failure: ErrorClass, request_id: str, tenant: str) -> str:
+    """What one strike against a target is counted per (see NOTE(strikes) above): the tenant for an
+    engine fault (one tenant's poison prompt, however often resent, is one strike), else the request
+    (its retries are not new evidence)."""
+    if failure is ErrorClass.ENGINE_FAULT:
+        return f"tenant:{tenant}"
+    return f"request:{request_id}"
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
@@ -124,6 +165,8 @@ class RetryPolicy:
         """
         if failure is ErrorClass.CLIENT:
             return Fail()
+        if failure is ErrorClass.ENGINE_FAULT:
+            return NextTarget()  # the same input fails the same way here; no retry is spent
         if retry_after_s is not None:
             delay = min(max(retry_after_s, 0.0), self.backoff_max_s)
         else:
@@ -186,7 +229,7 @@ class TargetHealth:
 
     Args:
         name: the target (model name).
-        terminal_after: consecutive failures that make it terminal.
+        terminal_after: strikes in a row (distinct keys, no success in between) that make it terminal.
         probe_interval_s: time between recovery probes while terminal.
         on_transition: called with (name, old, new, reason) on every change of state.
     """
@@ -198,14 +241,19 @@ class TargetHealth:
         probe_interval_s: float,
         on_transition: Callable[[str, HealthState, HealthState, str], None] | None = None,
     ) -> None:
+        if terminal_after < 1:
+            raise ValueError(f"terminal_after must be at least 1, not {terminal_after}")
         self.name = name
         self.terminal_after = terminal_after
         self.probe_interval_s = probe_interval_s
         self.state = HealthState.HEALTHY
+        #: Strikes since the last success (or recovery).
         self.failures = 0
         self.reason = ""
         self._last_probe = 0.0
         self._on_transition = on_transition
+        #: Keys struck since the last success: at most `terminal_after` (none are added once terminal).
+        self._struck: set[str] = set()
 
     def _to(self, new: HealthState, reason: str, now: float) -> None:
         old = self.state
@@ -221,18 +269,36 @@ class TargetHealth:
         """Whether requests may be sent to this target."""
         return self.state is not HealthState.TERMINAL
 
+    def _reset(self) -> None:
+        self.failures = 0
+        self._struck.clear()
+
     def on_success(self, now: float) -> None:
         """An attempt got its first token."""
-        self.failures = 0
+        self._reset()
         if self.state is not HealthState.HEALTHY:
             self._to(HealthState.HEALTHY, "success", now)
 
-    def on_failure(self, reason: str, now: float) -> None:
-        """An attempt failed with a server error or a timeout."""
-        self.failures += 1
-        if self.state is HealthState.TERMINAL:
+    def on_failure(
+        self, reason: str, now: float, *, key: str | None = None, overloaded: bool = False
+    ) -> None:
+        """An attempt failed with a server error, an engine fault or a timeout.
+
+        Args:
+            key: what the strike is counted per (`strike_key`): a key already struck since the last
+                success adds nothing. None: a strike of its own (a caller with no request identity).
+            overloaded: the attempt timed out while its pool was saturated: no strike (overload is
+                not death; see NOTE(strikes)).
+        """
+        if overloaded or self.state is HealthState.TERMINAL:
             return
+        if key is not None:
+            if key in self._struck:
+                return
+            self._struck.add(key)
+        self.failures += 1
         if self.failures >= self.terminal_after:
+            self._struck.clear()  # not needed while terminal; recovery starts from none
             self._to(HealthState.TERMINAL, reason, now)
         elif self.state is HealthState.HEALTHY:
             self._to(HealthState.STICKY_RETRY, reason, now)
@@ -240,6 +306,7 @@ class TargetHealth:
     def on_down(self, reason: str, now: float) -> None:
         """The target is known to be down (no replica)."""
         self.failures = max(self.failures, self.terminal_after)
+        self._struck.clear()
         if self.state is not HealthState.TERMINAL:
             self._to(HealthState.TERMINAL, reason, now)
 
@@ -255,7 +322,7 @@ class TargetHealth:
         """The result of a recovery probe."""
         self._last_probe = now
         if ok and self.state is HealthState.TERMINAL:
-            self.failures = 0
+            self._reset()
             self._to(HealthState.HEALTHY, "probe", now)
 
 

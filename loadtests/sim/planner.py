@@ -59,8 +59,9 @@ workers. (Sweeping every model's candidates together would multiply the shapes, 
 
 Admission is simulated as the cluster enforces it: one controller per ingress replica, each
 with its share of the limits (`loadtests.sim.cluster`). `--no-tenant-limits` lifts every tenant's
-token bucket (rate and burst), to size the fleet for traffic the tenant limits would otherwise cap;
-pool concurrency (`replicas.max` x `max_ongoing_requests`) and the wait queue stay as the spec sets them.
+token bucket (rate and burst) and in-flight cap (`max_in_flight`), to size the fleet for traffic the
+tenant limits would otherwise cap; pool concurrency (`replicas.max` x `max_ongoing_requests`) and
+the wait queue stay as the spec sets them.
 
 **Execution**: each simulation is one Ray task (`ray.init()` of a fresh local cluster with
 `--workers` CPUs, default the machine's, no dashboard, its own temp dir under /tmp, auth off; or
@@ -257,14 +258,17 @@ def shapes_for(
 
 
 def simulated_spec(spec: ServingSpec, lift_tenant_limits: bool) -> dict[str, Any]:
-    """`spec` as the planner simulates it (a dict): with `lift_tenant_limits`, no tenant token bucket
-    that binds."""
+    """`spec` as the planner simulates it (a dict): with `lift_tenant_limits`, no tenant limit that
+    binds: neither the token bucket nor the in-flight cap (`max_in_flight`, 512 by default: a
+    workload that keeps more of one tenant's requests in flight would otherwise measure that cap,
+    429 `tenant_concurrency`, not the pool)."""
     d = spec.model_dump(mode="json")
     if lift_tenant_limits:
         adm = d["admission"]
         for t in [adm["default_tenant"], *adm["tenants"]]:
             t["tokens_per_s"] = float(_UNLIMITED_TOKENS)
             t["burst_tokens"] = _UNLIMITED_TOKENS
+            t["max_in_flight"] = None  # null: no cap (serving.config.TenantLimits)
     return d
 
 
@@ -1340,7 +1344,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="router policies (cache_aware,power_of_two,round_robin; also consistent_hash)",
     )
     p.add_argument("--max-replicas", type=_positive(int), default=16, help="most replicas in one pool (16)")
-    p.add_argument("--no-tenant-limits", action="store_true", help="lift every tenant's token bucket")
+    p.add_argument(
+        "--no-tenant-limits", action="store_true", help="lift every tenant's token bucket and in-flight cap"
+    )
     p.add_argument(
         "--prune",
         choices=PRUNE_GROUPS,

@@ -108,8 +108,9 @@ class IngressMetrics:
         )
         self.rejections = Counter(
             "tandem_admission_rejections",
-            "Requests refused before reaching an engine, by reason (tenant_rate_limited, "
-            "request_too_large, fanout_timeout, queue_full, queue_timeout, predicted_wait, pool_down).",
+            "Requests refused before reaching an engine, by reason (tenant_concurrency, "
+            "tenant_rate_limited, request_too_large, fanout_timeout, queue_full, queue_timeout, "
+            "predicted_wait, pool_down).",
             ["reason", "model"],
             registry=r,
         )
@@ -124,7 +125,8 @@ class IngressMetrics:
         )
         self.attempt_failures = Counter(
             "tandem_attempt_failures",
-            "Failed attempts (before the first token), by error class.",
+            "Failed attempts (before the first token), by error class (server, timeout, engine_fault, "
+            "rate_limited, client).",
             ["model", "error_class"],
             registry=r,
         )

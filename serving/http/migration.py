@@ -14,6 +14,9 @@ the rest of the request on another replica of the same model, or on the next usa
 chain with the same vocabulary, as prompt + the tokens already sent, and goes on yielding from there:
 the client sees one stream, no token repeated or lost (greedy decoding continues exactly). Otherwise
 the client gets an error chunk (with its status and reason) and then `[DONE]`, never a silent cut.
+An error chunk that is an engine fault (a 500 `engine_error`: the engine raised on this input, see
+`router.resilience.classify`) is never migrated: the continuation, the same prompt plus the tokens
+sent, would fail the same way (result `engine_fault` in the metric).
 What happened is in `migrations` (the API puts it in the final chunk and, unstreamed, in
 `x-tandem-route`) and in `tandem_stream_migrations_total`.
 
@@ -201,7 +204,9 @@ class MigratingStream:
                 served = self.served
                 leg = _noting_route(served.backend.stream(req), self.migrations[-1])
                 leg_start = len(sent)
-                timeout = self._first_timeout_s
+                # After a death the continuation may wait for a replacement replica to start; after a
+                # stall the replica is alive: its continuation gets the stall timeout to a first chunk.
+                timeout = self._stall_s if failure is Failure.STALLED else self._first_timeout_s
                 deadline, tries = time.monotonic() + timeout, 0
         finally:
             await asyncio.shield(leg.aclose())
@@ -227,6 +232,8 @@ class MigratingStream:
             ids_known and extra is not None,
             current.sampling.max_tokens - (len(sent) - leg_start),
             self._pipeline.gateway.budget,
+            error_type=error.type,
+            progressed=len(sent) > leg_start,
         )
         rid = request.request_id
         if not decision.migrate:

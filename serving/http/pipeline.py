@@ -2,7 +2,8 @@
 
 1. `RequestPipeline.plan(PlanInput) -> Plan`: the tier and model (router.tiers), the prompt template
    of a chat-shaped request (router.templates: put first, so it is a shared cached prefix), the prompt
-   ids (tokenized once per model), the context and max-tokens checks (400 naming the endpoint's
+   ids (tokenized once per model, and only once the prompt's size fits: `_check_size`), the context
+   and max-tokens checks (400 naming the endpoint's
    field) with the opt-in overflow handling (router.truncation drops the oldest turns;
    `x-tandem-max-tokens: clamp` lowers max_tokens to what fits), the output tokens reserved for
    admission, the tenant's cache salt and the prompt's block keys.
@@ -30,11 +31,12 @@ from typing import Any, Protocol
 from router.admission import AdmissionRequest, Rejected, Ticket
 from router.contracts import DisaggMode
 from router.hashing import BlockHasher, tenant_salt
-from router.resilience import ErrorClass, Fail, Retry, classify
+from router.resilience import ErrorClass, Fail, Retry, classify, strike_key
 from router.templates import Choice, common_prefix, compose, merged_stop, sampling_defaults
 from router.tiers import RequestShape, Resolution, TierError
 from router.truncation import NothingToDrop, fewest_to_drop, plan_units
 from serving.backends import Backend
+from serving.config import HttpSpec
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
 from serving.http.migration import MigratingStream
@@ -151,6 +153,8 @@ class PlanInput:
         sampling_set: the sampling fields the client set (a template's defaults fill the others).
         first_usable: plan on the chain's first usable target (a session, which is not opened here)
             rather than on the resolved model (whose chain `open` walks).
+        prompt: a text completion's prompt (its string or token ids), measured before `encode` runs
+            (a chat-shaped request is measured from `messages`).
     """
 
     model: str
@@ -174,6 +178,29 @@ class PlanInput:
     truncate: bool = False
     clamp: bool = False
     sampling_set: frozenset[str] = frozenset()
+    prompt: str | list[int] | None = None
+
+
+def _prompt_size(inp: PlanInput) -> tuple[int, bool]:
+    """The client's prompt as (its length, whether in token ids): a token-id prompt's ids, else the
+    characters of its text (every message's, the instructions of a response among them)."""
+    if inp.messages is not None:
+        return sum(len(m.text()) for m in inp.messages), False
+    if isinstance(inp.prompt, list):
+        return len(inp.prompt), True
+    return len(inp.prompt or ""), False
+
+
+def _too_long(inp: PlanInput, served: ServedModel, what: str, hint: str = "") -> ApiError:
+    """The 400 of a prompt that does not fit `served`'s context (`what`: its size, told the client)."""
+    return ApiError(
+        400,
+        f"{inp.prompt_param}: the prompt is {what}; model `{served.name}` has a context of "
+        f"{served.max_model_len} tokens. Shorten the prompt{hint}.",
+        "invalid_request_error",
+        inp.prompt_param,
+        code="context_length_exceeded",
+    )
 
 
 def _chat_encoder(
@@ -277,11 +304,19 @@ class Opened:
 class RequestPipeline:
     """plan → admit → open for one ingress replica's models (see the module docstring)."""
 
-    def __init__(self, models: dict[str, ServedModel], gateway: Gateway, metrics: IngressMetrics) -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        gateway: Gateway,
+        metrics: IngressMetrics,
+        http: HttpSpec | None = None,
+    ) -> None:
         self.models = models
         self.gateway = gateway
         self.metrics = metrics
         self.retry = gateway.resilience.retry_policy()
+        #: The edge's limits (the spec's `http`): max_prompt_chars_per_token here.
+        self.http = http or HttpSpec()
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -336,10 +371,14 @@ class RequestPipeline:
             assert inp.messages is not None, "a request without `encode` is chat-shaped"
             encode = _chat_encoder(inp.messages, inp.check)
         prompts = Prompts(encode)
+        size = _prompt_size(inp)
         try:
             shape = None
             if g.tiers.needs_shape(inp.model, inp.task):
                 probe = self.model(g.tiers.tier(g.tiers.default_tier()).model)
+                # The probe only measures the prompt for the tier rules, which may send a long one to a
+                # model with a larger context: bounded here by the largest context served.
+                self._check_size(inp, size, max(self.models.values(), key=lambda m: m.max_model_len))
                 n = len(await prompts.for_model(probe))
                 shape = RequestShape(n, inp.requested_max_tokens, inp.reasoning_effort, inp.tools)
             res = g.tiers.resolve(inp.model, inp.task, shape)
@@ -349,6 +388,7 @@ class RequestPipeline:
         served = self.model(res.model)
         if inp.first_usable:
             served = self._first_usable(res)
+        self._check_size(inp, size, served)
         if inp.reasoning_budget is not None and served.tags is None:
             raise ApiError(
                 400,
@@ -473,6 +513,36 @@ class RequestPipeline:
             code="pool_down",
         )
 
+    def _check_size(self, inp: PlanInput, size: tuple[int, bool], served: ServedModel) -> None:
+        """400 `context_length_exceeded` when the client's prompt cannot fit `served`, told before it is
+        tokenized: token ids beyond its context, or more characters than its context times
+        http.max_prompt_chars_per_token.
+
+        NOTE(why): tokenizing is what a huge prompt costs the ingress (seconds of CPU and GBs, in the
+        thread pool that every request's tokenization and store call shares), and the 400 that follows
+        is charged nothing: a request rejected here never reaches admission either."""
+        n, ids = size
+        ctx = served.max_model_len
+        if ids:
+            if n >= ctx:  # as `_max_tokens` would, after the ids were checked one by one
+                raise _too_long(inp, served, f"{n} tokens")
+            return
+        per_token = self.http.max_prompt_chars_per_token
+        limit = ctx * per_token
+        if n > limit:
+            hint = (
+                " Truncation needs the conversation tokenized first: send fewer turns."
+                if inp.messages is not None and inp.truncate
+                else ""
+            )
+            raise _too_long(
+                inp,
+                served,
+                f"{n} characters, more than {limit} (the context at most "
+                f"{per_token} characters a token, http.max_prompt_chars_per_token)",
+                hint,
+            )
+
     @staticmethod
     def _max_tokens(
         served: ServedModel, inp: PlanInput, prompt_len: int, asked: int | None, defaulted: bool = False
@@ -482,18 +552,12 @@ class RequestPipeline:
         chat = inp.messages is not None
         if room <= 0:
             hint = (
-                " Shorten the prompt, or let the oldest turns be dropped (truncation: \"auto\" on "
-                f"/v1/responses, header {TRUNCATION_HEADER}: auto on chat completions)."
+                ', or let the oldest turns be dropped (truncation: "auto" on '
+                f"/v1/responses, header {TRUNCATION_HEADER}: auto on chat completions)"
                 if chat and not inp.truncate
-                else " Shorten the prompt."
+                else ""
             )
-            raise ApiError(
-                400,
-                f"{inp.prompt_param}: the prompt is {prompt_len} tokens; model `{served.name}` has a "
-                f"context of {served.max_model_len} tokens.{hint}",
-                "invalid_request_error",
-                inp.prompt_param,
-            )
+            raise _too_long(inp, served, f"{prompt_len} tokens", hint)
         if asked is None:
             return room, None
         if asked > room:
@@ -552,6 +616,9 @@ class RequestPipeline:
         # asked for none (a template's default is an upper bound) or lets it be clamped.
         least = 1 if inp.clamp or inp.requested_max_tokens is None else requested
         skipped: list[str] = []
+        # Targets given up on an engine fault, and whether any failed otherwise (see the end).
+        faulted: list[str] = []
+        failed_otherwise = False
         for i, target in enumerate(chain):
             served = self.models.get(target.model)
             if served is None:
@@ -621,11 +688,13 @@ class RequestPipeline:
                     return Opened(served, first, stream, route, migrating)
                 await stream.aclose()
                 ticket.leave_pool()
-                cls = classify(err.status if err else None, timed_out)
+                cls = classify(err.status if err else None, timed_out, err.type if err else None)
                 self.metrics.attempt_failures.labels(target.model, cls.value).inc()
                 reason = f"timeout after {timeout:g}s" if timed_out else f"{err.status} {err.type}"
-                if cls in (ErrorClass.SERVER, ErrorClass.TIMEOUT):
-                    health.on_failure(reason, now)
+                if cls.strikes:  # one strike per request (per tenant for an engine fault)
+                    # A timeout while the pool is saturated is overload, not death (NOTE(strikes)).
+                    busy = timed_out and g.admission.pool(target.model).busy
+                    health.on_failure(reason, now, key=strike_key(cls, rid, inp.tenant), overloaded=busy)
                 step = self.retry.next_step(
                     cls,
                     attempt,
@@ -644,7 +713,22 @@ class RequestPipeline:
                     overloaded = Rejected("engine_overloaded", err.message, step.retry_after_s or 0.0)
                     raise self.rejected(overloaded, plan.served.name)
                 skipped.append(f"{target.model}: {reason}")
+                if cls is ErrorClass.ENGINE_FAULT:
+                    faulted.append(target.model)
+                else:
+                    failed_otherwise = True
                 break
+        if faulted and not failed_otherwise:
+            # Every target tried failed on this very input: a 500 for this request, not a 503 that
+            # tells the client (and the autoscaler) the pool is down. No engine text is echoed.
+            raise ApiError(
+                500,
+                f"the engine failed on this request ({', '.join(faulted)}: 500 engine_error); it was not "
+                "retried there, as the same input fails the same way. Check the request's parameters; "
+                f"if it persists, report request id {rid}.",
+                "server_error",
+                code="engine_error",
+            )
         down = Rejected(
             "pool_down",
             "no model along the degradation chain could serve this request: " + "; ".join(skipped),

@@ -639,7 +639,7 @@ async def test_pool_queue_timeout_is_rejected_and_leaves_the_queue() -> None:
         await pool.acquire(1, 0.05)
     assert err.value.reason == "queue_timeout" and err.value.status == 429
     assert err.value.retry_after_s >= 1.0
-    assert pool.queued == 0 and pool.in_use == 1 and not pool._heap
+    assert pool.queued == 0 and pool.in_use == 1 and not pool._ranks
     pool.release(None)
     assert pool.in_use == 0
     await pool.acquire(1, 0.05)  # the fast path works again
@@ -748,3 +748,190 @@ async def test_pool_without_a_wait_estimate_queues_one_wave_at_most() -> None:
         pool.release(0.1)
     await asyncio.gather(*waiters, extra)
     assert pool.in_use == 2 and pool.mean_hold_s > 0
+
+
+# -- per-tenant in-flight cap and fairness in the pool queue (M6) ---------------------------------
+
+
+async def test_tenant_in_flight_cap_rejects_with_its_reason_and_is_released_once() -> None:
+    capped = Limits(10.0, 1000.0, 4, 1, max_in_flight=2)
+    ctl = controller(default=capped)
+    a1 = await ctl.admit(AdmissionRequest("a", 5, 5))
+    a2 = await ctl.admit(AdmissionRequest("a", 5, 5))
+    level = ctl.bucket("a").level(ctl.clock())
+    with pytest.raises(Rejected) as err:
+        await ctl.admit(AdmissionRequest("a", 5, 5))
+    e = err.value
+    assert e.reason == "tenant_concurrency" and e.status == 429
+    assert e.retry_after_header() == "1" and "2 requests in flight" in e.message
+    assert ctl.bucket("a").level(ctl.clock()) == level  # the rejected one took nothing
+    # Another tenant has a count of its own.
+    b = await ctl.admit(AdmissionRequest("b", 5, 5))
+    assert ctl.snapshot()["tenant_in_flight"] == {"a": 2, "b": 1}
+    # The count enforced is `_tenant_in_flight`, and a ticket released twice frees one place only.
+    a1.release(None)
+    a1.release(None)
+    assert ctl._tenant_in_flight == {"a": 1, "b": 1}
+    a3 = await ctl.admit(AdmissionRequest("a", 5, 5))
+    with pytest.raises(Rejected):
+        await ctl.admit(AdmissionRequest("a", 5, 5))
+    for t in (a2, a3, b):
+        t.release(None)
+    assert ctl.snapshot()["tenant_in_flight"] == {}
+
+
+async def test_admissions_waiting_for_a_fanout_slot_count_against_the_cap() -> None:
+    ctl = controller(default=Limits(10.0, 1000.0, 1, 1, max_in_flight=2), queue_timeout_s=0.05)
+    first = await ctl.admit(AdmissionRequest("a", 5, 5, task_id="t"))
+    waiting = asyncio.create_task(ctl.admit(AdmissionRequest("a", 5, 5, task_id="t")))
+    await settle()
+    assert not waiting.done() and ctl._tenant_in_flight == {"a": 2}
+    with pytest.raises(Rejected) as err:  # no overshoot while the other waits
+        await ctl.admit(AdmissionRequest("a", 5, 5))
+    assert err.value.reason == "tenant_concurrency"
+    with pytest.raises(Rejected) as err:
+        await waiting
+    assert err.value.reason == "fanout_timeout"
+    # The timed-out admission gave its place and its tokens back.
+    assert ctl._tenant_in_flight == {"a": 1}
+    assert ctl.bucket("a").level(ctl.clock()) == pytest.approx(1000 - 10)
+    first.release(None)
+    assert ctl._tenant_in_flight == {}
+
+
+async def test_tenant_in_flight_cap_comes_from_the_spec_and_scales_by_share() -> None:
+    gw = _gateway(
+        {"default_tenant": {"max_in_flight": 5}, "tenants": [{"name": "free", "max_in_flight": None}]},
+        ingress_replicas=2,
+    )
+    limits = gw.admission._limits_for
+    assert limits("anyone").max_in_flight == 3  # ceil(5 / 2)
+    assert limits("free").max_in_flight is None
+    assert _gateway({}).admission._limits_for("x").max_in_flight == 512  # the default
+    assert _gateway({"enabled": False}).admission._limits_for("x").max_in_flight is None
+
+
+async def test_one_tenants_flood_does_not_fill_the_queue_for_another() -> None:
+    # Pool limit 4, max_queue 8: tenant a fires 20 requests (slow: each holds its slot until told to
+    # finish), then b fires one.
+    ctl = controller(pools={"m": 4}, max_queue=8, queue_timeout_s=5.0)
+    entered: list[str] = []
+    finish: dict[str, asyncio.Event] = {}
+
+    async def request(name: str) -> Rejected | None:
+        t = await ctl.admit(AdmissionRequest(name[0], 1, 1))
+        try:
+            await t.enter_pool("m", None)
+            entered.append(name)
+            await finish.setdefault(name, asyncio.Event()).wait()
+        except Rejected as e:
+            return e
+        finally:
+            t.release(None)
+        return None
+
+    flood = []
+    for n in range(20):
+        flood.append(asyncio.create_task(request(f"a{n}")))
+        await settle(2)
+    await settle()
+    pool = ctl.pool("m")
+    assert pool.in_use == 4 and pool.queued == 8 and entered == ["a0", "a1", "a2", "a3"]
+    assert [t.result().reason for t in flood if t.done()] == ["queue_full"] * 8
+    b = asyncio.create_task(request("b0"))
+    await settle()
+    # b is queued, not rejected: a's newest waiter (a11) made room for it.
+    assert not b.done() and pool.queued == 8 and pool.queued_of("b") == 1
+    evicted = flood[11].result()
+    assert evicted.reason == "queue_full" and evicted.retry_after_header() is not None
+    # A slot frees: it goes to b (holding none) before a's earlier waiters.
+    finish["a0"].set()
+    await settle()
+    assert entered[4:] == ["b0"]
+    # The next ones go to a's waiters in their order.
+    finish["a1"].set()
+    await settle()
+    assert entered[5:] == ["a4"]
+    # Everything is given back exactly once.
+    while not all(t.done() for t in [*flood, b]):
+        for name in entered:
+            finish.setdefault(name, asyncio.Event()).set()
+        await settle()
+    assert [t.result() for t in flood[4:11]] == [None] * 7 and b.result() is None
+    assert entered == ["a0", "a1", "a2", "a3", "b0", *(f"a{n}" for n in range(4, 11))]
+    assert ctl.snapshot()["pools"]["m"] == {"in_use": 0, "queued": 0}
+    assert ctl.snapshot()["tenant_in_flight"] == {} and not pool._held
+
+
+async def test_freed_slots_go_round_robin_between_tenants_of_one_class() -> None:
+    pool = PoolLimiter(limit=1, max_queue=16)
+    await pool.acquire(1, 1.0, tenant="h")
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await pool.acquire(1, 5.0, tenant=name[0])
+        order.append(name)
+        await asyncio.sleep(0)
+        pool.release(None, name[0])
+
+    tasks = []
+    for name in ["a1", "a2", "a3", "b1", "b2", "c1"]:
+        tasks.append(asyncio.create_task(waiter(name)))
+        await settle(2)
+    assert pool.queued == 6
+    pool.release(None, "h")
+    await asyncio.gather(*tasks)
+    assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]  # not a1 a2 a3 b1 b2 c1
+    assert pool.in_use == 0 and pool.queued == 0 and not pool._held
+
+
+async def test_a_full_queue_is_not_freed_at_the_expense_of_more_urgent_waiters() -> None:
+    pool = PoolLimiter(limit=1, max_queue=2)
+    await pool.acquire(0, 1.0, tenant="a")
+    urgent = [asyncio.create_task(pool.acquire(0, 5.0, tenant="a")) for _ in range(2)]
+    await settle()
+    with pytest.raises(Rejected) as err:  # b's batch request does not push a's interactive ones out
+        await pool.acquire(2, 5.0, tenant="b")
+    assert err.value.reason == "queue_full"
+    assert pool.queued == 2 and not any(t.done() for t in urgent)
+    # Nor does a tenant that already holds as many places as the others.
+    late = asyncio.create_task(pool.acquire(0, 5.0, tenant="b"))  # pushes a's newest out
+    await settle()
+    assert urgent[1].done() and isinstance(urgent[1].exception(), Rejected)
+    with pytest.raises(Rejected):
+        await pool.acquire(0, 5.0, tenant="b")  # b 1 vs a 1: no more room for b
+    pool.release(None, "a")
+    await urgent[0]
+    pool.release(None, "a")
+    await late
+    pool.release(None, "b")
+    assert pool.in_use == 0 and pool.queued == 0
+
+
+async def test_wait_prediction_counts_what_round_robin_serves_first() -> None:
+    pool = PoolLimiter(limit=2, max_queue=100)
+    await pool.acquire(1, 1.0, tenant="a")
+    await pool.acquire(1, 1.0, tenant="a")
+    flood = [asyncio.create_task(pool.acquire(1, 5.0, slo_s=100.0, tenant="a")) for _ in range(2)]
+    await settle()
+    assert pool.queued == 2 and pool.mean_hold_s == 0.0
+    # a itself is held to one wave without an estimate; b, whom round-robin serves next, is not.
+    with pytest.raises(Rejected) as err:
+        await pool.acquire(1, 5.0, slo_s=0.5, tenant="a")
+    assert err.value.reason == "predicted_wait"
+    b = asyncio.create_task(pool.acquire(1, 5.0, slo_s=0.5, tenant="b"))
+    await settle()
+    assert not b.done() and pool.queued_of("b") == 1
+    pool.mean_hold_s = 1.0
+    assert pool.predicted_wait_s(1, "a") == pytest.approx((2 + 1 + 1) * 1.0 / 2)  # its 2, b's 1
+    assert pool.predicted_wait_s(1, "c") == pytest.approx((1 + 1 + 1) * 1.0 / 2)  # a's first, b's
+    pool.release(None, "a")
+    await b
+    for t in flood:
+        t.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    assert pool.queued == 0 and pool.busy
+    pool.release(None, "a")
+    assert not pool.busy
+    pool.release(None, "b")
+    assert pool.in_use == 0

@@ -147,9 +147,11 @@ async def stack(
     backends: dict[str, Any] | None = None,
     max_len: dict[str, int] | None = None,
     root_path: str = "",
+    tokenizers: dict[str, Any] | None = None,
     **spec_overrides: Any,
 ) -> AsyncIterator[Stack]:
-    """The API over `backends` (default: FakeEngines) with a gateway built from BASE + overrides."""
+    """The API over `backends` (default: FakeEngines) with a gateway built from BASE + overrides
+    (`tokenizers`: per model, default WordTokenizer)."""
     spec = parse_spec(_merge(BASE, spec_overrides))
     backends = dict(backends or {})
     for m in spec.models:
@@ -158,12 +160,14 @@ async def stack(
             await engine.start()
             backends[m.name] = CountingBackend(engine)
     max_len = max_len or {}
+    toks = tokenizers or {}
     models = {
-        name: ServedModel(name, max_len.get(name, 256), WordTokenizer(), b) for name, b in backends.items()
+        name: ServedModel(name, max_len.get(name, 256), toks.get(name) or WordTokenizer(), b)
+        for name, b in backends.items()
     }
     metrics = IngressMetrics()
     gateway = Gateway.from_spec(spec, metrics)
-    app = build_api(models, metrics, gateway)  # registers each backend's probe
+    app = build_api(models, metrics, gateway, http=spec.http)  # registers each backend's probe
     try:
         transport = httpx.ASGITransport(app=app, root_path=root_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
@@ -230,8 +234,10 @@ async def test_auth_requires_a_valid_key_on_v1_only() -> None:
         assert (await c.get("/v1/models", headers=ok)).status_code == 200
 
         assert (await c.get("/health")).status_code == 200
-        r = await c.get("/metrics")
-        assert r.status_code == 200
+        # /metrics needs a key with the metrics scope (tests/unit/test_edge_security.py).
+        r = await c.get("/metrics", headers=ok)
+        assert r.status_code == 401
+        assert s.sample("tandem_auth_failures_total", reason="scope") == 1
         assert s.sample("tandem_auth_failures_total", reason="missing") == 3
         assert s.sample("tandem_auth_failures_total", reason="invalid") == 1
         assert s.sample("tandem_auth_failures_total", reason="malformed") == 1
@@ -346,41 +352,6 @@ async def test_auto_by_rule() -> None:
 
 
 # -- degradation and health ------------------------------------------------------------------------
-
-
-async def test_failing_target_degrades_to_the_fallback_and_goes_terminal() -> None:
-    big = FlakyBackend()
-    async with stack({"big": big}) as s:
-        small: CountingBackend = s.app.state.api.models["small"].backend
-        r = await s.client.post("/v1/chat/completions", json=chat(), headers={"x-tandem-task": "reasoning"})
-        assert r.status_code == 200, r.text
-        assert r.json()["model"] == "small"
-        rt = route(r)
-        assert rt["tier"] == "intent" and rt["model"] == "small" and rt["how"] == "task"
-        assert rt["degraded_from"] == "reasoning" and rt["degraded_reason"] == "503 engine_unavailable"
-        # Failure 1 -> sticky_retry (retried there), failure 2 -> terminal (terminal_after 2).
-        assert big.calls == 2 and small.calls == 1
-        assert s.gateway.health("big").state is HealthState.TERMINAL
-        assert s.sample("tandem_target_health", model="big") == 2
-        assert s.sample("tandem_target_health", model="small") == 0
-        assert s.sample("tandem_attempt_failures_total", model="big", error_class="server") == 2
-        assert s.sample("tandem_retries_total", model="big", error_class="server") == 1
-        assert s.sample("tandem_health_transitions_total", model="big", state="sticky_retry") == 1
-        assert s.sample("tandem_health_transitions_total", model="big", state="terminal") == 1
-
-        # Later requests skip the terminal target at once, explicit model name included.
-        for headers, body in [({"x-tandem-task": "reasoning"}, chat()), ({}, chat(model="big"))]:
-            t0 = time.perf_counter()
-            r = await s.client.post("/v1/chat/completions", json=body, headers=headers)
-            assert r.status_code == 200 and r.json()["model"] == "small"
-            assert route(r)["degraded_from"] == "reasoning"
-            assert route(r)["degraded_reason"].startswith("terminal")
-            assert time.perf_counter() - t0 < 1.0
-        assert big.calls == 2 and small.calls == 3
-        assert (
-            s.sample("tandem_tier_requests_total", tier="intent", model="small", how="task", degraded="true")
-            == 2
-        )
 
 
 async def test_client_error_from_a_backend_is_returned_as_is_and_not_retried() -> None:
@@ -624,3 +595,172 @@ async def test_a_probe_registered_after_the_target_went_terminal_is_used() -> No
         assert calls
     finally:
         await gateway.close()
+
+
+async def test_a_failing_target_goes_terminal_after_terminal_after_distinct_failed_requests() -> None:
+    # A 503 (a server error, not a 500 engine_error): retried on the target, then degraded to the
+    # fallback. Strikes count distinct requests (router.resilience NOTE(strikes)): the 3 attempts of
+    # one request are one strike, so the second failing request, not the second attempt, makes it
+    # terminal (terminal_after 2).
+    big = FlakyBackend()
+    resilience = {"max_attempts": 3, "terminal_after": 2}
+    async with stack({"big": big}, resilience=resilience) as s:
+        small: CountingBackend = s.app.state.api.models["small"].backend
+        task = {"x-tandem-task": "reasoning"}
+
+        r = await s.client.post("/v1/chat/completions", json=chat(), headers=task)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "small"
+        assert route(r)["degraded_from"] == "reasoning"
+        assert route(r)["degraded_reason"] == "503 engine_unavailable"
+        assert big.calls == 3 and small.calls == 1  # every attempt on the target, then the fallback
+        assert s.gateway.health("big").state is HealthState.STICKY_RETRY  # one request: one strike
+        assert s.sample("tandem_attempt_failures_total", model="big", error_class="server") == 3
+        assert s.sample("tandem_retries_total", model="big", error_class="server") == 2
+
+        r = await s.client.post("/v1/chat/completions", json=chat(), headers=task)
+        assert r.status_code == 200 and r.json()["model"] == "small"
+        assert route(r)["degraded_reason"] == "503 engine_unavailable"
+        assert s.gateway.health("big").state is HealthState.TERMINAL  # the second distinct request
+        assert big.calls == 4 and small.calls == 2  # terminal at its first failure: no retry there
+        assert s.sample("tandem_health_transitions_total", model="big", state="sticky_retry") == 1
+        assert s.sample("tandem_health_transitions_total", model="big", state="terminal") == 1
+        assert s.sample("tandem_target_health", model="big") == 2
+
+        # Terminal: skipped at once, down the chain to the fallback.
+        r = await s.client.post("/v1/chat/completions", json=chat(), headers=task)
+        assert r.status_code == 200 and r.json()["model"] == "small"
+        assert route(r)["degraded_reason"].startswith("terminal")
+        assert big.calls == 4 and small.calls == 3
+        assert s.gateway.admission.snapshot()["tenant_in_flight"] == {}
+
+
+# -- prompt size before tokenizing -----------------------------------------------------------------
+
+
+class CountingTokenizer:
+    """Counts the tokenizer calls (`calls`) it passes on to `inner`."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        return self.inner.encode(text)
+
+    def encode_chat(self, messages: list) -> list[int]:
+        self.calls += 1
+        return self.inner.encode_chat(messages)
+
+    def __getattr__(self, name: str) -> Any:  # vocab_size, decode, ...
+        return getattr(self.inner, name)
+
+
+#: A tenant with a token bucket: admission would record it (snapshot()["buckets"]) had it been charged.
+_METERED = {"default_tenant": {"tokens_per_s": 1, "burst_tokens": 100_000}}
+
+
+async def test_a_prompt_far_beyond_the_context_is_a_400_before_it_is_tokenized() -> None:
+    tok = CountingTokenizer(WordTokenizer())
+    async with stack(tokenizers={"small": tok}, admission=_METERED) as s:
+        words = "w " * (20 * 256)  # 40 x max_model_len characters, 5,120 words: 5,120 tokens
+        body = chat(model="small", messages=[{"role": "user", "content": words}])
+        r = await s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["code"] == "context_length_exceeded"
+        assert err["param"] == "messages"
+        assert f"{40 * 256} characters, more than 2048" in err["message"]  # 256 tokens x 8 characters
+        assert "max_prompt_chars_per_token" in err["message"]
+        assert tok.calls == 0  # never tokenized
+        # Nothing was charged or held: the request never reached admission.
+        snap = s.gateway.admission.snapshot()
+        assert snap["buckets"] == {} and snap["tenant_in_flight"] == {}
+
+        # Every message counts, the system prompt too: two halves of the limit and a bit are over it.
+        half = "w " * 512
+        body = chat(
+            model="small",
+            messages=[{"role": "system", "content": half + "w"}, {"role": "user", "content": half}],
+        )
+        r = await s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "2049 characters" in r.json()["error"]["message"] and tok.calls == 0
+
+        # Under the character cap but over the context in tokens: tokenized, then the same 400 in tokens.
+        body = chat(model="small", messages=[{"role": "user", "content": "w " * 300}])
+        r = await s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and tok.calls == 1
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "tokens; model `small`" in err["message"]
+
+        r = await s.client.post("/v1/chat/completions", json=chat(model="small"))
+        assert r.status_code == 200, r.text
+        assert tok.calls == 2 and set(s.gateway.admission.snapshot()["buckets"]) == {"default"}
+
+
+async def test_the_character_cap_is_the_specs() -> None:
+    tok = CountingTokenizer(WordTokenizer())
+    async with stack(tokenizers={"small": tok}, http={"max_prompt_chars_per_token": 64}) as s:
+        body = chat(model="small", messages=[{"role": "user", "content": "w" * (40 * 256)}])
+        r = await s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text  # one 10,240-character word: one token, under 256 x 64
+        assert tok.calls == 1
+
+
+async def test_a_text_completion_too_long_is_a_400_before_any_work() -> None:
+    tok = CountingTokenizer(WordTokenizer())
+    async with stack(tokenizers={"small": tok}, admission=_METERED) as s:
+        r = await s.client.post("/v1/completions", json={"model": "small", "prompt": "w " * (20 * 256)})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+        assert "more than 2048" in err["message"]
+        # Token ids: more than the context is a 400 too, before the ids are looked at one by one.
+        r = await s.client.post("/v1/completions", json={"model": "small", "prompt": [11] * 300})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+        assert "the prompt is 300 tokens; model `small` has a context of 256 tokens" in err["message"]
+        assert tok.calls == 0
+        assert s.gateway.admission.snapshot()["buckets"] == {}
+        r = await s.client.post(
+            "/v1/completions", json={"model": "small", "prompt": [11] * 8, "max_tokens": 2}
+        )
+        assert r.status_code == 200, r.text
+
+
+async def test_responses_instructions_and_input_are_capped_before_tokenizing(tmp_path) -> None:
+    from serving.http.responses import SessionsFrontend
+    from tests.unit.sessions_harness import TAGS, TOK, close_store, new_store
+
+    store = new_store(tmp_path)
+    tok = CountingTokenizer(TOK)
+    engine = FakeEngine("r", max_model_len=256)
+    models = {"r": ServedModel("r", 256, tok, EngineBackend(engine), tags=TAGS)}
+    spec = parse_spec({"models": [_model("r")], "auth": {"enabled": False}, "admission": _METERED})
+    metrics = IngressMetrics()
+    gateway = Gateway.from_spec(spec, metrics)
+
+    async def nobody(_: str) -> bool:
+        return False
+
+    front = SessionsFrontend(store, nobody)
+    app = build_api(models, metrics, gateway, sessions=front, http=spec.http)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            big = "w " * (20 * 256)
+            for body in ({"input": "hello", "instructions": big}, {"input": big}):
+                r = await c.post("/v1/responses", json={"model": "r", "background": True, **body})
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert err["code"] == "context_length_exceeded" and err["param"] == "input"
+                assert "more than 2048" in err["message"]
+            assert tok.calls == 0
+            assert gateway.admission.snapshot()["buckets"] == {}  # no ticket, nothing charged
+            assert store.orphans(None, 10) == []  # and no session stored
+    finally:
+        front.close()
+        await gateway.close()
+        close_store(store)

@@ -48,6 +48,23 @@ def test_policy_spends_the_retry_budget_only_on_a_migration() -> None:
     assert MigrationPolicy(0).decide(Failure.ERROR, 503, 0, True, 5, None) == Decision(False, "disabled")
 
 
+@pytest.mark.parametrize(
+    ("status", "error_type", "want"),
+    [
+        (500, "engine_error", Decision(False, "engine_fault")),  # the engine raised on this input
+        (500, "cache_salt_unsupported", Decision(True, "error")),  # a 500 of another type: a server error
+        (500, None, Decision(True, "error")),  # type unknown: as before, a server error
+        (502, "kv_transfer", Decision(True, "error")),
+        (503, "engine_error", Decision(True, "error")),  # only a 500 is an engine fault
+    ],
+)
+def test_policy_never_migrates_an_engine_fault(status: int, error_type: str | None, want: Decision) -> None:
+    budget = RetryBudget(ratio=0.0, initial=5.0)
+    got = MigrationPolicy(2).decide(Failure.ERROR, status, 0, True, 5, budget, error_type=error_type)
+    assert got == want
+    assert budget.balance == (5.0 if not want.migrate else 4.0)  # an engine fault spends no retry
+
+
 def test_resumed_sampling_lowers_the_limits_by_what_was_sent() -> None:
     out = resume_sampling(SamplingOptions(max_tokens=10, min_tokens=4, temperature=0.0), 6)
     assert (out.max_tokens, out.min_tokens, out.temperature) == (4, 0, 0.0)
@@ -61,10 +78,20 @@ class BreakingBackend(CountingBackend):
     replica that died), stall (nothing more, ever) or cut (the stream just ends)."""
 
     def __init__(
-        self, mode: str, after: int = 3, breaks: int = 1, status: int = 503, dead_for: int = 0
+        self,
+        mode: str,
+        after: int = 3,
+        breaks: int = 1,
+        status: int = 503,
+        dead_for: int = 0,
+        err_type: str = "engine_unavailable",
+        stuck: bool = False,
     ) -> None:
         super().__init__(FakeEngine("small", max_model_len=256))
+        #: Streams after the breaking ones send nothing, ever (the only replica is wedged).
+        self.stuck = stuck
         self.mode, self.after, self.breaks, self.status = mode, after, breaks, status
+        self.err_type = err_type
         #: Streams after the first break that fail at once (a replica not yet replaced).
         self.dead_for = dead_for
         self.requests: list[GenerateRequest] = []
@@ -77,12 +104,17 @@ class BreakingBackend(CountingBackend):
             self.closed += 1
             yield Chunk(error=EngineError("no replica", 503, "engine_unavailable"))
             return
+        if self.stuck and not breaking:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.closed += 1
         n = 0
         try:
             async for chunk in super().stream(request):
                 if breaking and n == self.after:
                     if self.mode == "error":
-                        yield Chunk(error=EngineError("replica died", self.status, "engine_unavailable"))
+                        yield Chunk(error=EngineError("replica died", self.status, self.err_type))
                     elif self.mode == "stall":
                         await asyncio.Event().wait()
                     return
@@ -242,3 +274,67 @@ async def test_a_continuation_that_finds_no_replica_yet_is_tried_again_without_c
         assert len(backend.requests) == 6  # the break, 4 tries on no replica, the continuation
         ids = [q.request_id.rsplit(".", 1)[-1] for q in backend.requests[1:]]
         assert ids == ["m1", "m1~1", "m1~2", "m1~3", "m1~4"]
+
+
+async def test_an_engine_fault_mid_stream_is_not_migrated_and_ends_as_without_migration() -> None:
+    # A 500 engine_error: the engine raised on this input; the continuation (the same prompt plus the
+    # tokens sent) would fail the same way, so the client gets the error event and [DONE] at once.
+    seen = []
+    for limit in (3, 0):
+        backend = BreakingBackend("error", after=2, status=500, err_type="engine_error")
+        await _started(backend)
+        async with stack({"small": backend}, resilience={"streams": {"migration_limit": limit}}) as s:
+            body = chat(model="small", max_tokens=8, stream=True)
+            r = await s.client.post("/v1/chat/completions", json=body)
+            events, done = _sse(r.text)
+            assert done and events[-1]["error"]["code"] == 500
+            assert len(backend.requests) == 1  # no continuation
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
+            assert len(text.split()) == 2
+            # Classified before the limit, as a client error is (the request's own doing either way).
+            labels = {"model": "small", "failure": "error"}
+            assert s.sample("tandem_stream_migrations_total", **labels, result="engine_fault") == 1
+            assert not s.sample("tandem_stream_migrations_total", **labels, result="migrated")
+            pools = s.gateway.admission.snapshot()["pools"]
+            assert all(p["in_use"] == 0 for p in pools.values())
+            seen.append(events[-1]["error"])
+    assert seen[0] == seen[1]  # what the client sees is what it would without migration
+
+
+def test_policy_does_not_migrate_a_continuation_that_stalled_before_its_first_chunk() -> None:
+    policy = MigrationPolicy(3)
+    assert policy.decide(Failure.STALLED, None, 1, True, 5, None, progressed=False) == Decision(
+        False, "no_progress"
+    )
+    assert policy.decide(Failure.STALLED, None, 1, True, 5, None, progressed=True) == Decision(
+        True, "stalled"
+    )
+    # A continuation that found a dead replica (503) is not a stall: the replacement may still start.
+    assert policy.decide(Failure.ERROR, 503, 1, True, 5, None, progressed=False) == Decision(True, "error")
+
+
+async def test_a_stall_whose_continuation_stalls_too_ends_after_two_stall_timeouts_not_more() -> None:
+    """The only replica is wedged: the stream stalls, its continuation lands on the same engine and
+    sends nothing either. The client gets a 504 after about two stall timeouts (not one first-token
+    timeout per allowed migration), and every slot is free."""
+    backend = BreakingBackend("stall", after=2, stuck=True)
+    await _started(backend)
+    streams = {"stall_timeout_s": 0.3, "migration_limit": 3}
+    async with stack({"small": backend}, resilience={"streams": streams}) as s:
+        t0 = time.monotonic()
+        r = await s.client.post("/v1/chat/completions", json=chat(model="small", max_tokens=20, stream=True))
+        elapsed = time.monotonic() - t0
+        events, done = _sse(r.text)
+        assert done and events[-1]["error"]["code"] == 504, events[-1]
+        assert len(backend.requests) == 2  # the request and one continuation, no more
+        assert elapsed < 3.0
+        assert (
+            s.sample("tandem_stream_migrations_total", model="small", failure="stalled", result="migrated")
+            == 1
+        )
+        assert (
+            s.sample("tandem_stream_migrations_total", model="small", failure="stalled", result="no_progress")
+            == 1
+        )
+        pools = s.gateway.admission.snapshot()["pools"]
+        assert all(p["in_use"] == 0 for p in pools.values())

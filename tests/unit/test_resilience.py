@@ -18,6 +18,7 @@ from router.resilience import (
     TargetHealth,
     backoff_s,
     classify,
+    strike_key,
 )
 from serving.config import parse_spec
 
@@ -41,6 +42,46 @@ from serving.config import parse_spec
 )
 def test_classify(status: int | None, timed_out: bool, cls: ErrorClass) -> None:
     assert classify(status, timed_out) is cls
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "cls"),
+    [
+        # The engine's catch-all 500 (it raised on this request): an engine fault.
+        (500, "engine_error", ErrorClass.ENGINE_FAULT),
+        # A 500 of another type, or no type known (sessions, webhooks): a server error as before.
+        (500, None, ErrorClass.SERVER),
+        (500, "kv_transfer", ErrorClass.SERVER),
+        # Transport, a dead engine or replica, an upstream: retried on the same target.
+        (502, "engine_error", ErrorClass.SERVER),
+        (503, "engine_unavailable", ErrorClass.SERVER),
+        (502, "backend_error", ErrorClass.SERVER),
+        (429, "engine_error", ErrorClass.RATE_LIMITED),
+        (400, "engine_error", ErrorClass.CLIENT),
+    ],
+)
+def test_classify_engine_faults_by_type(status: int, error_type: str | None, cls: ErrorClass) -> None:
+    assert classify(status, False, error_type) is cls
+    assert classify(status, True, error_type) is ErrorClass.TIMEOUT
+
+
+def test_which_error_classes_strike_against_health() -> None:
+    assert {c for c in ErrorClass if c.strikes} == {
+        ErrorClass.SERVER,
+        ErrorClass.TIMEOUT,
+        ErrorClass.ENGINE_FAULT,
+    }
+
+
+def test_strike_key_is_the_tenant_for_an_engine_fault_else_the_request() -> None:
+    fault = ErrorClass.ENGINE_FAULT
+    assert strike_key(fault, "r1", "acme") == strike_key(fault, "r2", "acme")
+    assert strike_key(fault, "r1", "acme") != strike_key(fault, "r1", "b")
+    for cls in (ErrorClass.SERVER, ErrorClass.TIMEOUT):
+        assert strike_key(cls, "r1", "acme") != strike_key(cls, "r2", "acme")
+        assert strike_key(cls, "r1", "acme") == strike_key(cls, "r1", "other")
+    # A request id can never collide with a tenant key.
+    assert strike_key(ErrorClass.SERVER, "tenant:x", "t") != strike_key(ErrorClass.ENGINE_FAULT, "r", "x")
 
 
 def test_backoff_is_full_jitter_under_a_capped_exponential_ceiling() -> None:
@@ -220,6 +261,63 @@ def test_probe_result_while_not_terminal_changes_nothing() -> None:
     assert rec.calls == [("m", H, S, "a")]
 
 
+def test_the_attempts_of_one_request_are_one_strike() -> None:
+    # max_attempts 3 > terminal_after 2: one request failing all its attempts must not be enough.
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=5.0, on_transition=rec)
+    for now in (1.0, 2.0, 3.0):
+        h.on_failure("500 engine_error", now, key="request:r1")
+    assert h.state is S and h.usable and h.failures == 1
+    # A second distinct request failing in a row does it.
+    h.on_failure("503 engine_unavailable", 4.0, key="request:r2")
+    assert h.state is T and h.reason == "503 engine_unavailable"
+    assert rec.calls == [("m", H, S, "500 engine_error"), ("m", S, T, "503 engine_unavailable")]
+
+
+def test_a_success_forgets_the_struck_keys() -> None:
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=5.0)
+    h.on_failure("x", 1.0, key="tenant:a")
+    h.on_success(2.0)
+    h.on_failure("x", 3.0, key="tenant:b")
+    assert h.state is S and h.failures == 1  # not consecutive
+    h.on_failure("x", 4.0, key="tenant:a")  # a again: a new strike, since a success came between
+    assert h.state is T
+    # Recovery forgets them too.
+    h.on_probe(True, 10.0)
+    h.on_failure("x", 11.0, key="tenant:a")
+    assert h.state is S and h.failures == 1
+
+
+def test_keyless_failures_each_strike() -> None:
+    h = TargetHealth("m", terminal_after=2, probe_interval_s=5.0)
+    h.on_failure("x", 1.0)
+    h.on_failure("x", 2.0)
+    assert h.state is T
+
+
+def test_an_overloaded_timeout_is_no_strike() -> None:
+    rec = Recorder()
+    h = TargetHealth("m", terminal_after=1, probe_interval_s=5.0, on_transition=rec)
+    for i in range(5):
+        h.on_failure("timeout after 90s", float(i), key=f"request:r{i}", overloaded=True)
+    assert h.state is H and h.failures == 0 and rec.calls == []
+    h.on_failure("timeout after 90s", 9.0, key="request:idle")  # the pool was idle: a strike
+    assert h.state is T
+
+
+def test_struck_keys_stay_bounded_by_terminal_after() -> None:
+    h = TargetHealth("m", terminal_after=3, probe_interval_s=5.0)
+    for i in range(1000):
+        h.on_failure("x", float(i), key=f"request:{i}")
+        assert len(h._struck) <= 3
+    assert h.state is T and not h._struck
+
+
+def test_terminal_after_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="terminal_after"):
+        TargetHealth("m", terminal_after=0, probe_interval_s=5.0)
+
+
 @pytest.mark.parametrize(("state", "usable"), [(H, True), (S, True), (T, False)])
 def test_usable_per_state(state: HealthState, usable: bool) -> None:
     h = TargetHealth("m", terminal_after=2, probe_interval_s=1.0)
@@ -274,6 +372,14 @@ def test_next_step_table(
 ) -> None:
     got = POLICY.next_step(failure, attempt, retry_after_s=retry_after, usable=usable, rng=_Top())
     assert got == step
+
+
+def test_an_engine_fault_moves_on_without_a_retry_or_the_budget() -> None:
+    budget = RetryBudget(ratio=0.0, initial=5.0)
+    for attempt in (1, 2, 3):
+        step = POLICY.next_step(ErrorClass.ENGINE_FAULT, attempt, retry_after_s=0.1, budget=budget)
+        assert step == NextTarget()
+    assert budget.balance == 5.0 and budget.retries == 0
 
 
 def test_next_step_spends_the_budget_only_on_a_retry() -> None:

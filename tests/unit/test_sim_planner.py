@@ -20,6 +20,7 @@ from loadtests.sim import planner
 from loadtests.sim.planner import PlanError, Shape, main, plan
 from loadtests.sim.profile import dump_profile, parse_profile
 from loadtests.workload import parse_workload
+from router.admission import AdmissionRequest, Rejected
 from serving.config import parse_spec
 
 
@@ -145,6 +146,38 @@ def test_tenant_limits_are_not_a_capacity_problem():
     assert lifted is not None and lifted["rejected"] == 0
 
 
+async def test_lifted_tenant_limits_lift_the_in_flight_cap_too():
+    # The default cap (TenantLimits.max_in_flight 512): a simulated tenant keeping more requests in
+    # flight than that measures the cap (429 tenant_concurrency), not the pool, unless it is lifted.
+    spec = parse_spec(_spec_dict({"default_tenant": {}, "tenants": [{"name": "acme"}]}))
+    assert spec.admission.default_tenant.max_in_flight == 512
+    for lift, want in ((False, 512), (True, 600)):
+        sim = parse_spec(planner.simulated_spec(spec, lift_tenant_limits=lift))
+        assert {t.max_in_flight for t in [sim.admission.default_tenant, *sim.admission.tenants]} == (
+            {512} if not lift else {None}
+        )
+        ctl = sim.admission_controller()
+        for tenant in ("default", "acme"):
+            admitted, reasons = 0, set()
+            for _ in range(600):
+                try:
+                    await ctl.admit(AdmissionRequest(tenant, 8, 8))
+                    admitted += 1
+                except Rejected as e:
+                    reasons.add(e.reason)
+            assert admitted == want and reasons == (set() if lift else {"tenant_concurrency"}), (lift, tenant)
+
+
+def test_the_planner_with_lifted_tenant_limits_measures_the_pool_not_the_in_flight_cap():
+    spec = parse_spec(_spec_dict({"default_tenant": {"max_in_flight": 2}}))
+    capped = _plan([FAST], spec=spec, duration_s=10.0, max_replicas=4)
+    assert capped["models"]["tiny"]["winner"] is None
+    assert "rejected (tenant_concurrency)" in _row(capped, "fast")["why"]
+    lifted = _plan([FAST], spec=spec, duration_s=10.0, max_replicas=4, lift_tenant_limits=True)
+    win = lifted["models"]["tiny"]["winner"]
+    assert win is not None and win["rejected"] == 0
+
+
 def test_pd_shapes_and_policies():
     report = _plan([FAST], layouts=["colocated", "pd"], ratios=[(1, 1), (1, 2)],
                    policies=["cache_aware", "round_robin"], prompt_tokens=1024)  # fmt: skip
@@ -253,6 +286,7 @@ import ray
 from tests.unit.test_sim_planner import FAST, _spec_dict, _workload_dict
 from loadtests.sim.planner import plan
 from loadtests.workload import parse_workload
+from router.admission import AdmissionRequest, Rejected
 from serving.config import parse_spec
 
 assert not ray.is_initialized()
