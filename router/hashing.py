@@ -15,6 +15,16 @@ with different salts never share a cache entry, in the router's index or in the 
 request carries the same `cache_salt`). Prefix-cache timing is a known cross-tenant side channel,
 so Tandem salts per tenant by default.
 
+A tenant's salt is `tenant_salt(tenant)`: an HMAC of the tenant name under the deployment's secret
+(`TANDEM_SALT_SECRET`, read by `salt_secret` and nowhere else). Without a secret the salt is a public
+function of the tenant name, so anyone who sees a block hash (a log, an index dump) can test "did
+tenant X send prefix P"; with it they cannot compute the hashes. (The engines' KV-event feed carries
+token ids and the salts themselves in the clear: only the network protects it, see
+`serving.replicas.deployments._kv_events_setup`.)
+The ingress computes the salt once per request and sends that one string both ways (the router's
+block keys and the engine's `cache_salt`), so router and engine always agree; every ingress replica
+must see the same secret, or the same tenant gets a different salt on each (cache misses, no leak).
+
 The index keys blocks by the low 64 bits of the digest read big-endian, which is what vLLM publishes
 in KV events with `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES` (and what `event_key` makes of a bytes
 hash from an event).
@@ -23,13 +33,17 @@ hash from an event).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: vLLM's fixed NONE_HASH seed for cryptographic hashes when PYTHONHASHSEED is unset.
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+#: Environment variable with the deployment's salt secret (mount it from a Kubernetes Secret into
+#: every ingress pod; the engines never compute a salt, they receive it with each request).
+SALT_SECRET_ENV = "TANDEM_SALT_SECRET"
 _MASK64 = (1 << 64) - 1
 
 
@@ -93,6 +107,23 @@ class BlockHasher:
         return [event_key(d) for d in self.digests(token_ids, cache_salt, lora)]
 
 
-def tenant_salt(tenant: str, secret: str = "") -> str:
-    """A per-tenant cache salt. With a deployment `secret`, salts cannot be guessed from tenant names."""
-    return hashlib.sha256(f"{secret}\x00{tenant}".encode()).hexdigest()[:32]
+def salt_secret(environ: Mapping[str, str] | None = None) -> str:
+    """The deployment's salt secret: `TANDEM_SALT_SECRET` from `environ` (default: the process
+    environment), "" when unset. The one place the secret is read."""
+    return (os.environ if environ is None else environ).get(SALT_SECRET_ENV, "")
+
+
+def tenant_salt(tenant: str, secret: str | None = None) -> str:
+    """A per-tenant cache salt (32 hex digits).
+
+    Args:
+        tenant: the tenant name.
+        secret: the deployment's secret; None reads it with `salt_secret()`. With a secret the salt
+            is HMAC-SHA256(secret, tenant), which cannot be computed from the tenant name; without
+            one it is SHA-256 of the name (stable, but guessable).
+    """
+    if secret is None:
+        secret = salt_secret()
+    if secret:
+        return hmac.new(secret.encode(), tenant.encode(), hashlib.sha256).hexdigest()[:32]
+    return hashlib.sha256(f"\x00{tenant}".encode()).hexdigest()[:32]

@@ -8,7 +8,9 @@ reads one engine's socket in a daemon thread and hands decoded events (`decode_b
 import) over a queue; the router
 drains the queue on its own event loop (`drain`), so the index is only ever touched by one thread.
 A gap in sequence numbers means events were lost: the replica's entries are cleared, since the
-approximate feed refills them and a stale "held" block is worse than a missing one.
+approximate feed refills them and a stale "held" block is worse than a missing one. A subscriber
+whose thread dies (a payload it cannot decode, a socket error) queues the same `LOST` marker as
+its last item: no `BlockRemoved` will ever come from it, so the replica's entries must not outlive it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from router.index import BlockIndex
 
 logger = logging.getLogger(__name__)
 
-#: Marker put on the queue when events were lost (sequence gap): clear the replica.
+#: Marker put on the queue when events were lost (sequence gap, or the subscriber died): clear the replica.
 LOST = object()
 
 
@@ -157,13 +159,13 @@ class KVEventSubscriber:
     def _run(self) -> None:
         import zmq
 
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.SUBSCRIBE, self._topic)
-        sock.setsockopt(zmq.RCVTIMEO, 200)
-        sock.connect(self.endpoint)
+        sock = None
         last_seq: int | None = None
         try:
+            sock = zmq.Context.instance().socket(zmq.SUB)
+            sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+            sock.setsockopt(zmq.RCVTIMEO, 200)
+            sock.connect(self.endpoint)
             while not self._stop.is_set():
                 try:
                     _topic, seq_bytes, payload = sock.recv_multipart()
@@ -179,6 +181,9 @@ class KVEventSubscriber:
                     self._put(ev)
                     self.received += 1
         except Exception:  # noqa: BLE001 - a dead subscriber degrades to the approximate feed
-            logger.exception("KV event subscriber for %s stopped", self.replica)
+            logger.exception("KV event subscriber for %s died; dropping its replica's blocks", self.replica)
+            # NOTE: what it applied so far will never be evicted by a BlockRemoved: clear it.
+            self._put(LOST)
         finally:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)

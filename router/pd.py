@@ -5,7 +5,9 @@ when the part of the prompt the decode replica would have to compute is long. Th
 knows best what it already holds, so it asks `decide` with its own estimate of cached tokens.
 
 `PrefixTracker` is that estimate for one replica: an LRU of chained block hashes of what the replica
-has prefilled (the engine's own prefix cache, approximately). The cache-aware router's block index
+has prefilled (the engine's own prefix cache, approximately), salted per tenant like the engine's
+cache, so one tenant's decision (and the `short_suffix:<n>` it reports) never reflects another
+tenant's prompts. The cache-aware router's block index
 (fed by engine KV events) gives the precise figure: the decode replica uses that match when the
 router sends one (`router.contracts.RouteFeedback`) and its tracker otherwise; the decider takes either.
 """
@@ -54,6 +56,9 @@ def decide(
 class PrefixTracker:
     """Approximate prefix cache of one engine: chained hashes of full token blocks, LRU-bounded.
 
+    A `salt` (the request's tenant cache salt) is folded into the first block's hash, as the engine
+    folds its `cache_salt`: prompts of different salts never match.
+
     Args:
         block_size: the engine's KV block size in tokens.
         capacity_blocks: blocks remembered (the engine's KV block count is the natural bound).
@@ -73,18 +78,19 @@ class PrefixTracker:
         """Tokens per tracked block."""
         return self._block
 
-    def _hashes(self, token_ids: list[int]) -> list[int]:
+    def _hashes(self, token_ids: list[int], salt: str | None) -> list[int]:
         out = []
-        parent = 0
+        parent = hash(("cache_salt", salt)) if salt else 0
         b = self._block
         for start in range(0, len(token_ids) - b + 1, b):
             parent = hash((parent, tuple(token_ids[start : start + b])))
             out.append(parent)
         return out
 
-    def cached_tokens(self, token_ids: list[int]) -> int:
-        """Tokens of the longest cached prefix of `token_ids` (whole blocks); refreshes their LRU slot."""
-        return self.cached_keys(self._hashes(token_ids))
+    def cached_tokens(self, token_ids: list[int], salt: str | None = None) -> int:
+        """Tokens of the longest cached prefix of `token_ids` under `salt` (whole blocks); refreshes
+        their LRU slot."""
+        return self.cached_keys(self._hashes(token_ids, salt))
 
     def cached_keys(self, keys: list[int]) -> int:
         """Like `cached_tokens`, for block keys computed elsewhere (the ingress's salted keys)."""
@@ -96,9 +102,9 @@ class PrefixTracker:
             n += 1
         return n * self._block
 
-    def record(self, token_ids: list[int]) -> None:
-        """Remember the full blocks of `token_ids` (a prompt plus its output) as cached."""
-        self.record_keys(self._hashes(token_ids))
+    def record(self, token_ids: list[int], salt: str | None = None) -> None:
+        """Remember the full blocks of `token_ids` (a prompt plus its output) under `salt` as cached."""
+        self.record_keys(self._hashes(token_ids, salt))
 
     def record_keys(self, keys: list[int]) -> None:
         """Remember blocks by key."""

@@ -261,6 +261,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 pre.pool_name,
                 pre.role,
                 meter_window_s=model.autoscaling.window_s,
+                tenant_salt=model.router.tenant_salt,
             )
             engines[model.name] = deploy(DecodeServer, dec).bind(
                 model.name,
@@ -273,6 +274,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 model.autoscaling.window_s,
                 prefill=prefill,
                 disaggregation=model.disaggregation.model_dump(mode="json"),
+                tenant_salt=model.router.tenant_salt,
             )
         else:
             pool = model.serving_pool
@@ -285,6 +287,7 @@ def build_app_from_spec(spec: ServingSpec) -> Application:
                 pool.role,
                 pool.stream_flush_ms,
                 model.autoscaling.window_s,
+                tenant_salt=model.router.tenant_salt,
             )
     server = spec.server
     sessions = None

@@ -119,7 +119,17 @@ def _gang() -> Any:
 
 def _kv_events_setup(engine_args: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """Give the engine's KV-event publisher a free port; returns the args and the address the
-    router subscribes to (None when the engine publishes no events)."""
+    router subscribes to (None when the engine publishes no events).
+
+    NOTE(why `*`): the publisher binds every interface, not just the node IP the router connects
+    to. vLLM's `ZmqEventPublisher` (0.32, `_is_bind_endpoint`) binds only an endpoint with `*` (or
+    `::`, ipc, inproc) and CONNECTS to any other, so `tcp://<node ip>:<port>` would leave nobody
+    bound and no events flowing; its `tcp://*:0` does bind the node IP, but to a port only the
+    engine process learns. Binding the node IP would not make the feed private anyway: it is
+    plain, unauthenticated ZMQ, and vLLM 0.32's `BlockStored` carries each block's `token_ids` and
+    its `extra_keys` (the cache salt itself), not just hashes. Only the network can protect it:
+    the KV-event ports must be reachable from the Ray pods (where the routers run) and nothing else.
+    """
     cfg = engine_args.get("kv_events_config")
     if not cfg or not cfg.get("enable_kv_cache_events"):
         return engine_args, None
@@ -199,6 +209,8 @@ class EngineServer:
         role: the pool's role.
         stream_flush_ms: the pool's `stream_flush_ms` (serving.replicas.streaming.coalesce).
         meter_window_s: the model's `autoscaling.window_s` (the autoscaler's view of this replica).
+        tenant_salt: the model's `router.tenant_salt`: the replica refuses to start on an engine that
+            cannot salt its prefix cache per tenant (`ModelInfo.cache_salt`).
     """
 
     async def __init__(
@@ -211,6 +223,8 @@ class EngineServer:
         role: Role = Role.COLOCATED,
         stream_flush_ms: float = 0.0,
         meter_window_s: float = AutoscalingSpec.model_fields["window_s"].default,
+        *,
+        tenant_salt: bool = False,
     ) -> None:
         self._pool = pool
         self._meter = ReplicaMeter(time.monotonic, meter_window_s)
@@ -222,6 +236,16 @@ class EngineServer:
         args, self._dp_address, self._dp_rendezvous = await _data_parallel_args(args, _gang())
         self._engine = make_engine(EngineKind(engine), model_name, model_path, args, role=self._role)
         await self._engine.start()
+        if tenant_salt and not self._engine.model_info().cache_salt:
+            await self._engine.shutdown()
+            kind = EngineKind(engine)
+            why = " (its Engine.async_generate takes neither cache_salt nor extra_key)"
+            raise RuntimeError(
+                f"router.tenant_salt: the {kind.value} engine of {model_name} cannot salt its prefix "
+                f"cache per tenant{why if kind is EngineKind.SGLANG else ''}, so tenants would share "
+                "cache entries (a timing side channel); upgrade the engine, or set "
+                "router.tenant_salt: false for this model to accept that"
+            )
         self._gauges = _EngineGauges(self._role.value)
         logger.info("replica %s of %s/%s ready", self._replica, model_name, pool)
 
@@ -366,6 +390,7 @@ class DecodeServer(EngineServer):
     Args:
         prefill: handle of the model's prefill deployment.
         disaggregation: the model's `Disaggregation` settings (as a dict).
+        tenant_salt: as for `EngineServer`.
     """
 
     async def __init__(
@@ -381,10 +406,12 @@ class DecodeServer(EngineServer):
         *,
         prefill: Any,
         disaggregation: dict[str, Any],
+        tenant_salt: bool = False,
     ) -> None:
         await super().__init__(
-            model_name, model_path, engine, engine_args, pool, role, stream_flush_ms, meter_window_s
-        )
+            model_name, model_path, engine, engine_args, pool, role, stream_flush_ms, meter_window_s,
+            tenant_salt=tenant_salt,
+        )  # fmt: skip
         self._prefill = prefill
         self._d = Disaggregation.model_validate(disaggregation)
         # NOTE: an SGLang decode engine only serves requests whose KV comes from a prefill engine
@@ -450,7 +477,7 @@ class DecodeServer(EngineServer):
             if keys:
                 self._prefix.record_keys(keys)
             else:
-                self._prefix.record(ids + output)
+                self._prefix.record(ids + output, request.cache_salt)
 
     def _cached_tokens(self, request: GenerateRequest, keys: list[int]) -> int:
         """Prompt tokens this replica's engine holds: the router's block match when its policy keeps a
@@ -461,14 +488,17 @@ class DecodeServer(EngineServer):
             return min(mine.matched_blocks, len(keys)) * self._prefix.block_size
         if keys:
             return self._prefix.cached_keys(keys)
-        return self._prefix.cached_tokens(request.prompt_token_ids)
+        # NOTE: salted like the engine's cache (and the ingress's keys): the decision and the
+        # `short_suffix:<n>` it reports in x-tandem-route must not show another tenant's prompts.
+        return self._prefix.cached_tokens(request.prompt_token_ids, request.cache_salt)
 
     async def _remote_prefill(self, request: GenerateRequest) -> tuple[KVHandle | None, str]:
         """A `KVHandle` from a prefill replica, or (None, why) when the retry policy gives up.
 
         Each attempt has its own timeout; a dead replica (RayError), a timeout or an engine error is
         retried (Serve's router avoids replicas it saw die). A 4xx from the prefill engine is returned
-        as is: the same request would fail here too.
+        as is: the same request would fail here too. An attempt that times out, or that this request
+        stops waiting for (the client went away), is cancelled at the prefill replica.
         """
         policy = self._d.prefill_retry_policy()
         attempt = 0
@@ -477,13 +507,16 @@ class DecodeServer(EngineServer):
             req = dataclasses.replace(request, request_id=f"{request.request_id}-p{attempt - 1}")
             status: int | None = None
             timed_out = False
+            response = self._prefill.prefill.remote(req)
             try:
-                kv: KVHandle = await asyncio.wait_for(
-                    self._prefill.prefill.remote(req), timeout=self._d.prefill_timeout_s
-                )
+                kv: KVHandle = await asyncio.wait_for(response, timeout=self._d.prefill_timeout_s)
             except TimeoutError:
+                _cancel(response)
                 why, timed_out = "prefill_timeout", True
                 logger.warning("prefill of %s timed out (attempt %d)", request.request_id, attempt)
+            except asyncio.CancelledError:
+                _cancel(response)
+                raise
             except RayError as e:
                 why = "prefill_replica_died"
                 logger.warning("prefill of %s failed (attempt %d): %s", request.request_id, attempt, e)
@@ -527,6 +560,26 @@ class DecodeServer(EngineServer):
         logger.warning("KV pull for %s failed (%s); prefilling on the decode replica", rid, reason)
         route.mode, route.prefill, route.reason = ServeMode.COLOCATED, "", f"fallback:{reason}"
         return self._guarded(request.request_id, self._engine.generate(request))
+
+
+def _cancel(response: Any) -> None:
+    """Cancel an abandoned prefill call at its replica (best effort).
+
+    NOTE(why): `asyncio.wait_for` cancels only our await of a Ray Serve `DeploymentResponse`, not
+    the call (Ray Serve 2.60 `DeploymentResponse.__await__` never calls `cancel()`), so without this
+    the prefill replica keeps running an attempt nobody waits for and then holds its KV for
+    `kv_lease_s`, while the retry prefills the same prompt again: double work and pinned KV, under
+    exactly the load that causes the timeouts. `cancel()` withdraws a call not yet assigned, else
+    `ray.cancel`s it: `PrefillServer.prefill` sees CancelledError and aborts it at its engine. It
+    does not wait for the replica (the abort lands shortly after; nothing here depends on it).
+    """
+    cancel = getattr(response, "cancel", None)
+    if not callable(cancel):  # not a DeploymentResponse (a plain awaitable in tests)
+        return
+    try:
+        cancel()
+    except Exception:  # noqa: BLE001 - best effort: the prefill engine's KV lease frees it anyway
+        logger.warning("cancelling an abandoned prefill failed", exc_info=True)
 
 
 async def _single(chunk: Chunk) -> AsyncIterator[Chunk]:

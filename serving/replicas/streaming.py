@@ -14,6 +14,10 @@ carries, and a replica's consumer never lags (Ray queues what it is given), so a
 alone never merges there: measured on tiny-intent at c=16, the ingress spent ~450 µs of CPU per
 token. The first chunk, a finishing chunk and an error are never held: TTFT and E2E do not move;
 only the spacing of the tokens in between does (ITL up to `flush_s`; TPOT, a mean, does not).
+
+The reader keeps at most `max_buffered` items waiting (`MAX_BUFFERED_CHUNKS`): past it, it stops
+reading the source until the consumer takes some, so a consumer that stops reading (a client that no
+longer reads its stream) stops the engine's output there instead of buffering all of it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from collections.abc import AsyncIterator
 from serving.replicas.engines.base import Chunk
 
 _END = object()
+
+#: Items `coalesce` keeps waiting for a consumer before it stops reading its source (backpressure).
+#: Ample for a consumer that merely lags (it takes them all, merged, at its next read): 256 chunks are
+#: ~256 tokens, seconds of output even at thousands of tokens per second.
+MAX_BUFFERED_CHUNKS = 256
 
 
 def merge(chunks: list[Chunk]) -> Chunk:
@@ -48,33 +57,47 @@ def _urgent(item: object) -> bool:
     return not isinstance(item, Chunk) or item.error is not None or item.finish_reason is not None
 
 
-async def coalesce(source: AsyncIterator[Chunk], flush_s: float = 0.0) -> AsyncIterator[Chunk]:
+async def coalesce(
+    source: AsyncIterator[Chunk], flush_s: float = 0.0, max_buffered: int = MAX_BUFFERED_CHUNKS
+) -> AsyncIterator[Chunk]:
     """Yield the chunks of `source`, merging those that arrive while the consumer is busy.
 
     With `flush_s > 0`, after each message the next one waits until `flush_s` has passed (or an
     urgent item arrives: see `_urgent`), and carries everything received meanwhile.
 
+    At most `max_buffered` items wait for the consumer; then `source` is not read until it takes
+    some. The end of `source` or its exception waits its turn too (nothing is lost or reordered).
+
     Closing the returned iterator cancels the reader and closes `source` (which aborts the
     engine request). Error chunks are never merged: what came before is flushed first.
     """
-    queue: asyncio.Queue = asyncio.Queue()
+    if max_buffered < 1:
+        raise ValueError(f"max_buffered must be at least 1, got {max_buffered}")
+    queue: asyncio.Queue = asyncio.Queue(maxsize=max_buffered)
     urgent = asyncio.Event()
 
-    def put(item: object) -> None:
-        queue.put_nowait(item)
+    async def put(item: object) -> None:
+        await queue.put(item)  # waits while the consumer does not read (backpressure)
         if flush_s > 0 and _urgent(item):
             urgent.set()
 
     async def pump() -> None:
         try:
             async for chunk in source:
-                put(chunk)
+                await put(chunk)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            put(e)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # NOTE(why): cancelled by `_stop`: the consumer has left and nobody will read this, so
+                # it must not wait for room (the `await task` in `_stop` would never end).
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(e)
+                raise
+            await put(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
         else:
-            put(_END)
+            await put(_END)
 
     task = asyncio.create_task(pump())
     loop = asyncio.get_running_loop()

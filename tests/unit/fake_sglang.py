@@ -7,8 +7,8 @@ real shapes and semantics, not against what we wish SGLang did:
   unknown keyword raises `TypeError` ("Unexpected keyword argument") -- `srt/server_args.py`,
   `srt/entrypoints/engine.py::Engine.__init__`. `Engine.server_args_class` names the class.
 * `await Engine.async_generate(input_ids=, sampling_params=, stream=, bootstrap_host=, bootstrap_port=,
-  bootstrap_room=, rid=)` returns the final dict (`stream=False`) or an async iterator of dicts
-  (`stream=True`). Each dict is `{"text", "output_ids", "meta_info"}`; `meta_info` has `id`,
+  bootstrap_room=, rid=, *, cache_salt=)` returns the final dict (`stream=False`) or an async iterator
+  of dicts (`stream=True`). Each dict is `{"text", "output_ids", "meta_info"}`; `meta_info` has `id`,
   `finish_reason` (None while running, else `{"type": "length", "length": n}`, `{"type": "stop",
   "matched": str | int}`, `{"type": "abort", "message", "status_code", "err_type"}`), `prompt_tokens`,
   `completion_tokens`, `cached_tokens` -- `srt/managers/tokenizer_manager.py::_handle_batch_output`,
@@ -38,6 +38,12 @@ the KV up to `SGLANG_DISAGGREGATION_WAITING_TIMEOUT` (abort, 500), then decodes 
 first token; its `cached_tokens` are the prefill's. A prefill finishes with `{"type": "length",
 "length": 0}`. `FakeBootstrapRegistry` is the network between the two fakes: create one per test and
 hand it to both engine classes.
+
+Tenant cache isolation: SGLang main's `async_generate` takes a keyword-only `cache_salt`
+(`GenerateReqInput.cache_salt`, part of the radix-cache key, so prompts under different salts never
+share cached tokens). Earlier 0.5.x releases took `extra_key` instead, and some take neither:
+`fake_engine_cls(salt_api="extra_key" | None)` builds an engine with that older signature. The radix
+cache here is keyed the same way: a prefix only matches under the salt it was cached with.
 
 The model: output token i of a prompt is `(prompt[-1] + i + 1) % vocab_size`, rendered as `" t<id>"`.
 """
@@ -290,6 +296,7 @@ class _ReqState:
     sampling: SamplingParams
     stream: bool
     bootstrap: tuple[str | None, int | None, int | None]
+    salt: str | None = None  # the radix-cache namespace (cache_salt / extra_key)
     dp_rank: int = 0
     out_list: list[dict[str, Any]] = field(default_factory=list)
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -347,6 +354,7 @@ class FakeTokenizerManager:
             sampling=SamplingParams(),
             stream=obj["stream"],
             bootstrap=(obj["bootstrap_host"], obj["bootstrap_port"], obj["bootstrap_room"]),
+            salt=obj.get("cache_salt") or obj.get("extra_key") or None,
         )
         self.rid_to_state[rid] = state
         try:
@@ -522,7 +530,7 @@ class FakeEngine:
         self.tokenizer_manager = FakeTokenizerManager(self)
         self.requests: list[dict[str, Any]] = []
         self.shutdown_called = False
-        self.cache: list[tuple[int, ...]] = []
+        self.cache: list[tuple[str | None, tuple[int, ...]]] = []  # (salt, cached token ids)
         self._running = 0
         self._queue: list[_ReqState] = []  # the waiting queue, FIFO
         self._slot_freed = asyncio.Event()
@@ -550,7 +558,27 @@ class FakeEngine:
         routed_dp_rank: int | None = None,
         rid: str | None = None,
         priority: int | None = None,
+        *,
+        cache_salt: str | None = None,
     ) -> Any:
+        return await self._submit(
+            prompt, sampling_params, input_ids, stream, bootstrap_host, bootstrap_port, bootstrap_room,
+            rid, {"cache_salt": cache_salt},
+        )  # fmt: skip
+
+    async def _submit(
+        self,
+        prompt: str | None,
+        sampling_params: dict[str, Any] | None,
+        input_ids: list[int] | None,
+        stream: bool,
+        bootstrap_host: str | None,
+        bootstrap_port: int | None,
+        bootstrap_room: int | None,
+        rid: str | None,
+        salt: dict[str, str | None],
+    ) -> Any:
+        """`async_generate`'s body; `salt` is the cache-key keyword of this API version and its value."""
         if self.shutdown_called:
             raise RuntimeError("engine is shut down")
         obj = {
@@ -562,6 +590,7 @@ class FakeEngine:
             "bootstrap_port": bootstrap_port,
             "bootstrap_room": bootstrap_room,
             "rid": rid,
+            **salt,
         }
         self.requests.append(dict(obj))
         generator = self.tokenizer_manager.generate_request(obj)
@@ -645,11 +674,13 @@ class FakeEngine:
     def _render(token: int) -> str:
         return f" t{token}"
 
-    def _match_prefix(self, ids: list[int]) -> int:
+    def _match_prefix(self, ids: list[int], salt: str | None) -> int:
         if self.server_args.disable_radix_cache:
             return 0
         best = 0
-        for seq in self.cache:
+        for seq_salt, seq in self.cache:
+            if seq_salt != salt:  # another namespace of the radix cache
+                continue
             n = 0
             for a, b in zip(seq, ids, strict=False):
                 if a != b:
@@ -706,7 +737,7 @@ class FakeEngine:
             elif mode == "decode":
                 await self._run_decode(state)
             else:
-                state.cached_tokens = self._match_prefix(state.input_ids)
+                state.cached_tokens = self._match_prefix(state.input_ids, state.salt)
                 await self._decode_loop(state, start=0, first_token=None)
         finally:
             self._release_slot(state)
@@ -772,7 +803,7 @@ class FakeEngine:
                 finish = {"type": "length", "length": 0}
             self._emit_token(state, token, finish)
             if finish is not None:
-                self.cache.append(tuple(state.input_ids + state.output_ids))
+                self.cache.append((state.salt, tuple(state.input_ids + state.output_ids)))
                 return
             i += 1
 
@@ -788,7 +819,7 @@ class FakeEngine:
             self._emit_abort(state, f"bootstrap room {room_id} is already in use", 500)
             return
         room.has_prefill = True
-        state.cached_tokens = self._match_prefix(state.input_ids)
+        state.cached_tokens = self._match_prefix(state.input_ids, state.salt)
         await self._step()
         first = self._token(state.input_ids, 0)
         room.kv.set_result(
@@ -814,7 +845,7 @@ class FakeEngine:
             self.registry.release(port, room_id)
             self._emit_abort(state)
             return
-        self.cache.append(tuple(state.input_ids))
+        self.cache.append((state.salt, tuple(state.input_ids)))
         self.tokenizer_manager.handle_batch_output(state, [first], "", {"type": "length", "length": 0})
 
     async def _run_decode(self, state: _ReqState) -> None:
@@ -879,9 +910,61 @@ async def _wait_any(
     return None
 
 
-def fake_engine_cls(registry: FakeBootstrapRegistry | None = None, **knobs: Any) -> type[FakeEngine]:
+class _ExtraKeyEngine(FakeEngine):
+    """An earlier 0.5.x `Engine`: the radix-cache key is `extra_key`, there is no `cache_salt`."""
+
+    async def async_generate(  # type: ignore[override]
+        self,
+        prompt: str | None = None,
+        sampling_params: dict[str, Any] | None = None,
+        input_ids: list[int] | None = None,
+        stream: bool = False,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        bootstrap_room: int | None = None,
+        rid: str | None = None,
+        extra_key: str | None = None,
+    ) -> Any:
+        return await self._submit(
+            prompt, sampling_params, input_ids, stream, bootstrap_host, bootstrap_port, bootstrap_room,
+            rid, {"extra_key": extra_key},
+        )  # fmt: skip
+
+
+class _UnsaltedEngine(FakeEngine):
+    """An `Engine` whose `async_generate` takes no cache-isolation key at all."""
+
+    async def async_generate(  # type: ignore[override]
+        self,
+        prompt: str | None = None,
+        sampling_params: dict[str, Any] | None = None,
+        input_ids: list[int] | None = None,
+        stream: bool = False,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        bootstrap_room: int | None = None,
+        rid: str | None = None,
+    ) -> Any:
+        return await self._submit(
+            prompt, sampling_params, input_ids, stream, bootstrap_host, bootstrap_port, bootstrap_room,
+            rid, {},
+        )  # fmt: skip
+
+
+_SALT_APIS: dict[str | None, type[FakeEngine]] = {
+    "cache_salt": FakeEngine,
+    "extra_key": _ExtraKeyEngine,
+    None: _UnsaltedEngine,
+}
+
+
+def fake_engine_cls(
+    registry: FakeBootstrapRegistry | None = None, salt_api: str | None = "cache_salt", **knobs: Any
+) -> type[FakeEngine]:
     """A `FakeEngine` subclass configured for one test (knobs: vocab_size, eos_token_id,
-    model_context_len, max_total_num_tokens, step_delay_s, abort_on_close)."""
+    model_context_len, max_total_num_tokens, step_delay_s, abort_on_close). `salt_api` is the
+    keyword its `async_generate` takes a cache salt by: "cache_salt" (SGLang main), "extra_key"
+    (earlier 0.5.x) or None (neither)."""
     allowed = {
         "vocab_size",
         "eos_token_id",
@@ -893,8 +976,10 @@ def fake_engine_cls(registry: FakeBootstrapRegistry | None = None, **knobs: Any)
     unknown = set(knobs) - allowed
     if unknown:
         raise TypeError(f"unknown fake knobs {sorted(unknown)}")
+    if salt_api not in _SALT_APIS:
+        raise TypeError(f"salt_api must be one of {sorted(map(str, _SALT_APIS))}, got {salt_api!r}")
     attrs: dict[str, Any] = {"registry": registry, "instances": [], **knobs}
-    return type("FakeEngine", (FakeEngine,), attrs)
+    return type("FakeEngine", (_SALT_APIS[salt_api],), attrs)
 
 
 def install_as_sglang(monkeypatch: Any, engine_cls: type[FakeEngine]) -> None:

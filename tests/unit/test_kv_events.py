@@ -112,3 +112,67 @@ def test_subscriber_process_never_imports_vllm() -> None:
         "assert 'vllm' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_subscriber_that_dies_queues_lost_so_its_replica_is_cleared() -> None:
+    """A payload the decoder rejects kills the thread: the index must not keep the replica's blocks
+    (no BlockRemoved will ever arrive from a dead subscriber)."""
+    import msgspec
+    import zmq
+
+    port = free_port()
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    sub = KVEventSubscriber("r1", f"tcp://127.0.0.1:{port}").start()
+    idx = BlockIndex(100)
+    idx.add("r1", [1, 2, 3])  # what the replica's events had stored so far
+    try:
+        deadline = time.monotonic() + 10
+        got: list = []
+        while LOST not in got:
+            assert time.monotonic() < deadline, "no LOST marker after the subscriber died"
+            # PUB drops what is sent before the subscription is live: send until the thread dies.
+            if sub._thread.is_alive():
+                pub.send_multipart([b"", (1).to_bytes(8, "big"), msgspec.msgpack.encode({"not": "a batch"})])
+            time.sleep(0.05)
+            got += sub.drain()
+        sub.join(2.0)
+        assert not sub._thread.is_alive()
+        apply_events(idx, "r1", got)
+        assert idx.blocks("r1") == 0
+    finally:
+        sub.stop()
+        pub.close(linger=0)
+
+
+def test_forgetting_a_replica_never_waits_for_its_subscriber_thread(monkeypatch) -> None:  # noqa: ANN001
+    """`update_replicas` runs on the router's event loop: dropping a replica must not join the
+    subscriber's thread, even one that ignores its stop flag for a while."""
+    import threading
+
+    from ray.serve.request_router import RequestRouter
+
+    from router.serve_adapter import TandemRequestRouter
+
+    release = threading.Event()
+
+    class Stuck(KVEventSubscriber):
+        def _run(self) -> None:
+            release.wait(5.0)  # ignores stop()
+
+    monkeypatch.setattr(RequestRouter, "update_replicas", lambda self, replicas: None)
+    router = TandemRequestRouter.__new__(TandemRequestRouter)
+    router.initialize_state(
+        policy="cache_aware", block_budget=100, stale_after_s=5.0, sessions=10,
+        weights={"prefix": 2.0, "load": 1.0, "kv": 0.5, "session": 1.0}, gate={"ratio": 1.25, "slack": 3.0},
+    )  # fmt: skip
+    router._known = {"r1"}
+    router._subscribers["r1"] = sub = Stuck("r1", "tcp://127.0.0.1:1").start()
+    try:
+        t0 = time.perf_counter()
+        router.update_replicas([])
+        assert time.perf_counter() - t0 < 0.05
+        assert "r1" not in router._subscribers and sub._thread.is_alive()  # asked to stop, not waited for
+    finally:
+        release.set()
+        sub.join(2.0)

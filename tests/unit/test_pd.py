@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 from router.contracts import RouteFeedback
 from router.pd import PrefixTracker, decide
 from serving.config import EngineKind, Role
-from serving.replicas.deployments import DecodeServer
+from serving.replicas.deployments import DecodeServer, PrefillServer
 from serving.replicas.engines.base import EngineError, GenerateRequest, KVHandle, SamplingOptions
 from serving.replicas.engines.fake import FakeEngine
 
@@ -58,6 +58,14 @@ def test_prefix_tracker_counts_whole_shared_blocks_and_is_bounded() -> None:
     assert len(t) == 3
     # block 0 was looked up last, so block 1 was evicted: only the first block still matches
     assert t.cached_tokens(list(range(8))) == 4
+
+
+def test_prefix_tracker_never_matches_across_salts() -> None:
+    t = PrefixTracker(block_size=4, capacity_blocks=100)
+    t.record(list(range(8)), salt="tenant-a")
+    assert t.cached_tokens(list(range(12)), salt="tenant-a") == 8
+    assert t.cached_tokens(list(range(12)), salt="tenant-b") == 0
+    assert t.cached_tokens(list(range(12))) == 0  # unsalted is a namespace of its own
 
 
 class _Method:
@@ -177,6 +185,65 @@ async def test_prefill_timeouts_fall_back_to_colocated_in_bounded_time() -> None
     assert tokens == [33, 34, 35, 36, 37]
 
 
+class _Response:
+    """A Ray Serve `DeploymentResponse` of a call running on a prefill replica: awaiting it and
+    giving up (`wait_for`'s timeout) leaves the call running; `cancel()` cancels it at the replica
+    (ray.cancel of an async actor task: CancelledError inside the replica's coroutine)."""
+
+    def __init__(self, call: Any) -> None:
+        self._task = asyncio.ensure_future(call)
+        self.cancel_calls = 0
+
+    def __await__(self) -> Any:
+        return asyncio.shield(self._task).__await__()
+
+    def cancel(self) -> None:
+        self.cancel_calls += 1
+        self._task.cancel()
+
+
+async def test_a_timed_out_prefill_is_cancelled_at_its_replica_before_the_retry() -> None:
+    slow = PrefillServer.__new__(PrefillServer)
+    await slow.__init__("m", "fake", EngineKind.FAKE, {"prefill_delay_s": 30.0}, "prefill", Role.PREFILL)
+    fast = PrefillServer.__new__(PrefillServer)
+    await fast.__init__("m", "fake", EngineKind.FAKE, {"block_size": 4}, "prefill", Role.PREFILL)
+    responses: list[_Response] = []
+    cancelled_before: list[list[int]] = []
+
+    def call(req: GenerateRequest, calls: int) -> _Response:
+        cancelled_before.append([r.cancel_calls for r in responses])
+        responses.append(_Response((slow if calls == 1 else fast).prefill(req)))
+        return responses[-1]
+
+    server = await _server(call, prefill_timeout_s=0.2, prefill_attempts=2)
+    chunks, tokens = await _run(server, _req())
+    await asyncio.sleep(0.05)  # the replica's abort runs once its task sees the cancellation
+    assert chunks[0].route.mode == "disagg" and len(tokens) == 5  # the retry served it
+    assert cancelled_before == [[], [1]]  # attempt 1 was cancelled before attempt 2 was sent
+    assert slow._engine.aborted == ["r1-p0"]  # ... and its prefill aborted at the engine
+    assert responses[0]._task.cancelled()
+
+
+async def test_a_client_gone_during_the_prefill_cancels_it_at_its_replica() -> None:
+    slow = PrefillServer.__new__(PrefillServer)
+    await slow.__init__("m", "fake", EngineKind.FAKE, {"prefill_delay_s": 30.0}, "prefill", Role.PREFILL)
+    responses: list[_Response] = []
+
+    def call(req: GenerateRequest, calls: int) -> _Response:
+        responses.append(_Response(slow.prefill(req)))
+        return responses[-1]
+
+    server = await _server(call, prefill_timeout_s=10.0)
+    task = asyncio.ensure_future(anext(server.generate(_req())))
+    await asyncio.sleep(0.1)  # the decode replica is now waiting for the prefill
+    assert slow._engine.prefilled == ["r1-p0"] and not task.done()
+    task.cancel()  # Ray Serve cancels the streaming call when the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert responses[0].cancel_calls == 1 and slow._engine.aborted == ["r1-p0"]
+
+
 async def test_prefill_4xx_is_the_clients_error_not_retried() -> None:
     async def bad(req: GenerateRequest, calls: int) -> KVHandle:
         return KVHandle(error=EngineError("prompt too long", 400, "invalid_request_error"))
@@ -197,6 +264,24 @@ async def test_slow_kv_transfer_aborts_the_pull_and_prefills_locally() -> None:
     assert "r1-d" in server._engine.aborted  # the pull's blocks are released
     assert tokens == [33, 34, 35, 36, 37]
     assert server._engine.stats().running == 0
+
+
+async def test_another_tenants_prompt_is_not_this_tenants_cached_prefix() -> None:
+    # Block size 8 < 16: the ingress's keys are not the engine's, so the replica's own tracker decides.
+    server = await _server(_ok, {"block_size": 8})
+    assert not server._keyed
+    prompt = _req(32).prompt_token_ids
+
+    async def turn(rid: str, salt: str, ids: list[int]) -> Any:
+        req = dataclasses.replace(_req(rid=rid), prompt_token_ids=ids, cache_salt=salt)
+        chunks, _ = await _run(server, req)
+        return chunks[0].route
+
+    await turn("a1", "salt-a", prompt)
+    b = await turn("b1", "salt-b", prompt + [900, 901, 902, 903])  # A's prompt + a short suffix
+    assert b.mode == "disagg" and b.reason == "suffix:36>=8"  # not "short_suffix:4<8" (A's prefix)
+    a = await turn("a2", "salt-a", prompt + [900, 901, 902, 903])
+    assert a.mode == "colocated" and a.reason.startswith("short_suffix")  # A's own prefix still counts
 
 
 async def test_fake_engine_is_the_engine_used() -> None:

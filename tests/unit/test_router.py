@@ -239,3 +239,25 @@ def test_approximate_feed_evicts_a_prefix_tail_first() -> None:
     p.on_sent(RoutingRequest("x", [1, 2, 3]), "a")
     p.on_sent(RoutingRequest("y", [9]), "a")  # over budget: block 3 (the tail) goes, not block 1
     assert p.index.match([1, 2, 3]) == {"a": 2}
+
+
+def test_tenant_salt_takes_the_deployment_secret_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import hmac
+
+    from router.hashing import SALT_SECRET_ENV, salt_secret
+
+    monkeypatch.delenv(SALT_SECRET_ENV, raising=False)
+    public = tenant_salt("acme")
+    assert public == hashlib.sha256(b"\x00acme").hexdigest()[:32]  # unchanged without a secret
+    monkeypatch.setenv(SALT_SECRET_ENV, "s3cret")
+    assert salt_secret() == "s3cret" and salt_secret({}) == ""
+    secret = tenant_salt("acme")
+    assert secret == hmac.new(b"s3cret", b"acme", hashlib.sha256).hexdigest()[:32]
+    assert tenant_salt("acme", "s3cret") == secret
+    assert secret != public and len(secret) == 32
+    assert tenant_salt("acme", secret="") == public  # an explicit secret wins over the environment
+    # The salt reaches the router's keys and the engine's cache_salt as one string: they still agree
+    # with vLLM's own block hashes.
+    ids = list(range(40))
+    assert BlockHasher(16).digests(ids, cache_salt=secret) == _vllm_hashes(ids, 16, secret, None)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from router.resilience import ErrorClass, classify
 from serving.replicas.engines.base import Chunk, Engine, GenerateRequest, KVHandle, SamplingOptions
 from serving.replicas.engines.sglang_engine import (
     SGLangEngine,
@@ -404,6 +405,27 @@ async def test_decode_whose_prefill_never_comes_ends_in_an_error_chunk() -> None
     assert (stats.kv_transfers, stats.kv_transfer_failures) == (0, 1)
 
 
+@pytest.mark.parametrize("failure", ["kv_never_arrives", "unknown_bootstrap_server"])
+async def test_a_failed_kv_transfer_on_decode_is_a_502_kv_transfer_not_an_engine_fault(failure: str) -> None:
+    # SGLang aborts the decode with a plain 500 (KVPoll.WaitingForInput timed out, or no prefill
+    # server behind the bootstrap address). Left as is, that 500 would be an `engine_error`, which the
+    # ingress reads as an engine fault (the input's fault: never retried on the target, a strike per
+    # tenant); the adapter reports it as the vLLM engine reports a failed KV load: 502 `kv_transfer`,
+    # a server error that is retried.
+    registry = FakeBootstrapRegistry(waiting_timeout_s=0.2)
+    async with pd_pair(registry) as (_, decode, _, dcls):
+        host = registry.node_ip if failure == "kv_never_arrives" else "10.9.9.9"
+        kv = KVHandle(params={"bootstrap_host": host, "bootstrap_port": 9100, "bootstrap_room": 7})
+        chunks = await collect(decode.decode(req(), kv))
+        assert fake(dcls).live_requests == 0
+        stats = decode.stats()
+    (chunk,) = chunks
+    assert chunk.error is not None
+    assert (chunk.error.status, chunk.error.type) == (502, "kv_transfer")
+    assert classify(chunk.error.status, False, chunk.error.type) is ErrorClass.SERVER
+    assert (stats.kv_transfers, stats.kv_transfer_failures) == (0, 1)
+
+
 async def test_decode_from_an_unknown_bootstrap_server_fails_fast() -> None:
     registry = FakeBootstrapRegistry()
     async with pd_pair(registry) as (_, decode, _, _):
@@ -700,3 +722,112 @@ async def test_shutdown_releases_the_engine_and_background_prefills() -> None:
         await engine.check_health()
     late = await engine.prefill(req())
     assert late.error is not None and late.error.status == 503
+
+
+# ------------------------------------------------------------------------------------------------
+# Tenant cache isolation (router.tenant_salt)
+# ------------------------------------------------------------------------------------------------
+
+
+def salted(request_id: str, salt: str | None, prompt: list[int] | None = None) -> GenerateRequest:
+    return dataclasses.replace(req(request_id, prompt), cache_salt=salt)
+
+
+async def test_the_tenant_salt_reaches_sglang_on_generate_prefill_and_decode() -> None:
+    cls = fake_engine_cls()
+    async with running(cls) as engine:
+        await collect(engine.generate(salted("c", "salt-a")))
+        await collect(engine.generate(salted("u", None)))
+        assert engine.model_info().cache_salt
+    assert [r["cache_salt"] for r in fake(cls).requests] == ["salt-a", None]
+    registry = FakeBootstrapRegistry()
+    async with pd_pair(registry) as (prefill, decode, pcls, dcls):
+        kv = await prefill.prefill(salted("p", "salt-b"))
+        chunks = await collect(decode.decode(salted("p", "salt-b"), kv))
+    assert chunks[-1].finish_reason == "length"
+    assert fake(pcls).requests[0]["cache_salt"] == fake(dcls).requests[0]["cache_salt"] == "salt-b"
+
+
+async def test_tenants_never_share_sglangs_prefix_cache() -> None:
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+    async with running() as engine:
+        a = await collect(engine.generate(salted("a", "tenant-a", prompt)))
+        b = await collect(engine.generate(salted("b", "tenant-b", prompt)))
+        a2 = await collect(engine.generate(salted("a2", "tenant-a", prompt)))
+    assert [a[-1].cached_tokens, b[-1].cached_tokens] == [0, 0]  # B does not hit A's prompt
+    assert a2[-1].cached_tokens == len(prompt) - 1  # A still hits its own
+
+
+async def test_an_sglang_with_only_extra_key_gets_the_salt_as_extra_key() -> None:
+    cls = fake_engine_cls(salt_api="extra_key")
+    prompt = [5, 6, 7, 8, 9, 10]
+    async with running(cls) as engine:
+        await collect(engine.generate(salted("a", "tenant-a", prompt)))
+        b = await collect(engine.generate(salted("b", "tenant-b", prompt)))
+    assert fake(cls).requests[0]["extra_key"] == "tenant-a" and "cache_salt" not in fake(cls).requests[0]
+    assert b[-1].cached_tokens == 0
+
+
+async def test_an_sglang_without_a_cache_key_refuses_salted_requests() -> None:
+    registry = FakeBootstrapRegistry()
+    cls = fake_engine_cls(salt_api=None)
+    async with running(cls) as engine:
+        assert not engine.model_info().cache_salt
+        refused = await collect(engine.generate(salted("a", "tenant-a")))
+        unsalted = await collect(engine.generate(salted("u", None)))  # router.tenant_salt: false
+    assert len(refused) == 1 and refused[0].error is not None
+    assert (refused[0].error.status, refused[0].error.type) == (500, "cache_salt_unsupported")
+    assert "router.tenant_salt" in refused[0].error.message
+    assert [r["rid"].endswith("-u") for r in fake(cls).requests] == [True]  # only the unsalted one ran
+    assert unsalted[-1].finish_reason == "length"
+    pcls = fake_engine_cls(registry, salt_api=None)
+    async with running(pcls, "prefill", host_ip=lambda: registry.node_ip) as prefill:
+        kv = await prefill.prefill(salted("p", "tenant-a"))
+    assert kv.error is not None and "router.tenant_salt" in kv.error.message
+    assert fake(pcls).requests == []
+
+
+def test_cache_salt_kwarg_reads_the_signature_then_generate_req_input(monkeypatch: Any) -> None:
+    from serving.replicas.engines.sglang_engine import cache_salt_kwarg
+
+    async def both(input_ids=None, extra_key=None, *, cache_salt=None): ...  # noqa: ANN001, ANN202
+    async def wrapper(**kwargs): ...  # noqa: ANN003, ANN202
+
+    assert cache_salt_kwarg(both) == "cache_salt"
+    assert cache_salt_kwarg(fake_engine_cls(salt_api="extra_key").async_generate) == "extra_key"
+    assert cache_salt_kwarg(fake_engine_cls(salt_api=None).async_generate) is None
+    assert cache_salt_kwarg(wrapper) is None  # nothing to check **kwargs against: refuse, do not guess
+
+    @dataclasses.dataclass
+    class GenerateReqInput:
+        input_ids: list[int] | None = None
+        extra_key: str | None = None
+
+    io_struct = type(sys)("sglang.srt.managers.io_struct")
+    io_struct.GenerateReqInput = GenerateReqInput  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.io_struct", io_struct)
+    assert cache_salt_kwarg(wrapper) == "extra_key"
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .EngineServer.__del__. was never awaited")
+async def test_a_replica_with_tenant_salt_refuses_to_start_on_an_sglang_that_cannot_salt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.config import EngineKind, Role
+    from serving.replicas.deployments import EngineServer
+
+    cls = fake_engine_cls(salt_api=None)
+    install_as_sglang(monkeypatch, cls)
+    server = EngineServer.__new__(EngineServer)
+    with pytest.raises(RuntimeError, match=r"router\.tenant_salt.*set router\.tenant_salt: false"):
+        await server.__init__("m", "/m", EngineKind.SGLANG, {}, "p", Role.COLOCATED, tenant_salt=True)
+    assert fake(cls).shutdown_called  # no SGLang processes left behind
+    # Salting turned off: the same SGLang serves (tenants may share its cache, as configured).
+    ok = EngineServer.__new__(EngineServer)
+    await ok.__init__("m", "/m", EngineKind.SGLANG, {}, "p", Role.COLOCATED, tenant_salt=False)
+    await ok._engine.shutdown()
+    # An SGLang that takes the salt starts with salting on.
+    install_as_sglang(monkeypatch, fake_engine_cls())
+    salted_ok = EngineServer.__new__(EngineServer)
+    await salted_ok.__init__("m", "/m", EngineKind.SGLANG, {}, "p", Role.COLOCATED, tenant_salt=True)
+    await salted_ok._engine.shutdown()

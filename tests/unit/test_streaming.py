@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from serving.replicas.engines.base import Chunk, EngineError
-from serving.replicas.streaming import coalesce
+from serving.replicas.streaming import MAX_BUFFERED_CHUNKS, coalesce
 
 
 async def produce(n: int, delay: float = 0.0, error_at: int | None = None):
@@ -159,3 +161,75 @@ async def test_a_consumer_cancelled_by_an_anyio_cancel_scope_still_closes_the_so
             break
         await asyncio.sleep(0.01)
     assert cleaned == ["closed"]
+
+
+@pytest.mark.parametrize("bound", [16, MAX_BUFFERED_CHUNKS])
+async def test_a_consumer_that_stops_reading_stops_the_source_at_the_bound(bound: int) -> None:
+    # A client that reads one chunk and then no more: the reader buffers at most `max_buffered` items
+    # and then stops reading the engine, instead of buffering its whole output (10,000 chunks here).
+    produced = 0
+    closed = asyncio.Event()
+
+    async def fast() -> AsyncIterator[Chunk]:
+        nonlocal produced
+        try:
+            for i in range(10_000):
+                produced += 1
+                yield Chunk(text=f"<{i}>", token_ids=[i], completion_tokens=i + 1)
+                await asyncio.sleep(0)  # a fast engine: a step, then the next token at once
+        finally:
+            closed.set()
+
+    stream = coalesce(fast(), max_buffered=bound)
+    first = await anext(stream)
+    await asyncio.sleep(0.2)  # the consumer stops reading; the source could run to its end meanwhile
+    buffered = produced - len(first.token_ids)
+    # The bound, plus the chunk the reader holds waiting for room and the one the source is making.
+    assert buffered <= bound + 2, (produced, len(first.token_ids))
+    assert produced < 10_000
+    # What waited is all there, in order, when the consumer reads again.
+    again = await anext(stream)
+    assert again.token_ids == list(range(len(first.token_ids), len(first.token_ids) + len(again.token_ids)))
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    await stream.aclose()
+    assert closed.is_set()  # the source was closed (the engine request aborted)
+    assert all(t.done() for t in tasks)  # the reader was cancelled, not left behind
+    assert produced < 10_000
+
+
+async def test_the_bound_keeps_the_end_and_an_error_behind_a_full_buffer() -> None:
+    # A source that ends (or fails) while the buffer is full: its end and its error still arrive,
+    # after everything before them.
+    async def ends_with(error: bool) -> AsyncIterator[Chunk]:
+        for i in range(50):
+            yield Chunk(text=f"<{i}>", token_ids=[i])
+        if error:
+            yield Chunk(error=EngineError("boom", 503))
+        else:
+            yield Chunk(text="", token_ids=[50], finish_reason="stop")
+
+    for error in (False, True):
+        stream = coalesce(ends_with(error), max_buffered=4)
+        out = []
+        async for c in stream:
+            out.append(c)
+            await asyncio.sleep(0.001)  # a slow consumer: the reader keeps waiting for room
+        ids = [t for c in out for t in c.token_ids]
+        assert ids == list(range(50 if error else 51))
+        assert (out[-1].error is not None) if error else out[-1].finish_reason == "stop"
+
+    async def raises() -> AsyncIterator[Chunk]:
+        for i in range(50):
+            yield Chunk(text=f"<{i}>", token_ids=[i])
+        raise RuntimeError("lost replica")
+
+    got: list[int] = []
+    try:
+        async for c in coalesce(raises(), max_buffered=4):
+            got.extend(c.token_ids)
+            await asyncio.sleep(0.001)
+    except RuntimeError as e:
+        assert "lost replica" in str(e)
+    else:
+        raise AssertionError("exception swallowed")
+    assert got == list(range(50))

@@ -43,7 +43,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: SamplingOptions
     disagg: DisaggMode = DisaggMode.AUTO
-    #: Per-tenant prefix-cache salt (vLLM `cache_salt`): tenants never share cache entries.
+    #: Per-tenant prefix-cache salt (vLLM and SGLang `cache_salt`): tenants never share cache entries.
     cache_salt: str | None = None
     #: Routing inputs computed once at the ingress: 64-bit keys of the prompt's full blocks
     #: (router.hashing, same scheme and salt as the engine), tenant and session.
@@ -155,6 +155,10 @@ class ModelInfo:
     path: str
     block_size: int = 16
     num_kv_blocks: int = 0
+    #: Whether the engine applies `GenerateRequest.cache_salt` to its prefix cache (vLLM always;
+    #: SGLang when its `Engine.async_generate` takes a salt). With `router.tenant_salt` a replica
+    #: refuses to start on an engine that does not (serving.replicas.deployments.EngineServer).
+    cache_salt: bool = True
 
 
 @runtime_checkable

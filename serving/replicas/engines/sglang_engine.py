@@ -12,6 +12,14 @@ Written against sglang 0.5.23 (wheel source) and the project's docs; the facts i
   (`loop.run_until_complete`) and cannot be called from a running event loop; `shutdown()` blocks
   while it kills the engine's process tree. Constructing the engine off the main thread is supported
   (signal handlers are skipped there).
+* Tenant cache isolation (`GenerateRequest.cache_salt`): SGLang main's `Engine.async_generate` takes a
+  keyword-only `cache_salt` (`GenerateReqInput.cache_salt`, "cache namespace used to isolate
+  otherwise-identical prefixes", folded into the radix-cache key); earlier 0.5.x releases had only
+  `GenerateReqInput.extra_key`, which their OpenAI server fills from the request's `cache_salt`
+  (`serving_base._compute_extra_key`). The adapter passes the salt under whichever keyword
+  `async_generate` takes (`cache_salt_kwarg`, read at start) and refuses a salted request when it takes
+  neither, rather than share the cache across tenants. Before sgl-project/sglang#23300 (April 2026) the
+  scheduler dropped the key, so the salt was accepted and ignored: see GPU check 7.
 * `python/sglang/srt/server_args.py`, `srt/arg_groups/fields/disagg.py`: `ServerArgs` is a
   `msgspec.Struct` in 0.5.23 (a dataclass in earlier releases); `disaggregation_mode` "null" |
   "prefill" | "decode", `disaggregation_transfer_backend` (SGLang's default "mooncake"),
@@ -80,6 +88,10 @@ What a GPU run must confirm
    through `resolution_result`, `get_all_child_pids()` lists the scheduler/detokenizer processes, and
    `await tokenizer_manager.flush_cache()` works from the replica's loop.
    (A crashed child makes SGLang SIGQUIT this process -- the replica dies and Serve replaces it.)
+7. Cache salt: `async_generate` of the pinned SGLang takes `cache_salt` (or `extra_key`), and two
+   requests with the same prompt and different salts report `cached_tokens` 0 for the second (same
+   salt: a hit), colocated and on the P/D prefill side. A release that accepts the keyword but
+   predates sgl-project/sglang#23300 shares the cache across tenants: pin a release after it.
 """
 
 from __future__ import annotations
@@ -263,6 +275,35 @@ def default_host_ip() -> str:
     with contextlib.suppress(OSError):
         return socket.gethostbyname(socket.gethostname())
     return "127.0.0.1"
+
+
+#: `async_generate` keywords that carry a per-request cache-isolation key, best first.
+SALT_KWARGS = ("cache_salt", "extra_key")
+
+
+def cache_salt_kwarg(async_generate: Any) -> str | None:
+    """The keyword SGLang's `Engine.async_generate` takes a tenant cache salt by, or None.
+
+    `cache_salt` (SGLang main), else `extra_key` (earlier 0.5.x). A signature with `**kwargs` is
+    checked against `GenerateReqInput`'s fields when SGLang is already imported; anything that
+    cannot be inspected counts as None (refuse rather than guess).
+    """
+    try:
+        params = inspect.signature(async_generate).parameters
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for name in SALT_KWARGS:
+        p = params.get(name)
+        if p is not None and p.kind in named:
+            return name
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        io_struct = sys.modules.get("sglang.srt.managers.io_struct")
+        fields = _record_fields(getattr(io_struct, "GenerateReqInput", None)) or frozenset()
+        for name in SALT_KWARGS:
+            if name in fields:
+                return name
+    return None
 
 
 def _import_engine_cls() -> Any:
@@ -455,6 +496,7 @@ class SGLangEngine:
         self._stats_interval_s = stats_interval_s
         self._engine: Any = None
         self._tm: Any = None
+        self._salt_kwarg: str | None = None  # read from the engine at start (cache_salt_kwarg)
         self._bootstrap_host = ""
         self._max_model_len = 0
         self._page_size = 1
@@ -481,6 +523,7 @@ class SGLangEngine:
         # Importing SGLang, loading weights and spawning the scheduler take minutes: off the loop.
         self._engine = await asyncio.to_thread(self._construct)
         self._tm = getattr(self._engine, "tokenizer_manager", None)
+        self._salt_kwarg = cache_salt_kwarg(getattr(self._engine, "async_generate", None))
         try:
             self._max_model_len = self._context_len()
             self._page_size = int(self._resolved_arg("page_size") or 1)
@@ -493,11 +536,12 @@ class SGLangEngine:
             await self.shutdown()  # do not leave SGLang's processes behind
             raise
         logger.info(
-            "SGLang %s engine for %s ready (context=%d, page_size=%d%s)",
+            "SGLang %s engine for %s ready (context=%d, page_size=%d, cache salt as %s%s)",
             self._role,
             self._name,
             self._max_model_len,
             self._page_size,
+            self._salt_kwarg or "unsupported",
             f", bootstrap={self._bootstrap_host}:{self._bootstrap_port}" if self._role == "prefill" else "",
         )
 
@@ -547,6 +591,7 @@ class SGLangEngine:
             path=self._path,
             block_size=self._page_size,
             num_kv_blocks=capacity // self._page_size,
+            cache_salt=self._salt_kwarg is not None,
         )
 
     async def shutdown(self) -> None:
@@ -621,14 +666,31 @@ class SGLangEngine:
         async for chunk in self._stream(request, bootstrap):
             yield chunk
 
+    def _salt_error(self, request: GenerateRequest) -> EngineError | None:
+        """Why `request` must not run here: it carries a tenant cache salt this SGLang cannot apply
+        (serving it unsalted would share the radix cache across tenants)."""
+        if not request.cache_salt or self._salt_kwarg is not None:
+            return None
+        return EngineError(
+            "router.tenant_salt: this SGLang cannot salt its prefix cache per tenant (its "
+            "Engine.async_generate takes neither cache_salt nor extra_key), so the request is refused "
+            "rather than share cached prompts across tenants; upgrade SGLang, or set "
+            "router.tenant_salt: false for this model to accept that",
+            500,
+            "cache_salt_unsupported",
+        )
+
     async def _open(self, request: GenerateRequest, rid: str, bootstrap: dict[str, Any]) -> Any:
-        """SGLang's streaming generate for `request` under `rid` (with bootstrap fields on P/D)."""
+        """SGLang's streaming generate for `request` under `rid` (with bootstrap fields on P/D, and
+        the tenant cache salt under the keyword this SGLang takes; see `_salt_error`)."""
+        salt = {self._salt_kwarg: request.cache_salt} if request.cache_salt and self._salt_kwarg else {}
         return await self._engine.async_generate(
             input_ids=list(request.prompt_token_ids),
             sampling_params=sampling_params(request.sampling),
             stream=True,
             rid=rid,
             **bootstrap,
+            **salt,
         )
 
     async def _stream(self, request: GenerateRequest, bootstrap: dict[str, Any]) -> AsyncIterator[Chunk]:
@@ -636,6 +698,10 @@ class SGLangEngine:
         reason = self._unavailable()
         if reason is not None:
             yield Chunk(error=EngineError(reason, 503, "engine_unavailable"))
+            return
+        salt_error = self._salt_error(request)
+        if salt_error is not None:
+            yield Chunk(error=salt_error)
             return
         rid = _new_rid(request.request_id)
         deltas = _Deltas(self._incremental, len(request.prompt_token_ids))
@@ -710,6 +776,9 @@ class SGLangEngine:
         reason = self._unavailable()
         if reason is not None:
             return KVHandle(error=EngineError(reason, 503, "engine_unavailable"), prompt_tokens=prompt_tokens)
+        salt_error = self._salt_error(request)
+        if salt_error is not None:
+            return KVHandle(error=salt_error, prompt_tokens=prompt_tokens)
         room = secrets.randbits(63)  # SGLang's router: random.randint(0, 2**63 - 1)
         params = {
             "bootstrap_host": self._bootstrap_host,
