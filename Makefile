@@ -20,7 +20,7 @@ WORKERS  ?= 0
 URL      ?= http://127.0.0.1:8000
 RESULTS  ?= results/loadtest
 
-.PHONY: run test install models unit lint loadtest clean-venv
+.PHONY: run test install models unit faults lint loadtest clean-venv
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ test: models lint
 
 unit: models
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The reliability and security campaign on its own (about 15 min with the stack's start): faults under
+# Locust traffic, the soak, hostile input. Prints the figures table; writes results/campaign/figures.json.
+faults: models
+	$(BIN)/python -m pytest tests/faults -s $(PYTEST_ARGS)
 
 # A bounded headless Locust run (about 3 min with the stack's start): starts `tandem up` if nothing
 # answers at $(URL), stops what it started, writes $(RESULTS)/index.html and summary.json.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -14,3 +15,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The live stack (one per session, started by the first test that asks for it).
+from tests.stack import stack  # noqa: E402,F401
+
+#: Where the tests that break the shared stack on purpose live (they kill replicas, stall engines).
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:  # noqa: ARG001
+    """Run tests/faults after every other test (a stable sort: the order is kept otherwise), so no
+    other test sees a stack that is still recovering from an injected fault."""
+    items.sort(key=lambda item: item.path.is_relative_to(FAULTS))

@@ -1,4 +1,7 @@
-"""One local Ray cluster + the Tandem app over real vLLM-CPU engines, per test session."""
+"""One local Ray cluster + the Tandem app over real vLLM-CPU engines, per test session.
+
+The `stack` fixture is registered in tests/conftest.py, so tests/integration and tests/faults share
+the one stack a session starts (tests/faults run last: they kill and stall its parts)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ EXTERNAL = "tiny-external"
 #: The API key that `vllm serve` requires; Tandem reads it from a file (a mounted Secret's stand-in).
 UPSTREAM_KEY = "tandem-test-upstream-key"
 #: The example spec whose external model the stack serves.
-EXTERNAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "external-vllm.yaml"
+EXTERNAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "external-vllm.yaml"
 
 #: Tenants the admission tests use, next to the default limits of configs/local.yaml.
 TEST_TENANTS = [
@@ -96,8 +99,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     pool = external.serving_pool.model_copy(update={"upstream": upstream})
     external = external.model_copy(update={"pools": [pool]})
     tiers = [*base.tiers, example.tier("external")]
+    # /openapi.json is off by default (http.docs); the fuzz test (test_fuzz_openapi.py) reads it.
+    http = base.http.model_copy(update={"docs": True})
     spec = base.model_copy(
         update={
+            "http": http,
             "server": server,
             "admission": admission,
             "sessions": sessions,

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+import psutil
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -34,6 +35,16 @@ def _notifier(handle: DeploymentHandle) -> Any:
         return await asyncio.wait_for(call(session_id), NOTIFY_WAIT_S)
 
     return notify
+
+
+def _reporter(handle: DeploymentHandle) -> Any:
+    """Tells a session worker that this ingress cancelled a queued session itself (no worker ran it):
+    the worker's `report` fires its webhook."""
+
+    async def report(session_id: str) -> Any:
+        return await asyncio.wait_for(handle.report.remote(session_id), NOTIFY_WAIT_S)
+
+    return report
 
 
 class OpenAIIngress:
@@ -69,7 +80,10 @@ class OpenAIIngress:
         self._sessions: SessionsFrontend | None = None
         if sessions is not None:
             self._sessions = SessionsFrontend(
-                open_store(self._spec.sessions), _notifier(sessions), self._spec.sessions.stream_poll_s
+                open_store(self._spec.sessions),
+                _notifier(sessions),
+                spec=self._spec.sessions,
+                on_cancelled=_reporter(sessions),
             )
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pools(), name="pool-watcher")
         logger.info("ingress ready for %s", sorted(models))
@@ -115,14 +129,28 @@ class OpenAIIngress:
         requests queued for a pool slot, their wait, capacity rejections and arrivals."""
         return self._gateway.autoscaling_stats()
 
+    async def resource_stats(self) -> dict[str, int]:
+        """This replica's process: resident memory, open file descriptors, live asyncio tasks (what a
+        soak watches for leaks: tests/faults/test_soak.py)."""
+        proc = psutil.Process()
+        return {
+            "pid": proc.pid,
+            "rss_bytes": proc.memory_info().rss,
+            "open_fds": proc.num_fds(),
+            "tasks": len(asyncio.all_tasks()),
+            "threads": proc.num_threads(),
+        }
+
     async def __del__(self) -> None:
         self._watcher.cancel()
         await self._gateway.close()
         for pool in self._external:
             await pool.close()
+        if self._sessions is not None:
+            self._sessions.close()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_api(self._models, self._metrics, self._gateway, self._sessions)
+        return build_api(self._models, self._metrics, self._gateway, self._sessions, self._spec.http)
 
 
 # Late-bound FastAPI app: built after __init__, so the routes close over this replica's state

@@ -50,8 +50,12 @@ def _stream(url: str, on_chunk=None) -> tuple[str, list[dict], float]:
     return "".join(text), events, gap
 
 
-def test_decode_replica_killed_mid_stream_the_client_gets_the_uninterrupted_text(stack) -> None:
+def test_decode_replica_killed_mid_stream_the_client_gets_the_uninterrupted_text(
+    stack, campaign, tmp_path
+) -> None:
     import ray
+
+    from tests.faults.tools import Traffic, longest, outcomes, settle, wait_released, wait_serving
 
     want, ref_events, _ = _stream(stack.url)
     assert ref_events[-1]["usage"]["completion_tokens"] == TOKENS
@@ -69,7 +73,41 @@ def test_decode_replica_killed_mid_stream_the_client_gets_the_uninterrupted_text
                 killed["chunks"] = n
                 ray.kill(actor, no_restart=True)
 
+    # Locust traffic on the same replica (intent calls and 2-turn agent sessions) while it dies.
+    load = {
+        "duration_s": 40,
+        "shape": {"kind": "constant", "rate": 1.0},
+        "seed": 11,
+        "workloads": [
+            {"type": "intent", "weight": 2, "slo": {"ttft_s": 30}},
+            {
+                "type": "agent",
+                "weight": 1,
+                "model": INTENT,
+                "turns": 2,
+                "system_tokens": 256,
+                "max_tokens": 16,
+            },
+        ],
+    }
+    traffic = Traffic(stack.url, load, tmp_path)
+    time.sleep(8)
     got, events, gap = _stream(stack.url, kill_after)
+    records = traffic.records()
+    finals = [e for e in events if e.get("choices") and e["choices"][0].get("finish_reason")]
+    wait_serving(stack.url, INTENT)
+    dec = settle(stack, INTENT)
+    held = wait_released(stack.url)
+    campaign.record(
+        "fault", "kill decode replica mid-stream (under traffic)",
+        probe="completed" if got == want else "differs", killed_after_chunks=killed.get("chunks"),
+        migrations=len(finals[0].get("x_tandem_migrations") or []) if finals else None,
+        tokens_lost_or_duplicated=0 if got == want else abs(len(got) - len(want)) or "differs",
+        longest_gap_s=round(gap, 1), clients=outcomes(records), longest_request_s=round(longest(records), 1),
+        recovered_s=round(time.monotonic() - killed["at"], 1) if "at" in killed else None,
+        held=held, engine_running=dec.running,
+    )  # fmt: skip
+    assert not [r for r in records if r["outcome"] != "ok" and not (r["status"] and r.get("reason"))]
     assert "at" in killed, "the stream ended before the kill"
     finals = [e for e in events if e.get("choices") and e["choices"][0].get("finish_reason")]
     assert len(finals) == 1

@@ -1,7 +1,7 @@
 """Tiers, admission and degradation on the local stack (real vLLM-CPU engines behind Ray Serve).
 
 Auth is off in configs/local.yaml, so the x-tandem-tenant header picks the tenant; the test tenants
-(tests/integration/conftest.py) have small limits.
+(tests/stack.py) have small limits.
 """
 
 from __future__ import annotations
@@ -183,7 +183,19 @@ def test_reasoning_degrades_to_intent_while_its_pool_is_down_then_recovers(stack
     try:
         ray.kill(actor, no_restart=True)
         holds.append(placement_group([{"CPU": cpus}]))
-        ray.get(holds[-1].ready(), timeout=60)
+        # Serve may start the replacement on the freed CPU before the group gets it: kill that one too
+        # until the group holds the CPU (then no replacement can be placed).
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ray.get(holds[-1].ready(), timeout=5)
+                break
+            except ray.exceptions.GetTimeoutError:
+                assert time.monotonic() < deadline, "the killed replica's CPU never came free"
+                prefix = f"SERVE_REPLICA::tandem#{replica.split('#')[0]}#"
+                for a in ray.util.list_named_actors(all_namespaces=True):
+                    if a["namespace"] == "serve" and a["name"].startswith(prefix):
+                        ray.kill(ray.get_actor(a["name"], namespace="serve"), no_restart=True)
 
         t0 = time.monotonic()
         r = _chat(stack.url, reasoning, model="auto")

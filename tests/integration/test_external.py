@@ -1,6 +1,6 @@
 """An `engine: openai` pool on the local stack: a real `vllm serve` of tiny-intent behind Tandem's ingress.
 
-The stack's `tiny-external` model points at `Stack.upstream_port` (tests/integration/conftest.py), with the
+The stack's `tiny-external` model points at `Stack.upstream_port` (tests/stack.py), with the
 server's API key read from a file and the `external` tier degrading to `intent`. This module starts the
 server (and kills it and starts it again): Tandem streams through it, a client that leaves aborts the
 upstream request, and killing the server degrades the tier along its chain until it is back.
@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import EXTERNAL, UPSTREAM_KEY
+from tests.stack import EXTERNAL, UPSTREAM_KEY
 
 pytestmark = pytest.mark.integration
 

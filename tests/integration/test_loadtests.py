@@ -105,7 +105,7 @@ def test_a_small_tenant_gets_429s_by_reason_apart_from_failures(stack, tmp_path)
     workload = {
         "duration_s": 8,
         "shape": {"kind": "constant", "rate": 6},
-        "tenant": "burst-a",  # 20 tokens/s, a burst of 1,500 (tests/integration/conftest.py)
+        "tenant": "burst-a",  # 20 tokens/s, a burst of 1,500 (tests/stack.py)
         "workloads": [{"type": "intent", "prompt_tokens": 64, "max_tokens": 16}],
     }
     doc, out = loadtest(stack, tmp_path, workload)
