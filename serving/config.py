@@ -1038,6 +1038,14 @@ class HttpSpec(_Spec):
         "every request shares, only to be rejected). Text averages 3-5 characters a token; raise this "
         "for prompts of long runs of one character (deeply indented code).",
     )
+    max_truncated_contexts: int = Field(
+        4,
+        ge=1,
+        description="A conversation that asks for truncation (its oldest turns dropped to fit) may be "
+        "this many contexts long, in characters at max_prompt_chars_per_token, before it is tokenized: "
+        "truncation must tokenize the turns it drops, so this bounds that work as the cap above bounds "
+        "a prompt's.",
+    )
     docs: bool = Field(
         False,
         description="Serve /docs, /redoc and /openapi.json (with auth on they need a valid key). Off by "

@@ -191,6 +191,13 @@ def _prompt_size(inp: PlanInput) -> tuple[int, bool]:
     return len(inp.prompt or ""), False
 
 
+#: How a conversation too long for the context may still be served (the 400's hint).
+_TRUNCATION_HINT = (
+    ', or let the oldest turns be dropped (truncation: "auto" on '
+    f"/v1/responses, header {TRUNCATION_HEADER}: auto on chat completions)"
+)
+
+
 def _too_long(inp: PlanInput, served: ServedModel, what: str, hint: str = "") -> ApiError:
     """The 400 of a prompt that does not fit `served`'s context (`what`: its size, told the client)."""
     return ApiError(
@@ -528,17 +535,23 @@ class RequestPipeline:
                 raise _too_long(inp, served, f"{n} tokens")
             return
         per_token = self.http.max_prompt_chars_per_token
-        limit = ctx * per_token
+        truncating = inp.messages is not None and inp.truncate
+        contexts = self.http.max_truncated_contexts if truncating else 1
+        limit = ctx * per_token * contexts
         if n > limit:
-            hint = (
-                " Truncation needs the conversation tokenized first: send fewer turns."
-                if inp.messages is not None and inp.truncate
-                else ""
-            )
+            if truncating:
+                hint = (
+                    ". Truncation tokenizes the turns it drops, so a conversation may be at most "
+                    f"{contexts} contexts long (http.max_truncated_contexts): send fewer turns"
+                )
+            elif inp.messages is not None and n <= limit * self.http.max_truncated_contexts:
+                hint = _TRUNCATION_HINT
+            else:
+                hint = ""
             raise _too_long(
                 inp,
                 served,
-                f"{n} characters, more than {limit} (the context at most "
+                f"{n} characters, more than {limit} ({contexts} x the context at most "
                 f"{per_token} characters a token, http.max_prompt_chars_per_token)",
                 hint,
             )
@@ -551,12 +564,7 @@ class RequestPipeline:
         room = served.max_model_len - prompt_len
         chat = inp.messages is not None
         if room <= 0:
-            hint = (
-                ', or let the oldest turns be dropped (truncation: "auto" on '
-                f"/v1/responses, header {TRUNCATION_HEADER}: auto on chat completions)"
-                if chat and not inp.truncate
-                else ""
-            )
+            hint = _TRUNCATION_HINT if chat and not inp.truncate else ""
             raise _too_long(inp, served, f"{prompt_len} tokens", hint)
         if asked is None:
             return room, None

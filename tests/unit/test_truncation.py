@@ -10,7 +10,7 @@ import pytest
 
 from router.truncation import NothingToDrop, fewest_to_drop, plan_units
 from serving.sessions.request import SessionRequest
-from tests.unit.test_gateway_api import route, stack
+from tests.unit.test_gateway_api import CountingTokenizer, WordTokenizer, route, stack
 from tests.unit.test_responses_api import rig
 
 # -- which turns (pure) ----------------------------------------------------------------------------
@@ -231,3 +231,20 @@ def test_route_helper_parses_headers() -> None:
         headers = {"x-tandem-route": "tier=a; model=b"}
 
     assert route(R()) == {"tier": "a", "model": "b"}  # type: ignore[arg-type]
+
+
+async def test_a_conversation_past_the_truncation_bound_is_a_400_before_it_is_tokenized() -> None:
+    """Truncation tokenizes the turns it drops: a conversation more than http.max_truncated_contexts
+    contexts long (in characters) is refused before any of it is tokenized, with the bound named."""
+    msgs = _conversation(200)  # ~20,000 characters; the context is 256 tokens: 2,048 x 4 = 8,192
+    tok = CountingTokenizer(WordTokenizer())
+    async with stack(tokenizers={"small": tok}) as s:
+        body = {"model": "small", "messages": msgs, "max_tokens": 16}
+        r = await s.client.post("/v1/chat/completions", json=body, headers={"x-tandem-truncation": "auto"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "http.max_truncated_contexts" in err["message"]
+        assert tok.calls == 0
+        # Without truncation the same conversation gets no truncation hint (it could not be served).
+        r = await s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "x-tandem-truncation" not in r.json()["error"]["message"]
