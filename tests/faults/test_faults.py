@@ -29,6 +29,7 @@ from tests.faults.tools import (
     engine_stats,
     kill_replica,
     longest,
+    mix,
     outcomes,
     probe,
     replacement_timer,
@@ -40,38 +41,6 @@ from tests.faults.tools import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def mix(duration_s: float, rate: float = 1.5, seed: int = 7, reasoning: bool = True) -> dict:
-    """The traffic every fault lands in: intent calls, 2-turn agent sessions, reasoning calls (P/D)."""
-    workloads = [
-        {"type": "intent", "weight": 2, "slo": {"ttft_s": 30}},
-        {
-            "type": "agent",
-            "weight": 1,
-            "model": INTENT,
-            "turns": 2,
-            "system_tokens": 256,
-            "max_tokens": 16,
-            "slo": {"ttft_s": 30},
-        },
-    ]
-    if reasoning:
-        workloads.append(
-            {
-                "type": "reasoning",
-                "weight": 1,
-                "max_tokens": 32,
-                "reasoning_budget": 16,
-                "slo": {"ttft_s": 60},
-            }
-        )
-    return {
-        "duration_s": duration_s,
-        "shape": {"kind": "constant", "rate": rate},
-        "seed": seed,
-        "workloads": workloads,
-    }
 
 
 def clean(records: list[dict]) -> list[dict]:

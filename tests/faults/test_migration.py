@@ -55,7 +55,7 @@ def test_decode_replica_killed_mid_stream_the_client_gets_the_uninterrupted_text
 ) -> None:
     import ray
 
-    from tests.faults.tools import Traffic, longest, outcomes, settle, wait_released, wait_serving
+    from tests.faults.tools import Traffic, longest, mix, outcomes, settle, wait_released, wait_serving
 
     want, ref_events, _ = _stream(stack.url)
     assert ref_events[-1]["usage"]["completion_tokens"] == TOKENS
@@ -74,22 +74,7 @@ def test_decode_replica_killed_mid_stream_the_client_gets_the_uninterrupted_text
                 ray.kill(actor, no_restart=True)
 
     # Locust traffic on the same replica (intent calls and 2-turn agent sessions) while it dies.
-    load = {
-        "duration_s": 40,
-        "shape": {"kind": "constant", "rate": 1.0},
-        "seed": 11,
-        "workloads": [
-            {"type": "intent", "weight": 2, "slo": {"ttft_s": 30}},
-            {
-                "type": "agent",
-                "weight": 1,
-                "model": INTENT,
-                "turns": 2,
-                "system_tokens": 256,
-                "max_tokens": 16,
-            },
-        ],
-    }
+    load = mix(40, rate=1.0, seed=11, reasoning=False)
     traffic = Traffic(stack.url, load, tmp_path)
     time.sleep(8)
     got, events, gap = _stream(stack.url, kill_after)

@@ -59,10 +59,20 @@ def kill_replica(deployment: str) -> str:
     return names[0]
 
 
+def state_address() -> str:
+    """This session's cluster for Ray's state API (which otherwise guesses, and refuses when another
+    Ray instance runs on the machine)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def actor_pid(name: str) -> int:
     from ray.util.state import list_actors
 
-    found = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+    found = list_actors(
+        address=state_address(), filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True
+    )
     assert found, f"actor {name} is not alive"
     return int(found[0]["pid"])
 
@@ -330,6 +340,38 @@ class Traffic:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def mix(duration_s: float, rate: float = 1.5, seed: int = 7, reasoning: bool = True) -> dict:
+    """The traffic every fault lands in: intent calls, 2-turn agent sessions, reasoning calls (P/D)."""
+    workloads = [
+        {"type": "intent", "weight": 2, "slo": {"ttft_s": 30}},
+        {
+            "type": "agent",
+            "weight": 1,
+            "model": INTENT,
+            "turns": 2,
+            "system_tokens": 256,
+            "max_tokens": 16,
+            "slo": {"ttft_s": 30},
+        },
+    ]
+    if reasoning:
+        workloads.append(
+            {
+                "type": "reasoning",
+                "weight": 1,
+                "max_tokens": 32,
+                "reasoning_budget": 16,
+                "slo": {"ttft_s": 60},
+            }
+        )
+    return {
+        "duration_s": duration_s,
+        "shape": {"kind": "constant", "rate": rate},
+        "seed": seed,
+        "workloads": workloads,
+    }
 
 
 def outcomes(records: list[dict]) -> dict[str, Any]:

@@ -233,3 +233,77 @@ async def test_the_bound_keeps_the_end_and_an_error_behind_a_full_buffer() -> No
     else:
         raise AssertionError("exception swallowed")
     assert got == list(range(50))
+
+
+# -- the ingress's Serve stream (serving.backends.HandleBackend) -------------------------------------
+
+
+class _ServeStream:
+    """A Serve DeploymentResponseGenerator's stand-in: `chunks`, then the end after `end_delay_s`."""
+
+    def __init__(self, chunks: list[Chunk], end_delay_s: float) -> None:
+        self.chunks, self.end_delay_s = list(chunks), end_delay_s
+        self.cancelled = False
+
+    def __aiter__(self) -> _ServeStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.chunks:
+            return self.chunks.pop(0)
+        await asyncio.sleep(self.end_delay_s)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Handle:
+    def __init__(self, end_delay_s: float) -> None:
+        self.end_delay_s = end_delay_s
+        self.streams: list[_ServeStream] = []
+        self.generate = self
+
+    def options(self, **_: object) -> _Handle:
+        return self
+
+    def remote(self, _request: object) -> _ServeStream:
+        chunks = [Chunk(text="a", token_ids=[1]), Chunk(text="b", token_ids=[2], finish_reason="stop")]
+        self.streams.append(_ServeStream(chunks, self.end_delay_s))
+        return self.streams[-1]
+
+
+async def _read_to_finish(backend) -> list[Chunk]:
+    from serving.replicas.engines.base import GenerateRequest, SamplingOptions
+
+    stream = backend.stream(GenerateRequest("r1", [1, 2], SamplingOptions(max_tokens=2)))
+    got = []
+    async for chunk in stream:
+        got.append(chunk)
+        if chunk.finish_reason is not None:
+            break  # as the pipeline does: it has the answer and closes the stream
+    await stream.aclose()
+    return got
+
+
+async def test_a_serve_stream_closed_after_its_finishing_chunk_is_cancelled_so_its_refs_are_freed() -> None:
+    """The finishing chunk arrives before the stream's end: the reader closes it in between. An
+    unfinished Serve stream keeps its object refs in the ingress (the soak's leak), so it is cancelled."""
+    from serving.backends import HandleBackend
+
+    handle = _Handle(end_delay_s=0.5)
+    got = await _read_to_finish(HandleBackend(handle))
+    assert "".join(c.text for c in got) == "ab"
+    assert handle.streams[0].cancelled
+
+
+async def test_a_serve_stream_read_to_its_end_is_not_cancelled() -> None:
+    from serving.backends import HandleBackend
+
+    handle = _Handle(end_delay_s=0.0)
+    backend = HandleBackend(handle)
+    from serving.replicas.engines.base import GenerateRequest, SamplingOptions
+
+    chunks = [c async for c in backend.stream(GenerateRequest("r1", [1, 2], SamplingOptions(max_tokens=2)))]
+    assert "".join(c.text for c in chunks) == "ab"
+    assert not handle.streams[0].cancelled
