@@ -1430,9 +1430,23 @@ class DataPlane(StrEnum):
 
 
 #: Ray's environment variables for each data plane; they must be set before Ray starts.
+#: The header Ray Serve's own session affinity reads, moved off `x-session-id`: that header is
+#: Tandem's (the cache-aware router's session, checked by the app: a bad value is a 400 naming it),
+#: and Serve's direct ingress decodes it as UTF-8 before the app runs, answering a 500 for a value
+#: that is not (tests/faults/test_hostile.py). Tandem routes sessions itself; Serve never needs it.
+SERVE_SESSION_HEADER_ENV = {"RAY_SERVE_SESSION_ID_HEADER_KEY": "x-ray-serve-session-id"}
+
 DATA_PLANE_ENV: dict[DataPlane, dict[str, str]] = {
-    DataPlane.HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    DataPlane.PROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    DataPlane.HAPROXY: {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        **SERVE_SESSION_HEADER_ENV,
+    },
+    DataPlane.PROXY: {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        **SERVE_SESSION_HEADER_ENV,
+    },
 }
 
 

@@ -60,6 +60,9 @@ env:
     value: {{ ternary "1" "0" (eq $plane "haproxy") | quote }}
   - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
     value: {{ ternary "1" "0" (eq $plane "haproxy") | quote }}
+  # Serve's own session header, moved off x-session-id (Tandem's; serving.config.SERVE_SESSION_HEADER_ENV).
+  - name: RAY_SERVE_SESSION_ID_HEADER_KEY
+    value: "x-ray-serve-session-id"
   # tandem.server.worker_niceness (Ray's default of 15 starves serving replicas of CPU).
   - name: RAY_worker_niceness
     value: {{ (((.Values.tandem).server).worker_niceness) | default 0 | quote }}
