@@ -100,16 +100,24 @@ def stopped(pid: int) -> Iterator[None]:
 
 
 def wait_replaced(deployment: str, old: str, timeout_s: float = 240) -> float:
-    """Seconds until `deployment` has a RUNNING replica (Serve's view) other than the killed `old`."""
+    """Seconds until Serve runs a replica of `deployment` other than the killed `old`: a new replica
+    actor exists and the deployment has a RUNNING replica and none STARTING (right after the kill,
+    Serve may still count the dead one as running)."""
     from ray import serve
 
     t0 = time.monotonic()
     while True:
         with contextlib.suppress(Exception):  # the controller may be busy
-            dep = serve.status().applications["tandem"].deployments[deployment]
-            running = sum(n for st, n in dep.replica_states.items() if getattr(st, "value", st) == "RUNNING")
-            if running >= 1 and old not in replica_names(deployment):
-                return time.monotonic() - t0
+            if any(n != old for n in replica_names(deployment)):
+                states = {
+                    getattr(st, "value", st): n
+                    for st, n in serve.status()
+                    .applications["tandem"]
+                    .deployments[deployment]
+                    .replica_states.items()
+                }
+                if states.get("RUNNING", 0) >= 1 and not states.get("STARTING", 0):
+                    return time.monotonic() - t0
         assert time.monotonic() - t0 < timeout_s, f"{deployment}: no replacement for {old} after {timeout_s}s"
         time.sleep(0.5)
 
