@@ -605,53 +605,63 @@ def test_live_bodies_past_the_size_limit_are_413s(stack, campaign) -> None:
     filler = b"x" * 65536
     count = limit // len(filler) + 2
     total = len(prefix) + count * len(filler) + 3
-    declared = raw_request(
-        stack.url,
-        _head(
-            "POST",
-            "/v1/chat/completions",
-            [(b"content-type", b"application/json"), (b"content-length", str(total).encode())],
-            _host(stack.url),
-        ),
-        [prefix, *([filler] * count), b'"}]'],
-    )
 
     def chunked() -> Iterable[bytes]:
         for piece in (prefix, *([filler] * count), b'"}]}'):
             yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
         yield b"0\r\n\r\n"
 
-    undeclared = raw_request(
-        stack.url,
-        _head(
-            "POST",
-            "/v1/chat/completions",
-            [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
-            _host(stack.url),
-        ),
-        chunked(),
-    )
+    def send(url: str) -> tuple[RawAnswer | None, RawAnswer | None]:
+        def one(headers: list, body: Iterable[bytes]) -> RawAnswer | None:
+            try:
+                return raw_request(
+                    url, _head("POST", "/v1/chat/completions", headers, _host(url)), body, timeout=45
+                )
+            except TimeoutError:  # no answer at all
+                return None
+
+        json_type = (b"content-type", b"application/json")
+        return (
+            one([json_type, (b"content-length", str(total).encode())], [prefix, *([filler] * count), b'"}]']),
+            one([json_type, (b"transfer-encoding", b"chunked")], chunked()),
+        )
+
+    declared, undeclared = send(stack.url)
+    via = "stack"
+    plane = str(stack.spec.server.data_plane)
+    if (declared is None or undeclared is None) and plane == "haproxy" and _ingress_ports():
+        # NOTE: Ray Serve's HAProxy may not forward an answer the ingress sends before the body is
+        # complete (see test_live_a_body_that_trickles_in_is_a_408): what the ingress itself answers.
+        declared, undeclared = send(f"http://127.0.0.1:{_ingress_ports()[0]}")
+        via = "ingress port (HAProxy forwarded no answer)"
     after = httpx.post(f"{stack.url}/v1/chat/completions", json=_chat(), timeout=60)
     campaign.record(
         "input",
         "body past http.max_body_bytes",
         limit_bytes=limit,
         sent_bytes=total,
-        content_length=declared.status,
-        chunked=undeclared.status,
-        answered_s=round(max(declared.seconds, undeclared.seconds), 2),
+        via=via,
+        content_length=declared.status if declared else None,
+        chunked=undeclared.status if undeclared else None,
+        answered_s=round(max(declared.seconds, undeclared.seconds), 2) if declared and undeclared else None,
         then=after.status_code,
     )
     for answer in (declared, undeclared):
-        assert answer.status == 413, answer
+        assert answer is not None and answer.status == 413, answer
         err = answer.json()["error"]
         assert err["code"] == "body_too_large" and str(limit) in err["message"], err
     assert after.status_code == 200, after.text
+    if via != "stack":
+        pytest.xfail(
+            "the ingress answered 413, but Ray Serve's HAProxy data plane did not forward it to the client"
+        )
 
 
 def _ingress_ports() -> list[int]:
-    """The ingress replicas' own HTTP ports behind Ray Serve's HAProxy, from its config file for this
-    node: a diagnostic that bypasses the data plane ([] when there is none, e.g. data_plane: proxy)."""
+    """The stack's ingress replicas' own HTTP ports behind Ray Serve's HAProxy, from its config file
+    for this node: a diagnostic that bypasses the data plane ([] when there is none, e.g. data_plane:
+    proxy). Only ports whose replica serves this stack's /v1/models (another app's ingress, such as
+    tests/faults' aux app, answers 404 there)."""
     try:
         import ray
         from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC as loc
@@ -660,7 +670,15 @@ def _ingress_ports() -> list[int]:
         text = cfg.read_text()
     except Exception:
         return []
-    return [int(p) for p in re.findall(r"server SERVE_REPLICA_\S*ingress\S* [\d.]+:(\d+)", text)]
+    ports = [int(p) for p in re.findall(r"server SERVE_REPLICA_\S*ingress\S* [\d.]+:(\d+)", text)]
+    ours = []
+    for port in ports:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200:
+                ours.append(port)
+        except httpx.HTTPError:
+            continue
+    return ours
 
 
 def test_live_a_body_that_trickles_in_is_a_408(stack, campaign) -> None:

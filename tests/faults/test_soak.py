@@ -166,7 +166,9 @@ def test_soak_at_capacity_and_twice_holds_with_no_5xx_and_no_leak(stack, campaig
     assert phases["1x"]["statuses"].get(200, 0) > 0 and phases["2x"]["statuses"].get(200, 0) > 0
     assert after["ingress_rss"] <= before["ingress_rss"] * 1.10, growth
     assert after["proxy_rss"] <= before["proxy_rss"] * 1.10, growth
-    assert after["ingress_fds"] <= before["ingress_fds"] + 2, (before, after)
+    # Sockets between the data plane and the ingress are pooled (the pool's size follows the load's
+    # concurrency, not the request count): a leak of one per 30 of the ~1,000 requests still fails.
+    assert after["ingress_fds"] <= before["ingress_fds"] + 32, (before, after)
     assert after["proxy_fds"] <= before["proxy_fds"] + 2, (before, after)
     assert after["ingress_tasks"] <= before["ingress_tasks"] + 2, (before, after)
     # Objects owned by Tandem's replicas (ingress, engines, session worker): no growth. Ray's own
