@@ -42,7 +42,7 @@ def _wait_done(url: str, rid: str, timeout_s: float) -> dict:
             if r.status_code == 200 and r.json()["status"] not in ("queued", "in_progress"):
                 return r.json()
         except httpx.HTTPError:
-            pass
+            pass  # one read lost to the store's recovery: poll again until the deadline
         assert time.monotonic() < deadline, f"{rid} not finished after {timeout_s}s"
         time.sleep(0.3)
 
