@@ -307,3 +307,56 @@ async def test_a_serve_stream_read_to_its_end_is_not_cancelled() -> None:
     chunks = [c async for c in backend.stream(GenerateRequest("r1", [1, 2], SamplingOptions(max_tokens=2)))]
     assert "".join(c.text for c in chunks) == "ab"
     assert not handle.streams[0].cancelled
+
+
+# -- nothing a stream held outlives it waiting for Python's cycle collector --------------------------
+
+
+@pytest.fixture
+def no_cycle_collector():
+    """Freed by reference counting alone: a long-lived ingress runs its cycle collector rarely, and what
+    a cycle holds (a Serve stream's Ray object refs) stays held until then."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def test_a_serve_stream_closed_after_its_finishing_chunk_is_freed_at_once(no_cycle_collector) -> None:
+    import weakref
+
+    from serving.backends import HandleBackend
+
+    handle = _Handle(end_delay_s=3600)
+    got = await _read_to_finish(HandleBackend(handle))
+    assert "".join(c.text for c in got) == "ab" and handle.streams[0].cancelled
+    freed = weakref.ref(handle.streams.pop())
+    await asyncio.sleep(0)
+    assert freed() is None, "the cancelled stream is held by a reference cycle"
+
+
+async def test_a_source_that_raises_is_freed_once_the_consumer_drops_the_error(no_cycle_collector) -> None:
+    import weakref
+
+    class Held:
+        pass
+
+    refs = []
+
+    async def lost_replica():
+        held = Held()
+        refs.append(weakref.ref(held))
+        yield Chunk(text="a", token_ids=[1])
+        raise RuntimeError("lost replica")
+
+    got = []
+    with pytest.raises(RuntimeError, match="lost replica"):
+        async for c in coalesce(lost_replica()):
+            got.append(c)
+    await asyncio.sleep(0)
+    assert got[0].text == "a"
+    assert refs[0]() is None, "the source's frame is held by a reference cycle"
