@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -129,11 +130,14 @@ class OpenAIIngress:
         requests queued for a pool slot, their wait, capacity rejections and arrivals."""
         return self._gateway.autoscaling_stats()
 
-    async def resource_stats(self) -> dict[str, int]:
+    async def resource_stats(self, collect: bool = False) -> dict[str, int]:
         """This replica's process: resident memory, open file descriptors, live asyncio tasks (what a
-        soak watches for leaks: tests/faults/test_soak.py)."""
+        soak watches for leaks: tests/faults/test_soak.py). `collect` first runs Python's cycle
+        collector (a pause of milliseconds), so that what is left is held, not merely not yet collected."""
+        collected = gc.collect() if collect else 0
         proc = psutil.Process()
         return {
+            "gc_collected": collected,
             "pid": proc.pid,
             "rss_bytes": proc.memory_info().rss,
             "open_fds": proc.num_fds(),
