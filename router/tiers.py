@@ -158,6 +158,36 @@ class TierRouter:
         """The tier `name` (KeyError if absent)."""
         return self._tiers[name]
 
+    def allowed_models(self, allowed: frozenset[str] | None) -> list[str]:
+        """The models a key limited to `allowed` (model and tier names; None: every one) may be
+        served by: those it lists, and those of the tiers it lists. The model is what a key is
+        limited to: a listed tier opens its model, so any tier served by that model too."""
+        if allowed is None:
+            return list(self._models)
+        opened = {self._tiers[t].model for t in allowed if t in self._tiers} | set(allowed)
+        return [m for m in self._models if m in opened]
+
+    def allowed_tiers(self, allowed: frozenset[str] | None) -> list[str]:
+        """The tiers whose model a key limited to `allowed` may be served by (see `allowed_models`)."""
+        models = set(self.allowed_models(allowed))
+        return [t for t in self._order if self._tiers[t].model in models]
+
+    def check_allowed(self, resolution: Resolution, allowed: frozenset[str] | None) -> None:
+        """TierError (403, naming `model`) unless a key limited to `allowed` may be served `resolution`.
+        Only the resolved target is checked: a tier's degradation chain is the operator's policy."""
+        models = self.allowed_models(allowed)
+        if resolution.model in models:
+            return
+        asked = f"`{resolution.model}`"
+        if resolution.tier:
+            asked = f"tier `{resolution.tier}` (model `{resolution.model}`)"
+        tiers = self.allowed_tiers(allowed)
+        may = ", ".join(models + ([f"{self.auto_model} (tiers {', '.join(tiers)})"] if tiers else []))
+        hint = f"; with model {self.auto_model}, pick one of its tiers with x-tandem-task" if tiers else ""
+        raise TierError(
+            f"this API key may not call {asked}; it may call: {may or 'nothing'}{hint}", "model", 403
+        )
+
     def needs_shape(self, model: str, task: str | None) -> bool:
         """Whether resolving this request looks at its shape (rules), i.e. needs its prompt length."""
         return model == self.auto_model and not task and bool(self._routing.rules)

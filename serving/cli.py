@@ -5,7 +5,7 @@ tandem up [--config FILE] [--host H] [--port P]
 tandem status [--config FILE] [--dashboard URL]
 tandem config check FILE
 tandem templates check FILE [--config SPEC]   (a template library file, before it goes into a ConfigMap)
-tandem key new --tenant NAME [--scope metrics]   (prints a new API key and the entry to store)
+tandem key new --tenant NAME [--scope S] [--model M]   (prints a new API key and the entry to store)
 tandem key hash < key-file          (the key on stdin, or typed at a hidden prompt; not on argv)
 """
 
@@ -22,8 +22,16 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import get_args
 
-from serving.config import ServingSpec, SpecError, default_config_path, default_model_dir, load_spec
+from serving.config import (
+    KeyScope,
+    ServingSpec,
+    SpecError,
+    default_config_path,
+    default_model_dir,
+    load_spec,
+)
 
 logger = logging.getLogger("tandem")
 
@@ -226,11 +234,13 @@ def cmd_key_new(args: argparse.Namespace) -> int:
     from serving.http.auth import hash_key, new_key
 
     scopes = sorted(set(args.scope or ["inference"]))
-    ApiKey(tenant=args.tenant, sha256="0" * 64, scopes=scopes)  # validates the tenant name
+    models = list(dict.fromkeys(args.model)) if args.model else None
+    ApiKey(tenant=args.tenant, sha256="0" * 64, scopes=scopes, models=models)  # validates the names
     key = new_key()
     print(f"key (give it to the tenant; it is not stored anywhere): {key}")
     print("add to auth.keys in the spec, or to the keys file of the Secret:")
     extra = f", scopes: [{', '.join(scopes)}]" if scopes != ["inference"] else ""
+    extra += f", models: [{', '.join(models)}]" if models else ""
     print(f"  - {{tenant: {args.tenant}, sha256: {hash_key(key)}{extra}}}")
     return 0
 
@@ -312,8 +322,15 @@ def parser() -> argparse.ArgumentParser:
     new.add_argument(
         "--scope",
         action="append",
-        choices=["inference", "metrics"],
-        help="what the key may call (repeatable; default inference): metrics for a Prometheus scraper",
+        choices=list(get_args(KeyScope)),
+        help="what the key may call (repeatable; default inference): metrics for a Prometheus scraper, "
+        "debug (with inference) for an operator: x-tandem-route's replicas and the x-tandem-disagg header",
+    )
+    new.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="a model or tier the key may call (repeatable; default: every one)",
     )
     new.set_defaults(func=cmd_key_new)
     hsh = key.add_parser("hash", help="the SHA-256 of a key read from stdin, as the spec stores it")

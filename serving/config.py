@@ -966,9 +966,11 @@ class TruncationSpec(_Spec):
     )
 
 
-#: What an API key may do: `inference` (the /v1/* API) and `metrics` (GET /metrics, which names every
-#: tenant with its bucket level; give it to the scraper, not to tenants).
-KeyScope = Literal["inference", "metrics"]
+#: What an API key may do: `inference` (the /v1/* API), `metrics` (GET /metrics, which names every
+#: tenant with its bucket level; give it to the scraper, not to tenants) and `debug` (an operator's
+#: key: the detailed x-tandem-route, which names deployments, replica ids and router scores, and the
+#: x-tandem-disagg override, which forces a remote prefill).
+KeyScope = Literal["inference", "metrics", "debug"]
 
 
 class ApiKey(_Spec):
@@ -979,8 +981,17 @@ class ApiKey(_Spec):
     scopes: list[KeyScope] = Field(
         default_factory=lambda: ["inference"],
         min_length=1,
-        description="What the key may call: inference (/v1/*) and/or metrics (GET /metrics, which lists "
-        "every tenant; a Prometheus scraper's key). A metrics-only key cannot call /v1/*.",
+        description="What the key may call: inference (/v1/*), metrics (GET /metrics, which lists every "
+        "tenant; a Prometheus scraper's key) and debug (with inference: the x-tandem-route header's "
+        "replicas and scores, and the x-tandem-disagg header; an operator's key). A metrics-only key "
+        "cannot call /v1/*.",
+    )
+    models: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The models and tiers this key may call (names from `models` and `tiers`); a request "
+        "whose model or tier is not listed is a 403, and /v1/models lists only these. Absent: every one. "
+        "A tier's degradation chain is the operator's: a listed tier may still be served by its fallbacks.",
     )
 
 
@@ -1578,6 +1589,14 @@ class ServingSpec(_Spec):
         for i, limit in enumerate(self.admission.pool_limits):
             if limit.model not in names:
                 raise ValueError(f"admission.pool_limits[{i}].model: unknown model {limit.model!r}")
+        known = set(names) | set(tier_names)
+        for i, key in enumerate(self.auth.keys):
+            for j, name in enumerate(key.models or []):
+                if name not in known:
+                    raise ValueError(
+                        f"auth.keys[{i}].models[{j}]: {name!r} is neither a model nor a tier; choose from "
+                        f"{sorted(known)}"
+                    )
         hooks = [w.tenant for w in self.sessions.webhooks]
         if len(set(hooks)) != len(hooks):
             raise ValueError("sessions.webhooks: one webhook per tenant")

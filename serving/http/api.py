@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router.admission import Ticket
 from router.contracts import DisaggMode
 from serving.config import HttpSpec, KeyScope
-from serving.http.auth import AuthError
+from serving.http.auth import AuthError, Caller
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
 from serving.http.migration import MIGRATIONS_FIELD, MigratingStream
@@ -146,7 +146,7 @@ class OpenAIApi:
         self,
         body: ChatCompletionRequest | CompletionRequest,
         headers: Any,
-        tenant: str,
+        caller: Caller,
         encode: Callable[[ServedModel], Awaitable[list[int]]] | None,
         prompt_param: str,
         **extra: Any,
@@ -158,7 +158,9 @@ class OpenAIApi:
             clamp=max_tokens_clamp(headers),
             sampling_set=frozenset(body.model_fields_set),
             model=body.model,
-            tenant=tenant,
+            tenant=caller.tenant,
+            allowed_models=caller.models,
+            route_detail=caller.debug,
             encode=encode,
             requested_max_tokens=body.requested_max_tokens(),
             prompt_param=prompt_param,
@@ -167,7 +169,7 @@ class OpenAIApi:
             task_id=headers.get(TASK_ID_HEADER) or None,
             rank=self.pipeline.priority_rank(headers.get(PRIORITY_HEADER)),
             session_id=headers.get(SESSION_HEADER),
-            disagg=_disagg_header(headers),
+            disagg=_disagg_header(headers, caller),
             **extra,
         )
 
@@ -562,8 +564,10 @@ def _include_reasoning(body: Any) -> bool:
     return bool(getattr(body, "include_reasoning", False))
 
 
-def _disagg_header(headers: Any) -> DisaggMode:
-    """The request's `x-tandem-disagg` value (auto when absent); 400 naming the header otherwise."""
+def _disagg_header(headers: Any, caller: Caller) -> DisaggMode:
+    """The request's `x-tandem-disagg` value (auto when absent); 400 naming the header otherwise, and
+    403 for a value other than auto from a key without the `debug` scope: forcing a remote prefill
+    would put any client's load on the prefill pool past the router's own P/D decision."""
     if headers is None:
         return DisaggMode.AUTO
     value = headers.get(DISAGG_HEADER)
@@ -571,7 +575,7 @@ def _disagg_header(headers: Any) -> DisaggMode:
         return DisaggMode.AUTO
     value = value.strip().lower()
     try:
-        return DisaggMode(value)
+        mode = DisaggMode(value)
     except ValueError:
         raise ApiError(
             400,
@@ -579,6 +583,16 @@ def _disagg_header(headers: Any) -> DisaggMode:
             "invalid_request_error",
             DISAGG_HEADER,
         ) from None
+    if mode is not DisaggMode.AUTO and not caller.debug:
+        raise ApiError(
+            403,
+            f"header {DISAGG_HEADER}: {value!r} overrides the router's prefill/decode decision, which "
+            "needs an API key with the `debug` scope; omit the header (or send auto)",
+            "permission_error",
+            DISAGG_HEADER,
+            code="insufficient_scope",
+        )
+    return mode
 
 
 def _route_path(scope: Any) -> str:
@@ -611,7 +625,8 @@ class _Authenticate:
     (`/v1/*`) a key with the `inference` scope. With auth off, everything is open.
 
     On `/v1/*`, Tandem's request headers are checked (400 naming the header) and the tenant goes into
-    the request's state (`request.state.tenant`).
+    the request's state (`request.state.tenant`), with the key's scopes and models
+    (`request.state.caller`, a `Caller`)
     """
 
     def __init__(self, app: Any, api: OpenAIApi) -> None:
@@ -629,9 +644,10 @@ class _Authenticate:
             await auth.refresh()  # a key revoked in the keys file stops working
             needed = _scope_needed(path)
             if path.startswith("/v1/"):
-                tenant = auth.tenant(headers.get("authorization"), headers.get(TENANT_HEADER), "inference")
+                caller = auth.caller(headers.get("authorization"), headers.get(TENANT_HEADER), "inference")
                 check_headers(headers, tenant_header=not auth.enabled)
-                scope.setdefault("state", {})["tenant"] = tenant
+                state = scope.setdefault("state", {})
+                state["tenant"], state["caller"] = caller.tenant, caller
             elif needed is None:
                 auth.check_key(headers.get("authorization"))
             else:
@@ -744,8 +760,12 @@ def build_api(
         return Response(api.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def list_models() -> dict:
-        """Served models."""
+    async def list_models(request: Request) -> dict:
+        """The served models this key may call (and `auto` with the tiers it may use)."""
+        allowed = request.state.caller.models
+        tiers = api.gateway.tiers
+        visible = set(tiers.allowed_models(allowed)) if allowed is not None else None
+        tier_names = tiers.allowed_tiers(allowed)
         return {
             "object": "list",
             "data": [
@@ -757,18 +777,19 @@ def build_api(
                     "max_model_len": m.max_model_len,
                 }
                 for m in api.models.values()
+                if visible is None or m.name in visible
             ]
             + (
                 [
                     {
-                        "id": api.gateway.tiers.auto_model,
+                        "id": tiers.auto_model,
                         "object": "model",
                         "created": 0,
                         "owned_by": "tandem",
-                        "tiers": api.gateway.tiers.tiers,
+                        "tiers": tier_names,
                     }
                 ]
-                if api.gateway.tiers.tiers
+                if tier_names
                 else []
             ),
         }
@@ -783,7 +804,7 @@ def build_api(
         inp = api.plan_input(
             body,
             request.headers,
-            request.state.tenant,
+            request.state.caller,
             None,
             "messages",
             messages=body.messages,
@@ -811,7 +832,7 @@ def build_api(
             return ids
 
         inp = api.plan_input(
-            body, request.headers, request.state.tenant, encode, "prompt", prompt=body.prompt
+            body, request.headers, request.state.caller, encode, "prompt", prompt=body.prompt
         )
         return await api.serve("completion", body, inp)
 

@@ -15,7 +15,9 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
@@ -34,6 +36,25 @@ class AuthError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: its tenant, its key's scopes, and the models and tiers the key may call
+    (None: every one). With auth disabled, every caller has every scope and every model."""
+
+    tenant: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None = None
+
+    @property
+    def debug(self) -> bool:
+        """An operator's key: the detailed x-tandem-route and the x-tandem-disagg override."""
+        return "debug" in self.scopes
+
+
+#: The scopes of every caller while auth is disabled (local use: the operator is the client).
+ALL_SCOPES: frozenset[str] = frozenset(get_args(KeyScope))
 
 
 def hash_key(key: str) -> str:
@@ -129,8 +150,11 @@ class Authenticator:
             raise SpecError(f"auth.keys_file: cannot read {self._file}: {e.strerror}") from None
 
     @staticmethod
-    def _index(keys: list[ApiKey]) -> dict[str, tuple[str, frozenset[str]]]:
-        return {k.sha256: (k.tenant, frozenset(k.scopes)) for k in keys}
+    def _index(keys: list[ApiKey]) -> dict[str, Caller]:
+        return {
+            k.sha256: Caller(k.tenant, frozenset(k.scopes), None if k.models is None else frozenset(k.models))
+            for k in keys
+        }
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -191,23 +215,29 @@ class Authenticator:
     ) -> str:
         """The request's tenant, for a key that has `scope`. With auth disabled, `tenant_header`
         (x-tandem-tenant) picks one and any scope is allowed."""
+        return self.caller(authorization, tenant_header, scope).tenant
+
+    def caller(
+        self, authorization: str | None, tenant_header: str | None, scope: KeyScope = "inference"
+    ) -> Caller:
+        """The request's caller, for a key that has `scope` (see `tenant`)."""
         if not self.enabled:
-            return (tenant_header or "").strip() or self.default_tenant
-        tenant, scopes = self._lookup(authorization)
-        if scope not in scopes:
+            return Caller((tenant_header or "").strip() or self.default_tenant, ALL_SCOPES)
+        found = self._lookup(authorization)
+        if scope not in found.scopes:
             raise AuthError(
                 "scope",
-                f"this API key lacks the `{scope}` scope (it has: {', '.join(sorted(scopes))}); "
+                f"this API key lacks the `{scope}` scope (it has: {', '.join(sorted(found.scopes))}); "
                 f"use a key whose `scopes` include {scope}",
             )
-        return tenant
+        return found
 
     def check_key(self, authorization: str | None) -> None:
         """AuthError unless auth is disabled or `authorization` holds a known key (whatever its scopes)."""
         if self.enabled:
             self._lookup(authorization)
 
-    def _lookup(self, authorization: str | None) -> tuple[str, frozenset[str]]:
+    def _lookup(self, authorization: str | None) -> Caller:
         if not authorization:
             raise AuthError("missing", "missing API key: send `Authorization: Bearer <key>`")
         scheme, _, key = authorization.strip().partition(" ")

@@ -90,6 +90,7 @@ class MigratingStream:
     ) -> None:
         self._pipeline = pipeline
         self._plan = plan
+        self._detail = plan.input.route_detail  # replicas in each migration's route?
         self._ticket = ticket
         self._chain = chain
         self._index = index
@@ -191,7 +192,7 @@ class MigratingStream:
                     r = self._pipeline.gateway.resilience
                     await asyncio.sleep(min(left, backoff_s(tries, r.backoff_base_s, r.pool_status_period_s)))
                     req = dataclasses.replace(req, request_id=f"{req.request_id.split('~')[0]}~{tries}")
-                    leg = _noting_route(served.backend.stream(req), self.migrations[-1])
+                    leg = _noting_route(served.backend.stream(req), self.migrations[-1], self._detail)
                     timeout = max(deadline - time.monotonic(), 0.001)
                     continue
                 continued = await self._continue(
@@ -202,7 +203,7 @@ class MigratingStream:
                     return
                 req, base = continued
                 served = self.served
-                leg = _noting_route(served.backend.stream(req), self.migrations[-1])
+                leg = _noting_route(served.backend.stream(req), self.migrations[-1], self._detail)
                 leg_start = len(sent)
                 # After a death the continuation may wait for a replacement replica to start; after a
                 # stall the replica is alive: its continuation gets the stall timeout to a first chunk.
@@ -314,11 +315,13 @@ class MigratingStream:
         return f"; migrations={len(self.migrations)}; migrated=" + ",".join(parts)
 
 
-async def _noting_route(leg: AsyncIterator[Chunk], migration: Migration) -> AsyncIterator[Chunk]:
+async def _noting_route(
+    leg: AsyncIterator[Chunk], migration: Migration, detail: bool
+) -> AsyncIterator[Chunk]:
     try:
         async for chunk in leg:
             if not migration.route and chunk.route is not None:
-                migration.route = chunk.route.header()
+                migration.route = chunk.route.header(detail)
             yield chunk
     finally:
         await asyncio.shield(leg.aclose())  # type: ignore[attr-defined]

@@ -155,6 +155,10 @@ class PlanInput:
             rather than on the resolved model (whose chain `open` walks).
         prompt: a text completion's prompt (its string or token ids), measured before `encode` runs
             (a chat-shaped request is measured from `messages`).
+        allowed_models: the models and tiers the caller's key may call (None: every one; a 403
+            `model_not_allowed` otherwise).
+        route_detail: whether x-tandem-route names the replicas and the router's scores (a key with
+            the `debug` scope, or auth off); otherwise it says only how the request was served.
     """
 
     model: str
@@ -179,6 +183,8 @@ class PlanInput:
     clamp: bool = False
     sampling_set: frozenset[str] = frozenset()
     prompt: str | list[int] | None = None
+    allowed_models: frozenset[str] | None = None
+    route_detail: bool = True
 
 
 def _prompt_size(inp: PlanInput) -> tuple[int, bool]:
@@ -389,9 +395,11 @@ class RequestPipeline:
                 n = len(await prompts.for_model(probe))
                 shape = RequestShape(n, inp.requested_max_tokens, inp.reasoning_effort, inp.tools)
             res = g.tiers.resolve(inp.model, inp.task, shape)
+            g.tiers.check_allowed(res, inp.allowed_models)
         except TierError as e:
-            type_ = "not_found_error" if e.status == 404 else "invalid_request_error"
-            raise ApiError(e.status, str(e), type_, e.param) from None
+            type_ = {404: "not_found_error", 403: "permission_error"}.get(e.status, "invalid_request_error")
+            code = "model_not_allowed" if e.status == 403 else None
+            raise ApiError(e.status, str(e), type_, e.param, code=code) from None
         served = self.model(res.model)
         if inp.first_usable:
             served = self._first_usable(res)
@@ -756,7 +764,7 @@ class RequestPipeline:
             route += f"; degraded_from={chain[0].tier or chain[0].model}; degraded_reason="
             route += skipped[0].split(": ", 1)[1].replace(";", ",") if skipped else "unknown"
         if first.route is not None:
-            route += "; " + first.route.header()
+            route += "; " + first.route.header(plan.input.route_detail)
         return route
 
 

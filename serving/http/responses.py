@@ -353,6 +353,7 @@ def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: Sess
                 reasoning_budget=body.reasoning.max_tokens if body.reasoning else None,
                 budget_param="reasoning.max_tokens",
                 first_usable=True,  # a session is opened by a worker, on this model
+                allowed_models=request.state.caller.models,
             )
         )
         # A session is charged up front for all it may generate (its usage is never reconciled: it

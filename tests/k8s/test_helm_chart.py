@@ -779,6 +779,16 @@ def test_key_scopes_pass_the_values_schema_and_reach_the_keys_file(helm: Helm, t
     assert "/auth/keys/0/scopes/0" in render_error(helm, auth={"keys": [bad]})
 
 
+def test_an_operators_key_with_an_allow_list_reaches_the_keys_file(helm: Helm, tmp_path: Path) -> None:
+    ops = {"tenant": "ops", "sha256": "e" * 64, "scopes": ["inference", "debug"], "models": ["intent"]}
+    docs = helm.template(set_={"auth": {"keys": [*KEYS, ops]}})
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(one(docs, "Secret", "tandem-api-keys")["stringData"]["keys.yaml"])
+    (key,) = [k for k in load_keys_file(str(keys_file)) if k.tenant == "ops"]
+    assert key.scopes == ["inference", "debug"] and key.models == ["intent"]
+    assert "/auth/keys/0/models" in render_error(helm, auth={"keys": [{**ops, "models": []}]})
+
+
 # --- Hardening: the NetworkPolicy, the pods, the scrape --------------------------------------------
 
 #: Ports with no authentication of their own: the Ray dashboard (its Jobs API runs code) and its agent

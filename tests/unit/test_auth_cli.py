@@ -62,6 +62,27 @@ def test_key_new_with_the_metrics_scope(capsys) -> None:
         auth.tenant(f"Bearer {key}", None)
 
 
+def test_key_new_for_an_operator_limited_to_two_models(capsys) -> None:
+    argv = ["key", "new", "--tenant", "ops", "--scope", "inference", "--scope", "debug"]
+    assert main([*argv, "--model", "intent", "--model", "big", "--model", "intent"]) == 0
+    out = capsys.readouterr().out
+    key = re.search(r"key .*: (\S+)", out).group(1)
+    entry = yaml.safe_load(out.split("Secret:")[1])[0]
+    want = {
+        "tenant": "ops",
+        "sha256": hash_key(key),
+        "scopes": ["debug", "inference"],
+        "models": ["intent", "big"],
+    }
+    assert entry == want
+    caller = Authenticator(AuthSpec(keys=[entry]), "default").caller(f"Bearer {key}", None)
+    assert caller.debug and caller.models == frozenset({"intent", "big"})
+    with pytest.raises(SystemExit) as e:  # argparse: the choices are KeyScope's
+        main(["key", "new", "--tenant", "ops", "--scope", "root"])
+    assert e.value.code == 2
+    assert "debug" in capsys.readouterr().err
+
+
 def test_keys_file_is_reloaded_after_the_interval_only(tmp_path, caplog) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text(f"- {{tenant: a, sha256: {hash_key('ka')}}}\n")

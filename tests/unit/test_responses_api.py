@@ -22,6 +22,7 @@ from benchmarks.asgi import StreamingASGITransport
 from serving.backends import EngineBackend
 from serving.config import SessionsSpec, parse_spec
 from serving.http.api import build_api
+from serving.http.auth import hash_key
 from serving.http.gateway import Gateway
 from serving.http.metrics import IngressMetrics
 from serving.http.pipeline import ServedModel
@@ -744,3 +745,28 @@ def test_stream_poll_max_below_stream_poll_names_both_fields() -> None:
         ValueError, match="stream_poll_max_s .* raise stream_poll_max_s or lower stream_poll_s"
     ):
         SessionsSpec(stream_poll_s=0.5, stream_poll_max_s=0.1)
+
+
+async def test_a_response_on_a_model_off_the_keys_list_is_a_403_and_stores_nothing(tmp_path) -> None:
+    """A key's `models` allow-list holds on /v1/responses too (review L6), before anything is stored."""
+    key = "tdm-plain-only"
+    spec = parse_spec(
+        {
+            "models": [{"name": n, "source": "fake", "pools": [{"engine": "fake"}]} for n in ("r", "plain")],
+            "auth": {
+                "enabled": True,
+                "keys": [{"tenant": "a", "sha256": hash_key(key), "models": ["plain"]}],
+            },
+        }
+    )
+    gateway = Gateway.from_spec(spec, IngressMetrics())
+    async with rig(tmp_path, gateway=gateway) as s:
+        h = {"authorization": f"Bearer {key}"}
+        body = {"model": "r", "input": "why", "background": True}
+        r = await s.client.post("/v1/responses", json=body, headers=h)
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert err["code"] == "model_not_allowed" and err["param"] == "model"
+        assert s.store._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 0
+        r = await s.client.post("/v1/responses", json={**body, "model": "plain"}, headers=h)
+        assert r.status_code == 200, r.text

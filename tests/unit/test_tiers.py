@@ -343,3 +343,44 @@ def test_task_type_spec_errors_name_the_field(routing: dict, hint: str) -> None:
     with pytest.raises(SpecError) as err:
         parse_spec(spec_dict(routing=routing))
     assert hint in str(err.value)
+
+
+# -- per-key allow-lists (review L6) -----------------------------------------------------------------
+
+
+def test_a_listed_tier_opens_its_model_and_every_tier_that_model_serves() -> None:
+    r = router()
+    allowed = frozenset({"intent-b"})  # small's second tier
+    assert r.allowed_models(allowed) == ["small"]
+    assert r.allowed_tiers(allowed) == ["intent", "intent-b"]
+    # A direct request for `small` resolves to its first tier, `intent`: allowed through the model.
+    r.check_allowed(r.resolve("small", None), allowed)
+    r.check_allowed(r.resolve("auto", "intent"), allowed)
+    assert r.allowed_models(None) == ["small", "mid", "big", "loner"]
+    assert r.allowed_tiers(None) == ["intent", "summary", "reasoning", "intent-b"]
+
+
+def test_a_model_or_tier_off_the_list_is_a_403_on_model_that_says_what_the_key_may_call() -> None:
+    r = router()
+    allowed = frozenset({"loner", "intent"})
+    with pytest.raises(TierError) as e:
+        r.check_allowed(r.resolve("big", None), allowed)
+    assert e.value.status == 403 and e.value.param == "model"
+    assert "may not call tier `reasoning` (model `big`)" in str(e.value)
+    assert "small, loner, auto (tiers intent, intent-b)" in str(e.value)
+    with pytest.raises(TierError) as e:  # auto resolved by default to a tier off the list
+        r.check_allowed(Resolution("mid", "summary", "default"), allowed)
+    assert e.value.status == 403
+    r.check_allowed(r.resolve("loner", None), allowed)  # a model with no tier
+    with pytest.raises(TierError) as e:
+        r.check_allowed(r.resolve("small", None), frozenset({"loner"}))
+    assert "it may call: loner" in str(e.value) and "x-tandem-task" not in str(e.value)
+
+
+def test_an_inline_key_naming_an_unknown_model_or_tier_is_refused_at_parse() -> None:
+    key = {"tenant": "acme", "sha256": "0" * 64, "models": ["intent", "gpt-9"]}
+    with pytest.raises(SpecError, match=r"auth.keys\[0\].models\[1\]: 'gpt-9' is neither a model nor a tier"):
+        parse_spec(spec_dict(auth={"enabled": True, "keys": [key]}))
+    key["models"] = ["intent", "big"]
+    spec = parse_spec(spec_dict(auth={"enabled": True, "keys": [key]}))
+    assert spec.auth.keys[0].models == ["intent", "big"]

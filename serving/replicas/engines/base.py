@@ -92,9 +92,12 @@ class Route:
     matched_blocks: int | None = None
     score: float | None = None
 
-    def header(self) -> str:
-        """The `x-tandem-route` response header value."""
+    def header(self, detail: bool = True) -> str:
+        """The `x-tandem-route` response header value; without `detail`, only the mode: the
+        deployments, replica ids, scores and P/D reason are the operator's (a `debug` key's)."""
         parts = [f"mode={self.mode}"]
+        if not detail:
+            return parts[0]
         if self.prefill:
             parts.append(f"prefill={self.prefill}")
         parts.append(f"decode={self.decode}")
