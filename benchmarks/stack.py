@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from benchmarks.common import BenchmarkError
 from serving.config import DisaggMode, ModelSpec, ServingSpec
+from serving.replicas.ports import listen_port
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,9 @@ def child_pids() -> set[int]:
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now, for a server started later: outside the ephemeral range, where an
+    outgoing connection could take it first (serving.replicas.ports)."""
+    return listen_port()
 
 
 def single_model_spec(spec: ServingSpec, model: ModelSpec, port: int | None) -> ServingSpec:

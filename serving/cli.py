@@ -68,12 +68,10 @@ def local_haproxy_ports() -> dict[str, str]:
     second local cluster on the machine (another `tandem up`, a test cluster) failed to start its
     proxy. Each local cluster gets its own (a port already set in the environment is kept).
     """
-    import socket
+    from serving.replicas.ports import listen_port
 
     def free() -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return str(s.getsockname()[1])
+        return str(listen_port())  # outside the ephemeral range: HAProxy binds it later
 
     return {"RAY_SERVE_HAPROXY_METRICS_PORT": free(), "RAY_SERVE_HAPROXY_STATS_PORT": free()}
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
+
+from serving.replicas.ports import listen_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now, for a server started later: outside the ephemeral range, where an
+    outgoing connection could take it first (serving.replicas.ports)."""
+    return listen_port()
 
 
 # The live stack (one per session, started by the first test that asks for it).

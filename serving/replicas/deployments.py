@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,11 +45,12 @@ from serving.replicas.engines.base import (
     ModelInfo,
     Route,
 )
+from serving.replicas.ports import listen_port
 from serving.replicas.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
-#: `kv_events_config.endpoint` placeholder: the replica binds a free port of its own.
+#: `kv_events_config.endpoint` placeholder: the replica picks a free port of its own (serving.replicas.ports).
 KV_EVENTS_ANY_PORT = "tcp://*:0"
 #: Remembered blocks per decode replica when the engine does not report its KV block count.
 _DEFAULT_TRACKED_BLOCKS = 4096
@@ -73,9 +73,8 @@ def _unique_id(name: str) -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+    """A port for the engine to bind later (serving.replicas.ports: outside the ephemeral range)."""
+    return listen_port()
 
 
 def _node_ip() -> str:
