@@ -1418,6 +1418,37 @@ class SessionsSpec(_Spec):
         description="Delivery attempts of a completion webhook (429 and 5xx and transport errors are "
         "retried; a numeric Retry-After of a 429/503 is honoured up to backoff_max_s).",
     )
+    webhook_poll_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often a session worker looks in the store's outbox for completion webhooks "
+        "still to deliver (its own on start, and ones a worker that died, or an ingress cancel whose "
+        "report was lost, left behind) and delivers them. Delivery is at least once: a receiver "
+        "deduplicates by webhook-id.",
+    )
+    webhook_lease_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="A worker's hold on an outbox entry it delivers, renewed every third of it while "
+        "the delivery runs; after it lapses (the worker died) another worker delivers the entry.",
+    )
+    webhook_grace_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="Age of an unclaimed outbox entry before a worker's poll takes it: the worker that "
+        "ended the session delivers at once, the poll is for the ones it could not.",
+    )
+    webhook_max_claims: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Claims of one outbox entry before it is given up on (removed, counted as failed, "
+        "logged): each claim past the first means the worker delivering it died (or lost its lease) "
+        "before an answer, so an entry that keeps killing its deliverers is not retried forever.",
+    )
 
     @model_validator(mode="after")
     def _stream_poll_bounds(self) -> SessionsSpec:

@@ -210,8 +210,13 @@ def add_responses_routes(app: FastAPI, pipeline: RequestPipeline, sessions: Sess
         if here and sessions.on_cancelled is not None:
             try:
                 await sessions.on_cancelled(rid)
-            except Exception as e:  # the webhook is lost, the cancel stands
-                logger.warning("could not report the cancel of %s to a session worker (%s)", rid, e)
+            except Exception as e:  # the cancel stands; a worker's outbox poll delivers its webhook
+                logger.warning(
+                    "could not report the cancel of %s to a session worker (%s); its webhook goes out "
+                    "on a worker's next outbox poll",
+                    rid,
+                    e,
+                )
         return rec
 
     async def cancel_quietly(rid: str, tenant: str) -> None:

@@ -4,7 +4,8 @@ Each replica runs a `serving.sessions.worker.SessionWorker` over the shared stor
 deployments through Serve handles, like the ingress does. Serve restarts a replica that dies; its
 sessions are taken over (by it or another replica) when their leases lapse, and resume from their
 checkpoints. The ingress calls `start` (a hint: workers also sweep the store for orphans) and
-`report` for a queued session it cancelled itself (so that its webhook fires).
+`report` for a queued session it cancelled itself (so that its webhook goes out at once; the cancel
+recorded it in the store's outbox, which every worker polls, so a lost report only delays it).
 """
 
 from __future__ import annotations
@@ -104,10 +105,21 @@ class SessionServer:
             models[model.name] = SessionModel(
                 model.name, pool.stream, tok, reasoning_tags(self._spec, model.name, tok)
             )
-        hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
-        sender = WebhookSender(retry=s.webhook_retry.policy()) if hooks else None
-        self._notifier = CompletionNotifier(hooks, sender) if sender is not None else None
         owner = f"{replica_name()}/{uuid.uuid4().hex[:8]}"
+        hooks = {h.tenant: webhook_target(h) for h in s.webhooks}
+        self._notifier: CompletionNotifier | None = None
+        if hooks:
+            self._notifier = CompletionNotifier(
+                hooks,
+                WebhookSender(retry=s.webhook_retry.policy()),
+                store=self._store,
+                owner=owner,
+                poll_s=s.webhook_poll_s,
+                lease_s=s.webhook_lease_s,
+                grace_s=s.webhook_grace_s,
+                max_claims=s.webhook_max_claims,
+            )
+            self._notifier.start()  # delivers what a worker that stopped left in the outbox
         self._metrics = _SessionMetrics()
         settings = WorkerSettings.from_spec(s, self._spec.resilience.streams)
         self._worker = SessionWorker(self._store, models, settings, owner, on_finished=self._finished)
@@ -124,8 +136,8 @@ class SessionServer:
         return await self._worker.submit(session_id)
 
     async def report(self, session_id: str) -> bool:
-        """Report a session the ingress cancelled while it was queued (its webhook and metrics),
-        since no worker ran it (the ingress's `SessionsFrontend.on_cancelled`)."""
+        """Report a session the ingress cancelled while it was queued (its webhook, from the outbox,
+        and metrics), since no worker ran it (the ingress's `SessionsFrontend.on_cancelled`)."""
         return await self._worker.report(session_id)
 
     def status(self) -> dict[str, Any]:

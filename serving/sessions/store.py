@@ -23,6 +23,14 @@ tenant a worker claimed for least recently first (`served`, the lease clock of i
 tenant's queue does not hold back another's sessions, even for a worker with one free slot.
 A client's `request_cancel` raises a flag the holder sees through `cancels`; a session nobody holds
 is cancelled on the spot.
+
+Outbox: a store opened with `webhook_tenants` records, in the same transaction that gives one of those
+tenants' sessions its finished status (`finish`, `set_status`, or `request_cancel` cancelling it on
+the spot), an `OutboxEntry` — the completion webhook still to deliver, under its stable event id
+(`completion_event_id`). Deliverers (serving.sessions.webhooks.CompletionNotifier) `outbox_claim`
+entries under a lease, `outbox_renew` it while they deliver and `outbox_remove` an entry once it is
+delivered or given up on, so a worker that dies between the finish and the delivery leaves the entry
+for another one to deliver (at least once).
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
+
+from serving.sessions.webhooks import completion_event_id
 
 
 class Status(StrEnum):
@@ -129,6 +139,22 @@ class Event:
     data: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A completion webhook still to deliver: session `response_id` of `tenant` reached `status` at
+    `created`. `attempts` counts its claims (this one included); `claimed_by` holds it until
+    `lease_until` (store clock), after which another deliverer may claim it."""
+
+    event_id: str
+    response_id: str
+    tenant: str
+    status: Status
+    created: float
+    attempts: int = 0
+    claimed_by: str | None = None
+    lease_until: float = 0.0
+
+
 class SessionStore(Protocol):
     """What a session store provides (SQLite here; Redis/Postgres for clusters)."""
 
@@ -168,6 +194,27 @@ class SessionStore(Protocol):
     ) -> None: ...
 
 
+class OutboxStore(Protocol):
+    """A store that keeps an outbox of completion webhooks (SQLiteStore and RedisStore do)."""
+
+    webhook_tenants: frozenset[str]
+
+    def outbox_claim(
+        self,
+        owner: str,
+        lease_s: float,
+        grace_s: float = 0.0,
+        limit: int = 100,
+        event_ids: Iterable[str] | None = None,
+        now: float | None = None,
+    ) -> list[OutboxEntry]: ...
+    def outbox_renew(
+        self, owner: str, event_ids: Iterable[str], lease_s: float, now: float | None = None
+    ) -> set[str]: ...
+    def outbox_remove(self, event_id: str, owner: str) -> bool: ...
+    def outbox(self, limit: int = -1) -> list[OutboxEntry]: ...
+
+
 def head_of(store: SessionStore, session_id: str) -> SessionHead | None:
     """`store.head(session_id)`, or the same read from the whole record for a custom store written
     before `head` existed."""
@@ -197,6 +244,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     PRIMARY KEY (session_id, start)
 );
 CREATE TABLE IF NOT EXISTS tenants (tenant TEXT PRIMARY KEY, served REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, tenant TEXT NOT NULL, status TEXT NOT NULL,
+    created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, claimed_by TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created);
 """
 
 # Ownership columns, added to a file written before they existed (CREATE TABLE IF NOT EXISTS keeps it).
@@ -212,6 +265,7 @@ _RECORD_COLUMNS = (
     "id, tenant, model, request, status, created, updated, expires, result, "
     "owner, lease_until, cancel_requested, claims"
 )
+_OUTBOX_COLUMNS = "event_id, response_id, tenant, status, created, attempts, claimed_by, lease_until"
 _UNFINISHED = (Status.QUEUED.value, Status.IN_PROGRESS.value)
 _UNFINISHED_SQL = "status IN (?, ?)"
 _MAX_VARS = 500  # ids bound in one statement (SQLite's limit is 999 on old builds)
@@ -234,6 +288,10 @@ def _record(row: tuple[Any, ...]) -> SessionRecord:
     )  # fmt: skip
 
 
+def _outbox_entry(row: tuple[Any, ...]) -> OutboxEntry:
+    return OutboxEntry(row[0], row[1], row[2], Status(row[3]), row[4], row[5], row[6], row[7])
+
+
 class SQLiteStore:
     """Sessions in one SQLite file.
 
@@ -243,10 +301,17 @@ class SQLiteStore:
         max_sessions_per_tenant: sessions a tenant may hold; the oldest finished ones are evicted
             to make room, and a tenant whose sessions are all unfinished gets QuotaExceeded.
         max_bytes_per_tenant: the same bound on the bytes of a tenant's logs.
+        webhook_tenants: tenants with a completion webhook: their sessions' ends are recorded in
+            the outbox (sessions.webhooks).
     """
 
     def __init__(
-        self, path: str | Path, ttl_s: float, max_sessions_per_tenant: int, max_bytes_per_tenant: int
+        self,
+        path: str | Path,
+        ttl_s: float,
+        max_sessions_per_tenant: int,
+        max_bytes_per_tenant: int,
+        webhook_tenants: Iterable[str] = (),
     ) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +330,7 @@ class SQLiteStore:
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions_per_tenant
         self.max_bytes = max_bytes_per_tenant
+        self.webhook_tenants = frozenset(webhook_tenants)
 
     def close(self) -> None:
         """Close the database (after any call in flight in another thread)."""
@@ -345,6 +411,8 @@ class SQLiteStore:
                 "bytes = bytes + ? WHERE id = ?",
                 (status.value, blob, time.time(), len(blob or ""), session_id),
             )
+            if status.finished and not Status(row[0]).finished:
+                self._outbox_add(session_id, status)
 
     def delete(self, session_id: str, tenant: str) -> bool:
         """Delete the tenant's session and its logs; False if it has none by that id."""
@@ -564,6 +632,7 @@ class SQLiteStore:
                     "updated = ? WHERE id = ?",
                     (Status.CANCELLED.value, time.time(), session_id),
                 )
+                self._outbox_add(session_id, Status.CANCELLED)
             else:
                 self._db.execute(
                     "UPDATE sessions SET cancel_requested = 1, updated = ? WHERE id = ?",
@@ -614,6 +683,7 @@ class SQLiteStore:
                 "lease_until = 0, updated = ?, bytes = bytes + ? WHERE id = ?",
                 (status.value, blob, time.time(), len(blob or ""), session_id),
             )
+            self._outbox_add(session_id, status)
 
     def _check_owner(self, session_id: str, owner: str) -> None:
         row = self._db.execute("SELECT status, owner FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -621,6 +691,97 @@ class SQLiteStore:
             raise LeaseLost(f"no session {session_id}")
         if row[1] != owner or Status(row[0]).finished:
             raise LeaseLost(f"{owner} does not hold session {session_id} ({row[0]}, held by {row[1]})")
+
+    # -- outbox -------------------------------------------------------------------------------------
+
+    def _outbox_add(self, session_id: str, status: Status) -> None:
+        """Record the completion webhook of `session_id` reaching `status`, inside the caller's
+        transaction, if its tenant has a webhook (an entry already there for that end stays as it is)."""
+        if not self.webhook_tenants:
+            return
+        row = self._db.execute("SELECT tenant FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None or row[0] not in self.webhook_tenants:
+            return
+        self._db.execute(
+            "INSERT OR IGNORE INTO outbox (event_id, response_id, tenant, status, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (completion_event_id(session_id, status.value), session_id, row[0], status.value, time.time()),
+        )
+
+    def outbox_claim(
+        self,
+        owner: str,
+        lease_s: float,
+        grace_s: float = 0.0,
+        limit: int = 100,
+        event_ids: Iterable[str] | None = None,
+        now: float | None = None,
+    ) -> list[OutboxEntry]:
+        """Claim outbox entries for `lease_s` seconds and return them (attempts counted, this claim
+        included): with `event_ids`, those of them nobody holds (unclaimed, or a lease that ran out
+        before `now`); else up to `limit`, oldest first, of the unclaimed ones older than `grace_s`
+        and the ones whose lease ran out. An entry another deliverer holds is never returned."""
+        ids = [] if event_ids is None else list(dict.fromkeys(event_ids))[:_MAX_VARS]
+        if (event_ids is not None and not ids) or limit == 0:
+            return []
+        now = time.time() if now is None else now
+        with self._lock, self._tx():
+            if event_ids is None:
+                rows = self._db.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE (claimed_by IS NULL AND created <= ?) "  # noqa: S608
+                    "OR (claimed_by IS NOT NULL AND lease_until < ?) ORDER BY created, event_id LIMIT ?",
+                    (now - grace_s, now, limit),
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE event_id IN ({','.join('?' * len(ids))}) "  # noqa: S608
+                    "AND (claimed_by IS NULL OR lease_until < ?) ORDER BY created, event_id",
+                    (*ids, now),
+                ).fetchall()
+            out = []
+            for row in rows:
+                self._db.execute(
+                    "UPDATE outbox SET claimed_by = ?, lease_until = ?, attempts = attempts + 1 "
+                    "WHERE event_id = ?",
+                    (owner, now + lease_s, row[0]),
+                )
+                out.append(_outbox_entry((*row[:5], row[5] + 1, owner, now + lease_s)))
+        return out
+
+    def outbox_renew(
+        self, owner: str, event_ids: Iterable[str], lease_s: float, now: float | None = None
+    ) -> set[str]:
+        """Extend to `now + lease_s` the leases of those of `event_ids` that `owner` still holds;
+        returns their ids (the others were delivered, or another deliverer took them over)."""
+        now = time.time() if now is None else now
+        ids = list(dict.fromkeys(event_ids))
+        held: set[str] = set()
+        with self._lock, self._tx():
+            for i in range(0, len(ids), _MAX_VARS):
+                chunk = ids[i : i + _MAX_VARS]
+                where = f"claimed_by = ? AND event_id IN ({','.join('?' * len(chunk))})"
+                rows = self._db.execute(f"SELECT event_id FROM outbox WHERE {where}", (owner, *chunk))  # noqa: S608
+                held.update(r[0] for r in rows)
+                until = now + lease_s
+                self._db.execute(f"UPDATE outbox SET lease_until = ? WHERE {where}", (until, owner, *chunk))  # noqa: S608
+        return held
+
+    def outbox_remove(self, event_id: str, owner: str) -> bool:
+        """Remove an entry `owner` holds (delivered, or given up on); False if it does not hold it."""
+        with self._lock, self._tx():
+            cur = self._db.execute(
+                "DELETE FROM outbox WHERE event_id = ? AND claimed_by = ?", (event_id, owner)
+            )
+            return cur.rowcount > 0
+
+    def outbox(self, limit: int = -1) -> list[OutboxEntry]:
+        """The entries still to deliver, oldest first (for tests and operators; `limit` < 0: all)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY created, event_id LIMIT ?",  # noqa: S608
+                (limit,),
+            ).fetchall()
+        return [_outbox_entry(r) for r in rows]
 
     def _tx(self) -> Any:
         return _Transaction(self._db)

@@ -25,6 +25,13 @@ Layout (every key starts with `prefix`, `tandem:` by default; `{id}` is the sess
 - `leases` (zset, score lease_until) — unfinished sessions with an owner.
 - `held:{owner}` (set) — the unfinished sessions an owner holds (for `cancels`).
 - `finished` (zset, score expires) — finished sessions (for `purge_expired`).
+- `ob:{event_id}` (hash) — an outbox entry (a completion webhook still to deliver): response_id,
+  tenant, status, created, attempts, claimed_by (absent while unclaimed), lease_until. Written by the
+  script that gives a `webhook_tenants` session its finished status (finish, set_status, a
+  request_cancel that cancels on the spot); kept when the session is deleted or purged, removed by
+  `outbox_remove` once delivered or given up on.
+- `outbox` (zset, score created) — unclaimed outbox entries; `outbox_leases` (zset, score
+  lease_until) — claimed ones.
 
 Orphans are `unowned` plus the `leases` that ran out, round-robin across tenants (each tenant's by
 (created, id)), as in SQLiteStore. A session queued by a version without `uq:` keys is still offered:
@@ -68,6 +75,7 @@ from serving.config import SessionStoreSpec
 from serving.sessions.store import (
     Event,
     LeaseLost,
+    OutboxEntry,
     QuotaExceeded,
     SessionHead,
     SessionRecord,
@@ -76,6 +84,7 @@ from serving.sessions.store import (
     _pack,
     _unpack,
 )
+from serving.sessions.webhooks import completion_event_id
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +102,8 @@ local function tenkey(tenant) return P .. 'tenant:' .. tenant end
 local function uqkey(tenant) return P .. 'uq:' .. tenant end
 local UNOWNED, LEASES, FINISHED = P .. 'unowned', P .. 'leases', P .. 'finished'
 local UQ_TENANTS, SERVED = P .. 'uq_tenants', P .. 'served'
+local OUTBOX, OUTBOX_LEASES = P .. 'outbox', P .. 'outbox_leases'
+local function obkey(eid) return P .. 'ob:' .. eid end
 
 local function is_finished(status) return status ~= 'queued' and status ~= 'in_progress' end
 
@@ -132,6 +143,18 @@ local function delete_session(id)
   unindex_open(id, h[2], h[1])
   redis.call('ZREM', FINISHED, id)
   redis.call('DEL', skey(id), ekey(id), tkey(id))
+end
+
+-- record the completion webhook `eid` of session `id` (of `tenant`) reaching `status`, when the
+-- tenant is one of `tenants` (newline-joined; eid '' when none has a webhook). An entry already there
+-- stays as it is.
+local function outbox_add(eid, id, tenant, status, created, tenants)
+  if eid == '' or not tenant then return end
+  if not string.find('\n' .. tenants .. '\n', '\n' .. tenant .. '\n', 1, true) then return end
+  if redis.call('EXISTS', obkey(eid)) == 1 then return end
+  redis.call('HSET', obkey(eid), 'response_id', id, 'tenant', tenant, 'status', status, 'created', created,
+    'attempts', '0', 'lease_until', '0')
+  redis.call('ZADD', OUTBOX, created, eid)
 end
 
 local function check_owner(id, owner)
@@ -234,16 +257,19 @@ end
 return {'ok'}
 """
 
-# ARGV: prefix, id, status, result, has_result, updated, result_len
+# ARGV: prefix, id, status, result, has_result, updated, result_len, event_id, created, tenants
 _SET_STATUS = r"""
 local id, status = ARGV[2], ARGV[3]
-local h = redis.call('HMGET', skey(id), 'status', 'owner')
+local h = redis.call('HMGET', skey(id), 'status', 'owner', 'tenant')
 if not h[1] then return {'nosession'} end
 if is_finished(h[1]) and h[1] ~= status then return {'already', h[1]} end
 redis.call('HSET', skey(id), 'status', status, 'updated', ARGV[6])
 if ARGV[5] == '1' then redis.call('HSET', skey(id), 'result', ARGV[4]) end
 redis.call('HINCRBY', skey(id), 'bytes', ARGV[7])
-if is_finished(status) and not is_finished(h[1]) then index_finished(id, h[2]) end
+if is_finished(status) and not is_finished(h[1]) then
+  index_finished(id, h[2])
+  outbox_add(ARGV[8], id, h[3], status, ARGV[9], ARGV[10])
+end
 return {'ok'}
 """
 
@@ -370,7 +396,7 @@ end
 return {out, served}
 """
 
-# ARGV: prefix, id, tenant, now, updated
+# ARGV: prefix, id, tenant, now, updated, event_id, created, tenants
 _REQUEST_CANCEL = r"""
 local id = ARGV[2]
 local h = redis.call('HMGET', skey(id), 'tenant', 'status', 'owner', 'lease_until')
@@ -383,6 +409,7 @@ if unheld then
     'updated', ARGV[5])
   redis.call('HDEL', skey(id), 'owner')
   index_finished(id, owner)
+  outbox_add(ARGV[6], id, h[1], 'cancelled', ARGV[7], ARGV[8])
 else
   redis.call('HSET', skey(id), 'cancel_requested', '1', 'updated', ARGV[5])
 end
@@ -417,12 +444,13 @@ write_events(id, new, added)
 return {'ok'}
 """
 
-# ARGV: prefix, id, owner, status, result, has_result, updated, result_len, (seq, element, size)...
+# ARGV: prefix, id, owner, status, result, has_result, updated, result_len, event_id, created,
+# tenants, (seq, element, size)...
 _FINISH = r"""
 local id, owner = ARGV[2], ARGV[3]
 local err = check_owner(id, owner)
 if err then return err end
-local new, added = check_events(id, 9, (#ARGV - 8) / 3)
+local new, added = check_events(id, 12, (#ARGV - 11) / 3)
 if not new then return added end
 write_events(id, new, added)
 redis.call('HSET', skey(id), 'status', ARGV[4], 'lease_until', '0', 'updated', ARGV[7])
@@ -430,7 +458,63 @@ if ARGV[6] == '1' then redis.call('HSET', skey(id), 'result', ARGV[5]) end
 redis.call('HINCRBY', skey(id), 'bytes', ARGV[8])
 redis.call('HDEL', skey(id), 'owner')
 index_finished(id, owner)
+outbox_add(ARGV[9], id, redis.call('HGET', skey(id), 'tenant'), ARGV[4], ARGV[10], ARGV[11])
 return {'ok'}
+"""
+
+# ARGV: prefix, owner, now, lease_until, cutoff (unclaimed entries created at or before it), limit,
+# event ids... (given: only those, whatever their age). Returns the claimed entries (HGETALL each).
+_OUTBOX_CLAIM = r"""
+local owner, now, lease_until, limit = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6])
+local ids = {}
+if #ARGV > 6 then
+  for k = 7, #ARGV do ids[#ids + 1] = ARGV[k] end
+else
+  ids = redis.call('ZRANGEBYSCORE', OUTBOX, '-inf', ARGV[5], 'LIMIT', 0, limit)
+  if #ids < limit then
+    local lapsed = redis.call('ZRANGEBYSCORE', OUTBOX_LEASES, '-inf', '(' .. ARGV[3], 'LIMIT', 0,
+      limit - #ids)
+    for _, eid in ipairs(lapsed) do ids[#ids + 1] = eid end
+  end
+end
+local out = {}
+for _, eid in ipairs(ids) do
+  local h = redis.call('HMGET', obkey(eid), 'response_id', 'claimed_by', 'lease_until')
+  if h[1] and (not h[2] or tonumber(h[3]) < now) then
+    redis.call('HSET', obkey(eid), 'claimed_by', owner, 'lease_until', lease_until)
+    redis.call('HINCRBY', obkey(eid), 'attempts', 1)
+    redis.call('ZREM', OUTBOX, eid)
+    redis.call('ZADD', OUTBOX_LEASES, lease_until, eid)
+    out[#out + 1] = {eid, redis.call('HGETALL', obkey(eid))}
+  elseif not h[1] then
+    redis.call('ZREM', OUTBOX, eid)  -- a stale index entry: unindex only
+    redis.call('ZREM', OUTBOX_LEASES, eid)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, owner, lease_until, event ids...
+_OUTBOX_RENEW = r"""
+local held = {}
+for k = 4, #ARGV do
+  local eid = ARGV[k]
+  if redis.call('HGET', obkey(eid), 'claimed_by') == ARGV[2] then
+    redis.call('HSET', obkey(eid), 'lease_until', ARGV[3])
+    redis.call('ZADD', OUTBOX_LEASES, ARGV[3], eid)
+    held[#held + 1] = eid
+  end
+end
+return held
+"""
+
+# ARGV: prefix, event id, owner
+_OUTBOX_REMOVE = r"""
+if redis.call('HGET', obkey(ARGV[2]), 'claimed_by') ~= ARGV[3] then return 0 end
+redis.call('DEL', obkey(ARGV[2]))
+redis.call('ZREM', OUTBOX, ARGV[2])
+redis.call('ZREM', OUTBOX_LEASES, ARGV[2])
+return 1
 """
 
 _SCRIPTS = {
@@ -447,6 +531,9 @@ _SCRIPTS = {
     "cancels": _CANCELS,
     "checkpoint": _CHECKPOINT,
     "finish": _FINISH,
+    "outbox_claim": _OUTBOX_CLAIM,
+    "outbox_renew": _OUTBOX_RENEW,
+    "outbox_remove": _OUTBOX_REMOVE,
 }
 
 
@@ -499,6 +586,21 @@ def _record(session_id: str, flat: list[bytes]) -> SessionRecord:
     )
 
 
+def _outbox_entry(event_id: bytes | str, flat: list[bytes]) -> OutboxEntry:
+    """An outbox entry from HGETALL's flat field/value list."""
+    h = {_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    return OutboxEntry(
+        event_id=_s(event_id),
+        response_id=_s(h["response_id"]),
+        tenant=_s(h["tenant"]),
+        status=Status(_s(h["status"])),
+        created=float(h["created"]),
+        attempts=int(h.get("attempts", 0)),
+        claimed_by=_s(h["claimed_by"]) if "claimed_by" in h else None,
+        lease_until=float(h.get("lease_until", 0)),
+    )
+
+
 def _event_args(events: list[Event]) -> list[Any]:
     """Events as script arguments: (seq, [type, data] JSON, len of the data JSON) each. The element
     is equal iff the type and the data JSON are (as SQLiteStore compares them); the size is what
@@ -527,6 +629,8 @@ class RedisStore:
             socket_connect_timeout_s, retries). Always set: redis-py 5 has no timeout of its own.
         require_aof: refuse to open (ValueError) when the server answers `appendonly no`; else
             that only logs a warning.
+        webhook_tenants: tenants with a completion webhook: their sessions' ends are recorded in
+            the outbox (sessions.webhooks).
         **client_options: more keyword arguments of `redis.Redis.from_url`.
     """
 
@@ -542,6 +646,7 @@ class RedisStore:
         socket_connect_timeout: float | None = None,
         retries: int | None = None,
         require_aof: bool = False,
+        webhook_tenants: Iterable[str] = (),
         **client_options: Any,
     ) -> None:
         spec = SessionStoreSpec.model_fields  # one home for the defaults
@@ -560,6 +665,8 @@ class RedisStore:
         self.max_sessions = max_sessions_per_tenant
         self.max_bytes = max_bytes_per_tenant
         self.server_clock = server_clock
+        self.webhook_tenants = frozenset(webhook_tenants)
+        self._webhook_tenants_arg = "\n".join(sorted(self.webhook_tenants))
         self._scripts = {name: self._r.register_script(_LIB + body) for name, body in _SCRIPTS.items()}
         self._check_durability(_redact(url), require_aof)
 
@@ -604,6 +711,14 @@ class RedisStore:
             sec, usec = self._r.time()
             return sec + usec / 1e6
         return _wall()
+
+    def _outbox_args(self, session_id: str, status: Status) -> list[str]:
+        """(event id, created, tenants) of the outbox entry a script records if the session's tenant
+        has a webhook; an empty event id (nothing recorded) when no tenant has one."""
+        if not self.webhook_tenants:
+            return ["", "0", ""]
+        created = _f(self._now(None))
+        return [completion_event_id(session_id, status.value), created, self._webhook_tenants_arg]
 
     def _key(self, kind: str, session_id: str) -> str:
         return f"{self.prefix}{kind}:{session_id}"
@@ -677,8 +792,9 @@ class RedisStore:
         status = Status(status)
         blob = json.dumps(result) if result is not None else ""
         reply = self._run(
-            "set_status", session_id, status.value, blob, int(result is not None), _f(_wall()), len(blob)
-        )
+            "set_status", session_id, status.value, blob, int(result is not None), _f(_wall()), len(blob),
+            *(self._outbox_args(session_id, status) if status.finished else ["", "0", ""]),
+        )  # fmt: skip
         self._raise(session_id, reply)
 
     def delete(self, session_id: str, tenant: str) -> bool:
@@ -793,7 +909,10 @@ class RedisStore:
         worker will pick up to see it — unowned and still queued, or held under a lease that ran out
         before `now` — is cancelled here (status cancelled, no owner). A finished session is left as it
         is. Returns the updated record."""
-        flat = self._run("request_cancel", session_id, tenant, _f(self._now(now)), _f(_wall()))
+        flat = self._run(
+            "request_cancel", session_id, tenant, _f(self._now(now)), _f(_wall()),
+            *self._outbox_args(session_id, Status.CANCELLED),
+        )  # fmt: skip
         return None if flat is None else _record(session_id, flat)
 
     def cancels(self, owner: str) -> set[str]:
@@ -831,6 +950,61 @@ class RedisStore:
         blob = json.dumps(result) if result is not None else ""
         reply = self._run(
             "finish", session_id, owner, status.value, blob, int(result is not None), _f(_wall()),
-            len(blob), *_event_args(events),
+            len(blob), *self._outbox_args(session_id, status), *_event_args(events),
         )  # fmt: skip
         self._raise(session_id, reply, owner=owner)
+
+    # -- outbox -------------------------------------------------------------------------------------
+
+    def outbox_claim(
+        self,
+        owner: str,
+        lease_s: float,
+        grace_s: float = 0.0,
+        limit: int = 100,
+        event_ids: Iterable[str] | None = None,
+        now: float | None = None,
+    ) -> list[OutboxEntry]:
+        """Claim outbox entries for `lease_s` seconds and return them (attempts counted, this claim
+        included): with `event_ids`, those of them nobody holds (unclaimed, or a lease that ran out
+        before `now`); else up to `limit`, oldest first, of the unclaimed ones older than `grace_s`
+        and the ones whose lease ran out. An entry another deliverer holds is never returned."""
+        ids = [] if event_ids is None else list(dict.fromkeys(event_ids))
+        if (event_ids is not None and not ids) or limit == 0:
+            return []
+        now = self._now(now)
+        reply = self._run(
+            "outbox_claim", owner, _f(now), _f(now + lease_s), _f(now - grace_s), int(limit), *ids
+        )
+        return [_outbox_entry(eid, flat) for eid, flat in reply]
+
+    def outbox_renew(
+        self, owner: str, event_ids: Iterable[str], lease_s: float, now: float | None = None
+    ) -> set[str]:
+        """Extend to `now + lease_s` the leases of those of `event_ids` that `owner` still holds;
+        returns their ids (the others were delivered, or another deliverer took them over)."""
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return set()
+        lease_until = _f(self._now(now) + lease_s)
+        held: set[str] = set()
+        for i in range(0, len(ids), _RENEW_CHUNK):
+            kept = self._run("outbox_renew", owner, lease_until, *ids[i : i + _RENEW_CHUNK])
+            held.update(_s(x) for x in kept)
+        return held
+
+    def outbox_remove(self, event_id: str, owner: str) -> bool:
+        """Remove an entry `owner` holds (delivered, or given up on); False if it does not hold it."""
+        return bool(self._run("outbox_remove", event_id, owner))
+
+    def outbox(self, limit: int = -1) -> list[OutboxEntry]:
+        """The entries still to deliver, oldest first (for tests and operators; `limit` < 0: all)."""
+        ids = [_s(x) for x in self._r.zrange(f"{self.prefix}outbox", 0, -1)]
+        ids += [_s(x) for x in self._r.zrange(f"{self.prefix}outbox_leases", 0, -1)]
+        out = []
+        for eid in dict.fromkeys(ids):
+            flat = [x for kv in self._r.hgetall(self._key("ob", eid)).items() for x in kv]
+            if flat:
+                out.append(_outbox_entry(eid, flat))
+        out.sort(key=lambda e: (e.created, e.event_id))
+        return out[:limit] if limit >= 0 else out

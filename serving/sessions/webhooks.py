@@ -14,7 +14,20 @@ The body is ``{"id", "object": "event", "type": "response.<status>", "created_at
 A configured secret that starts with ``whsec_`` is base64 of the key bytes (the form OpenAI and
 Svix hand out); any other string is used as its UTF-8 bytes.
 
-Pure asyncio + httpx; nothing blocks the event loop and nothing here is a module-level singleton.
+Delivery is durable and at least once. The session store keeps an outbox
+(serving.sessions.store.OutboxEntry): the same transaction (SQLite) or script (Redis) that writes a
+session's terminal status records the pending delivery when the session's tenant has a webhook
+(``sessions.webhooks``), and a cancel at the ingress records it the same way. `CompletionNotifier`
+delivers from it: the worker that ended the session claims the entry at once, and every worker polls
+(on start, then every ``sessions.webhook_poll_s``) for entries unclaimed for ``webhook_grace_s`` or
+whose claim's lease (``webhook_lease_s``, renewed while the delivery runs) lapsed, so one whose
+worker died between the finish and the delivery is delivered by another. An entry is removed after a
+2xx, or once the retries are spent or the answer is final (a 4xx other than 429, a redirect: counted in
+`failed`). A worker that dies after the receiver's 2xx but before the removal makes another deliver
+it again, under the same ``webhook-id`` and body: receivers deduplicate by ``webhook-id``.
+
+Pure asyncio + httpx; nothing blocks the event loop (store calls run in threads) and nothing here is a
+module-level singleton.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from router.resilience import ErrorClass, Retry, RetryPolicy, classify, retry_after_seconds
-from serving.config import RetrySpec
+from serving.config import RetrySpec, SessionsSpec
 
 logger = logging.getLogger(__name__)
 
@@ -299,47 +312,213 @@ class WebhookSender:
 
 class CompletionNotifier:
     """Calls the tenant's webhook when one of its sessions finishes (the `on_finished` hook of
-    serving.sessions.worker.SessionWorker). Deliveries run as background tasks; `aclose` waits for them.
-    The event id is `completion_event_id(session id, status)`: a repeated end gets the same id.
+    serving.sessions.worker.SessionWorker). The event id is `completion_event_id(session id, status)`:
+    a repeated end gets the same id.
+
+    With a `store` that keeps an outbox (serving.sessions.store.OutboxStore, opened with these
+    targets' tenants as its `webhook_tenants`), deliveries come from the outbox: the store recorded
+    the entry in the same write that ended the session, the hook claims it and delivers it at once,
+    and `start` polls every `poll_s` for entries that no one delivered (unclaimed for `grace_s`, or a
+    lease that lapsed: a worker that died, an ingress cancel whose report was lost). An entry is
+    removed once it is delivered (2xx) or given up on (the sender's retries spent, or an answer that
+    is final); a worker that dies in between leaves it to another, so delivery is at least once.
+    Without a store (or with one that has no outbox) a delivery is a background task in this process
+    only. `aclose` waits for deliveries in flight.
 
     Args:
         targets: tenant → its webhook.
         sender: delivers with retries.
         keep_results: the latest delivery results kept in `results` (a worker runs for weeks);
             `delivered` and `failed` count them all.
+        store: the session store whose outbox this delivers from (None: in memory only).
+        owner: this deliverer's unique id (its lease holder name).
+        poll_s / lease_s / grace_s / max_claims: sessions.webhook_poll_s / webhook_lease_s /
+            webhook_grace_s / webhook_max_claims (None: their defaults).
+        max_in_flight: outbox deliveries this notifier runs at once (a poll claims no more).
     """
 
     def __init__(
-        self, targets: Mapping[str, WebhookTarget], sender: WebhookSender, keep_results: int = 100
+        self,
+        targets: Mapping[str, WebhookTarget],
+        sender: WebhookSender,
+        keep_results: int = 100,
+        store: Any | None = None,
+        owner: str | None = None,
+        poll_s: float | None = None,
+        lease_s: float | None = None,
+        grace_s: float | None = None,
+        max_in_flight: int = 64,
+        max_claims: int | None = None,
     ) -> None:
+        fields = SessionsSpec.model_fields  # one home for the defaults
         self.targets = dict(targets)
         self.sender = sender
         self.results: deque[DeliveryResult] = deque(maxlen=keep_results)
         self.delivered = 0
         self.failed = 0
+        self.owner = owner or f"webhooks-{secrets.token_hex(6)}"
+        self.poll_s = fields["webhook_poll_s"].default if poll_s is None else poll_s
+        self.lease_s = fields["webhook_lease_s"].default if lease_s is None else lease_s
+        self.grace_s = fields["webhook_grace_s"].default if grace_s is None else grace_s
+        self.max_claims = fields["webhook_max_claims"].default if max_claims is None else max_claims
+        self.max_in_flight = max_in_flight
+        self.store = store if store is not None and hasattr(store, "outbox_claim") else None
+        if store is not None and self.store is None:
+            logger.warning(
+                "session store %s keeps no webhook outbox: completion webhooks are delivered from memory "
+                "only (one whose worker dies before it is delivered is lost)", type(store).__name__,
+            )  # fmt: skip
+        if self.store is not None:
+            missing = set(self.targets) - set(getattr(self.store, "webhook_tenants", self.targets))
+            if missing:
+                raise ValueError(
+                    f"the session store records no outbox entries for tenants {sorted(missing)}: open it "
+                    "with their webhooks (webhook_tenants; open_store reads sessions.webhooks)"
+                )
         self._tasks: set[asyncio.Task] = set()
+        self._held: set[str] = set()  # outbox entries being delivered here
+        self._stop = asyncio.Event()
+        self._loops: list[asyncio.Task] = []
 
     def __call__(self, rec: Any, obj: Mapping[str, Any]) -> None:
-        target = self.targets.get(rec.tenant)
-        if target is None:
+        if rec.tenant not in self.targets:
             return
         status = obj["status"]
-        event_id, body = completion_event(rec.id, status, event_id=completion_event_id(rec.id, status))
-        task = asyncio.get_running_loop().create_task(self._deliver(target, event_id, body))
+        event_id = completion_event_id(rec.id, status)
+        if self.store is not None:
+            self._spawn(self._claim_and_deliver([event_id]))
+            return
+        target = self.targets[rec.tenant]
+        _, body = completion_event(rec.id, status, event_id=event_id)
+        self._spawn(self._deliver(target, event_id, body))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, target: WebhookTarget, event_id: str, body: bytes) -> None:
+    async def _deliver(self, target: WebhookTarget, event_id: str, body: bytes) -> DeliveryResult:
         result = await self.sender.deliver(target, event_id, body)
+        self._count(result)
+        if not result.delivered:
+            logger.warning("webhook %s not delivered after %d attempts", event_id, result.attempts)
+        return result
+
+    def _count(self, result: DeliveryResult) -> None:
         self.results.append(result)
         if result.delivered:
             self.delivered += 1
         else:
             self.failed += 1
-            logger.warning("webhook %s not delivered after %d attempts", event_id, result.attempts)
+
+    # -- the outbox --
+
+    def start(self) -> None:
+        """Poll the outbox now and every `poll_s`, and renew the leases of the entries being
+        delivered (on the running event loop; nothing without an outbox)."""
+        if self.store is None or self._loops:
+            return
+        self._loops = [
+            asyncio.create_task(self._every(self.poll_s, self.poll), name="webhooks-outbox-poll"),
+            asyncio.create_task(self._every(self.lease_s / 3, self._renew), name="webhooks-outbox-lease"),
+        ]
+
+    async def _every(self, period_s: float, fn: Callable[[], Awaitable[object]]) -> None:
+        while not self._stop.is_set():
+            try:
+                await fn()
+            except Exception as e:  # a store that does not answer: the next round tries again
+                name = getattr(fn, "__name__", fn)
+                logger.warning("webhook outbox: %s failed (%s: %s)", name, type(e).__name__, e)
+            try:
+                await asyncio.wait_for(self._stop.wait(), period_s)
+            except TimeoutError:
+                pass
+
+    async def poll(self) -> int:
+        """Claim the outbox entries no one delivers (unclaimed for `grace_s`, or a lease that lapsed),
+        up to `max_in_flight` deliveries here, and start delivering them; returns how many."""
+        if self.store is None:
+            return 0
+        room = self.max_in_flight - len(self._held)
+        if room <= 0:
+            return 0
+        entries = await asyncio.to_thread(
+            self.store.outbox_claim, self.owner, self.lease_s, self.grace_s, room
+        )
+        self._start_deliveries(entries)
+        return len(entries)
+
+    async def _claim_and_deliver(self, event_ids: list[str]) -> None:
+        assert self.store is not None
+        try:
+            entries = await asyncio.to_thread(
+                self.store.outbox_claim, self.owner, self.lease_s, 0.0, len(event_ids), event_ids
+            )
+        except Exception as e:  # the entry stays: a poll (here or elsewhere) delivers it later
+            logger.warning("webhook outbox: could not claim %s (%s: %s)", event_ids, type(e).__name__, e)
+            return
+        self._start_deliveries(entries)
+
+    def _start_deliveries(self, entries: list[Any]) -> None:
+        for entry in entries:
+            if entry.event_id in self._held:
+                continue
+            self._held.add(entry.event_id)
+            self._spawn(self._deliver_entry(entry))
+
+    async def _deliver_entry(self, entry: Any) -> None:
+        """Deliver one claimed outbox entry, then remove it (delivered, or given up on). Cancelled
+        (the worker closes) or a store that cannot remove it: the entry stays, for a redelivery."""
+        assert self.store is not None
+        eid, status = entry.event_id, str(getattr(entry.status, "value", entry.status))
+        try:
+            target = self.targets.get(entry.tenant)
+            if target is None:  # the tenant's webhook was removed from the config since
+                result = DeliveryResult(False, 0, None, f"no webhook for tenant {entry.tenant!r}")
+                self._count(result)
+            elif entry.attempts > self.max_claims:  # every deliverer before died holding it
+                error = f"claimed {entry.attempts} times, over webhook_max_claims {self.max_claims}"
+                result = DeliveryResult(False, 0, None, error)
+                self._count(result)
+            else:
+                # The body of every delivery of this entry is the same: created_at is the end's time.
+                _, body = completion_event(entry.response_id, status, now=entry.created, event_id=eid)
+                result = await self._deliver(target, eid, body)
+            await asyncio.to_thread(self.store.outbox_remove, eid, self.owner)
+            logger.log(
+                logging.INFO if result.delivered else logging.WARNING,
+                "webhook %s (%s of %s, claim %d): %s; removed from the outbox",
+                eid, status, entry.response_id, entry.attempts,
+                "delivered" if result.delivered else f"given up ({result.last_error})",
+            )  # fmt: skip
+        except Exception as e:
+            logger.warning("webhook outbox: %s stays for a redelivery (%s: %s)", eid, type(e).__name__, e)
+        finally:
+            self._held.discard(eid)
+
+    async def _renew(self) -> None:
+        if self.store is None or not self._held:
+            return
+        held = set(self._held)
+        kept = await asyncio.to_thread(self.store.outbox_renew, self.owner, held, self.lease_s)
+        lost = (held & self._held) - kept  # still delivering here, no longer held
+        if lost:
+            logger.warning("webhook outbox: lost the leases of %s (delivered twice, maybe)", sorted(lost))
+
+    async def join(self, timeout_s: float | None = None) -> None:
+        """Wait up to `timeout_s` (None: no bound) for the deliveries in flight."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
     async def aclose(self, wait_s: float = 5.0) -> None:
-        """Wait up to `wait_s` for deliveries in flight, then close the sender."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=wait_s)
+        """Stop polling, wait up to `wait_s` for deliveries in flight, cancel the rest (their outbox
+        entries stay, for another worker once their leases lapse), then close the sender."""
+        self._stop.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.join(wait_s)
+        left = set(self._tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
         await self.sender.aclose()

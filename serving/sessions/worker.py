@@ -349,8 +349,10 @@ class SessionWorker:
 
     async def report(self, session_id: str) -> bool:
         """Run `on_finished` for a session that ended without a worker (cancelled at the ingress
-        while queued: `cancel_session_here`); False if it is not such a session. Its webhook id is
-        that of its (id, status), so a repeated report is one event to the receiver."""
+        while queued: `cancel_session_here`); False if it is not such a session. The cancel recorded
+        its webhook in the store's outbox, so `on_finished` (the CompletionNotifier) delivers it from
+        there at once, and without a report a notifier's poll does; its webhook id is that of its
+        (id, status), so a repeated report is one event to the receiver."""
         rec = await asyncio.to_thread(self.store.get_any, session_id)
         if rec is None or rec.status is not Status.CANCELLED or rec.result is None:
             return False
@@ -652,7 +654,8 @@ def cancel_session_here(
     """Ask for a session to be cancelled (blocking; run it in a thread). A session no worker holds
     is cancelled on the spot, and its stream gets its terminal event here. Returns the record after
     it and whether it was ended here (no worker runs its `on_finished` then: the caller reports it,
-    see `SessionWorker.report`).
+    see `SessionWorker.report`; its webhook is in the store's outbox already, written with the
+    cancelled status).
 
     A delete that lands meanwhile wins: the store writes nothing for a session that is gone (no
     orphan event is left) and this answers None, as for a session that never existed. A second

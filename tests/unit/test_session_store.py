@@ -624,6 +624,123 @@ def test_a_session_finished_by_set_status_is_no_longer_held_by_its_owner(store) 
     }
 
 
+# -- the webhook outbox ---------------------------------------------------------------------------
+
+
+def _finish(store, sid: str, status: Status = Status.COMPLETED, tenant: str = "a") -> None:
+    store.create(_rec(sid, tenant))
+    assert store.claim(sid, "w1", lease_s=30) is not None
+    store.finish(sid, "w1", status, {"id": sid, "status": status.value}, [_ev(0)])
+
+
+def test_outbox_records_a_webhook_tenants_end_in_the_finish_write(make_store) -> None:
+    from serving.sessions.webhooks import completion_event_id
+
+    store = make_store(webhook_tenants=["a"])
+    before = time.time()
+    _finish(store, "s1", Status.INCOMPLETE)
+    _finish(store, "s2", tenant="b")  # no webhook: nothing to deliver
+    store.create(_rec("s3"))
+    store.claim("s3", "w1", lease_s=30)
+    with pytest.raises(LeaseLost):  # a refused finish records nothing either
+        store.finish("s3", "w2", Status.COMPLETED, None, [])
+    [entry] = store.outbox()
+    assert entry.event_id == completion_event_id("s1", "incomplete")  # the webhook-id of every delivery
+    assert (entry.response_id, entry.tenant, entry.status) == ("s1", "a", Status.INCOMPLETE)
+    assert (entry.attempts, entry.claimed_by, entry.lease_until) == (0, None, 0.0)
+    assert before - 1 <= entry.created <= time.time() + 1
+    assert make_store().outbox() == [entry]  # durable: another connection (no webhooks of its own) sees it
+
+
+def test_a_store_without_webhook_tenants_records_no_outbox(store) -> None:
+    _finish(store, "s1")
+    store.create(_rec("s2"))
+    store.request_cancel("s2", "a")
+    assert store.outbox() == [] and store.outbox_claim("w9", lease_s=30) == []
+
+
+def test_outbox_records_an_on_the_spot_cancel_and_a_set_status_end_once(make_store) -> None:
+    from serving.sessions.webhooks import completion_event_id
+
+    store = make_store(webhook_tenants=["a"])
+    store.create(_rec("s1"))
+    store.request_cancel("s1", "a")  # queued, nobody holds it: cancelled here
+    store.set_status(
+        "s1", Status.CANCELLED, {"status": "cancelled"}
+    )  # the result, as cancel_session writes it
+    assert [e.event_id for e in store.outbox()] == [completion_event_id("s1", "cancelled")]
+    [entry] = store.outbox_claim("w1", lease_s=30)
+    assert store.outbox_remove(entry.event_id, "w1") and store.outbox() == []
+    store.set_status("s1", Status.CANCELLED)  # the same end again: not delivered again
+    assert store.outbox() == []
+    store.create(_rec("s2"))
+    store.claim("s2", "w1", lease_s=30)
+    store.request_cancel("s2", "a")  # held: only flagged, its holder ends it
+    assert store.outbox() == []
+    store.finish("s2", "w1", Status.CANCELLED, None, [])
+    store.create(_rec("s3"))
+    store.set_status("s3", Status.FAILED, {"error": "x"})  # an end written by another code path
+    assert sorted(e.response_id for e in store.outbox()) == ["s2", "s3"]
+
+
+def test_outbox_claim_honours_leases_grace_and_removes_only_for_the_holder(make_store) -> None:
+    store = make_store(webhook_tenants=["a"])
+    _finish(store, "s1")
+    now = time.time()
+    assert store.outbox_claim("w1", lease_s=30, grace_s=60, now=now) == []  # too fresh for a poll...
+    eid = store.outbox()[0].event_id
+    [got] = store.outbox_claim("w1", lease_s=30, grace_s=60, event_ids=[eid], now=now)  # ...not by id
+    assert (got.claimed_by, got.attempts, got.lease_until) == ("w1", 1, pytest.approx(now + 30))
+    assert store.outbox()[0] == got
+    assert store.outbox_claim("w2", lease_s=30, now=now + 1) == []  # held by w1
+    assert store.outbox_claim("w2", lease_s=30, event_ids=[eid], now=now + 1) == []
+    assert store.outbox_renew("w1", [eid, "evt_gone"], lease_s=30, now=now + 20) == {eid}
+    assert store.outbox_claim("w2", lease_s=30, now=now + 31) == []  # renewed to now + 50
+    [again] = store.outbox_claim("w2", lease_s=30, now=now + 51)  # w1's lease lapsed: w2 takes over
+    assert (again.claimed_by, again.attempts) == ("w2", 2)
+    assert store.outbox_renew("w1", [eid], lease_s=30, now=now + 52) == set()
+    assert not store.outbox_remove(eid, "w1")  # w1 no longer holds it
+    assert store.outbox_remove(eid, "w2") and store.outbox() == []
+    assert not store.outbox_remove(eid, "w2")
+
+
+def test_outbox_entries_outlive_their_session_until_delivered(make_store) -> None:
+    store = make_store(webhook_tenants=["a"], ttl_s=10)
+    _finish(store, "s1")
+    assert store.delete("s1", "a") and store.get_any("s1") is None
+    store.create(_rec("s2", created=time.time() - 100))
+    store.set_status("s2", Status.COMPLETED)
+    assert store.purge_expired() == 1
+    assert sorted(e.response_id for e in store.outbox()) == ["s1", "s2"]  # still to be delivered
+    assert [e.response_id for e in store.outbox(limit=1)] == ["s1"]  # oldest first
+
+
+def test_outbox_claims_from_two_connections_never_overlap(make_store) -> None:
+    stores = [make_store(webhook_tenants=["a"], max_sessions_per_tenant=100) for _ in range(2)]
+    for i in range(30):
+        _finish(stores[0], f"s{i}")
+    barrier = threading.Barrier(6)
+    won: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def grab(owner: str, s) -> None:
+        try:
+            barrier.wait()
+            for _ in range(10):
+                won.extend((e.event_id, owner) for e in s.outbox_claim(owner, lease_s=30, limit=3))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=grab, args=(f"w{i}", stores[i % 2])) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(eid for eid, _ in won) == sorted(e.event_id for e in stores[1].outbox())  # each once
+    assert len(won) == 30 and all(e.claimed_by == dict(won)[e.event_id] for e in stores[1].outbox())
+
+
 # -- redis only -----------------------------------------------------------------------------------
 
 
@@ -827,6 +944,13 @@ def _random_call(rnd: random.Random, now: float) -> tuple[str, tuple, dict]:
     return op, args, kw
 
 
+def _outbox_view(store) -> list[tuple]:
+    """The outbox without `created` (each store's clock)."""
+    return sorted(
+        (e.event_id, e.response_id, e.tenant, e.status, e.attempts, e.claimed_by) for e in store.outbox()
+    )
+
+
 @pytest.mark.parametrize("seed", range(0, 150, 10))
 def test_redis_and_sqlite_agree_on_random_operations(seed, redis_url, redis_client, tmp_path) -> None:
     """Differential: the same random calls (bounds, evictions, gaps, races lost, expiries…) on both
@@ -841,7 +965,9 @@ def test_redis_and_sqlite_agree_on_random_operations(seed, redis_url, redis_clie
             "max_sessions_per_tenant": rnd.randint(1, 5),
             "max_bytes_per_tenant": rnd.choice([200, 400, 10**6]),
         }
-        sq, rs = SQLiteStore(tmp_path / f"{trial}.db", **bounds), RedisStore(redis_url, **bounds)
+        hooks = {"webhook_tenants": ["a"]}  # tenant a's ends go to the outbox, b's do not
+        sq = SQLiteStore(tmp_path / f"{trial}.db", **bounds, **hooks)
+        rs = RedisStore(redis_url, **bounds, **hooks)
         now = 1000.0
         for step in range(80):
             now += rnd.choice([0, 0, 1, 5, 20, 40])
@@ -857,6 +983,7 @@ def test_redis_and_sqlite_agree_on_random_operations(seed, redis_url, redis_clie
             row = sq._db.execute("SELECT bytes FROM sessions WHERE id = ?", (sid,)).fetchone()
             stored = redis_client.hget(f"tandem:s:{sid}", "bytes")
             assert (row and row[0]) == (stored and int(stored))
+        assert _outbox_view(sq) == _outbox_view(rs), trial
         sq.close()
         rs.close()
 
