@@ -63,6 +63,7 @@ loadtest: models
 
 lint: $(STAMP)
 	$(BIN)/ruff check serving router autoscaler loadtests tests benchmarks
+	$(BIN)/ruff format --check serving router autoscaler loadtests tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -505,8 +505,11 @@ class AutoscalingSpec(_Spec):
         "time).",
     )
     kv_target: float = Field(
-        0.8, gt=0, le=1, description="KV-cache use per replica to size decode for (room for the "
-        "outputs of running requests to grow before vLLM preempts)."
+        0.8,
+        gt=0,
+        le=1,
+        description="KV-cache use per replica to size decode for (room for the "
+        "outputs of running requests to grow before vLLM preempts).",
     )
     kv_high: float = Field(
         0.95,
@@ -515,12 +518,17 @@ class AutoscalingSpec(_Spec):
         description="A replica's KV use past this scales up at once (vLLM preempts near 100 %).",
     )
     queue_wait_fraction: float = Field(
-        0.25, ge=0, description="Requests queued at the ingress longer than this fraction of the TTFT "
-        "objective scale the serving pool up (queue wait is TTFT the engine never sees)."
+        0.25,
+        ge=0,
+        description="Requests queued at the ingress longer than this fraction of the TTFT "
+        "objective scale the serving pool up (queue wait is TTFT the engine never sees).",
     )
     scale_down_latency_fraction: float = Field(
-        0.6, gt=0, le=1, description="Scale down only while p90 TTFT and TPOT are under this fraction "
-        "of their objectives (the gap between the up and down thresholds is the hysteresis)."
+        0.6,
+        gt=0,
+        le=1,
+        description="Scale down only while p90 TTFT and TPOT are under this fraction "
+        "of their objectives (the gap between the up and down thresholds is the hysteresis).",
     )
     scale_down_margin: float = Field(
         0.7,
@@ -541,60 +549,83 @@ class AutoscalingSpec(_Spec):
         "forgotten after it, as the traffic mix changes over tens of minutes.",
     )
     max_step_up: float = Field(
-        1.0, gt=0, description="Most replicas added at once, as a fraction of the pool (1: double; at "
-        "least one): a burst is met in log2 steps, a noisy signal cannot start the whole fleet."
+        1.0,
+        gt=0,
+        description="Most replicas added at once, as a fraction of the pool (1: double; at "
+        "least one): a burst is met in log2 steps, a noisy signal cannot start the whole fleet.",
     )
     downscale_stabilization_s: float = Field(
-        60.0, ge=0, description="Every recommendation for this long must be below the pool's size "
-        "before a replica is removed (Kubernetes HPA's scale-down window; sessions come back in bursts)."
+        60.0,
+        ge=0,
+        description="Every recommendation for this long must be below the pool's size "
+        "before a replica is removed (Kubernetes HPA's scale-down window; sessions come back in bursts).",
     )
     downscale_cooldown_s: float = Field(
-        120.0, ge=0, description="No scale-down within this long of the pool's last change in either "
-        "direction: a replica just added is not removed before it had a chance to help, nor two at once."
+        120.0,
+        ge=0,
+        description="No scale-down within this long of the pool's last change in either "
+        "direction: a replica just added is not removed before it had a chance to help, nor two at once.",
     )
     cold_start_s: float = Field(
-        120.0, ge=0, description="How long a new replica takes to serve (an 8B engine loads in ~1 min, a "
+        120.0,
+        ge=0,
+        description="How long a new replica takes to serve (an 8B engine loads in ~1 min, a "
         "70B TP8 in 2-5): replicas starting count as capacity for this long, and the forecast looks "
-        "this far ahead."
+        "this far ahead.",
     )
     warmup_s: float = Field(
-        10.0, ge=0, description="A replica's samples count only after it has served this long (its "
-        "first seconds have an empty cache and no latency history)."
+        10.0,
+        ge=0,
+        description="A replica's samples count only after it has served this long (its "
+        "first seconds have an empty cache and no latency history).",
     )
     stale_after_s: float = Field(
-        30.0, gt=0, description="Samples older than this are ignored (a replica that stopped reporting "
-        "is not a load figure): three of Ray Serve's 10 s metrics intervals."
+        30.0,
+        gt=0,
+        description="Samples older than this are ignored (a replica that stopped reporting "
+        "is not a load figure): three of Ray Serve's 10 s metrics intervals.",
     )
     idle_to_zero_s: float = Field(
-        300.0, ge=0, description="A pool with min 0 goes to zero after this long with no arrivals and "
-        "nothing in flight (longer than a cold start, so that idle gaps shorter than it cost no start-up)."
+        300.0,
+        ge=0,
+        description="A pool with min 0 goes to zero after this long with no arrivals and "
+        "nothing in flight (longer than a cold start, so that idle gaps shorter than it cost no start-up).",
     )
     min_prefill_decode_ratio: float = Field(
-        0.125, gt=0, description="Lowest prefill:decode replica ratio kept while both pools move (1:8; "
-        "a decode pool with no prefill to feed it idles)."
+        0.125,
+        gt=0,
+        description="Lowest prefill:decode replica ratio kept while both pools move (1:8; "
+        "a decode pool with no prefill to feed it idles).",
     )
     max_prefill_decode_ratio: float = Field(
         8.0, gt=0, description="Highest prefill:decode replica ratio kept (8:1)."
     )
     forecast: bool = Field(
-        False, description="Scale up for the arrival rate predicted cold_start_s ahead (Holt's linear "
-        "trend); off by default: a trend fitted to noise adds replicas that a steady load does not need."
+        False,
+        description="Scale up for the arrival rate predicted cold_start_s ahead (Holt's linear "
+        "trend); off by default: a trend fitted to noise adds replicas that a steady load does not need.",
     )
     forecast_alpha: float = Field(0.5, gt=0, le=1, description="Holt's level smoothing.")
     forecast_beta: float = Field(0.3, gt=0, le=1, description="Holt's trend smoothing.")
     window_s: float = Field(
-        30.0, gt=0, description="How far back a replica's rates and latency percentiles look (long "
-        "enough for a p90 of a few requests per second, short enough to follow a burst)."
+        30.0,
+        gt=0,
+        description="How far back a replica's rates and latency percentiles look (long "
+        "enough for a p90 of a few requests per second, short enough to follow a burst).",
     )
     drain_timeout_s: float = Field(
-        600.0, gt=0, description="A replica being removed stops taking requests and finishes those in "
+        600.0,
+        gt=0,
+        description="A replica being removed stops taking requests and finishes those in "
         "flight for up to this long (Serve's graceful shutdown): the longest stream, e.g. 8k tokens at "
         "50 ms, "
-        "ends before it goes."
+        "ends before it goes.",
     )
     metrics_interval_s: float = Field(
-        2.0, gt=0, description="How often each replica publishes its autoscaling stats (Ray Serve's "
-        "default 10 s leaves a burst unseen for that long)."
+        2.0,
+        gt=0,
+        description="How often each replica publishes its autoscaling stats (Ray Serve's "
+        "default 10 s leaves a burst unseen for that long).",
     )
     capacity: dict[str, PoolCapacitySpec] = Field(
         default_factory=dict,
@@ -605,9 +636,7 @@ class AutoscalingSpec(_Spec):
     @model_validator(mode="after")
     def _ratio_ordered(self) -> AutoscalingSpec:
         if self.min_prefill_decode_ratio > self.max_prefill_decode_ratio:
-            raise ValueError(
-                "min_prefill_decode_ratio is greater than max_prefill_decode_ratio; swap them"
-            )
+            raise ValueError("min_prefill_decode_ratio is greater than max_prefill_decode_ratio; swap them")
         if self.kv_target > self.kv_high:
             raise ValueError(f"kv_target ({self.kv_target}) is above kv_high ({self.kv_high}); lower it")
         return self
@@ -949,8 +978,10 @@ class TemplatesSpec(_Spec):
         "restart; an invalid one keeps the library in use and is logged and counted with the reason.",
     )
     reload_interval_s: float = Field(
-        5.0, gt=0, description="How often library_file is checked for a change (kubelet updates a "
-        "mounted ConfigMap within about a minute)."
+        5.0,
+        gt=0,
+        description="How often library_file is checked for a change (kubelet updates a "
+        "mounted ConfigMap within about a minute).",
     )
 
 

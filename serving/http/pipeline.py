@@ -123,9 +123,7 @@ class ServedModel:
         budget = budget or self.default_reasoning_budget
         # The answer and the reasoning are decoded here from the ids, split at the tags.
         text = getattr(self.tokenizer, "decode_stream", None)
-        run = ThinkingRun(
-            open_leg, request, request.sampling.max_tokens, budget, self.tags, text=text
-        )
+        run = ThinkingRun(open_leg, request, request.sampling.max_tokens, budget, self.tags, text=text)
         return run.chunks()
 
     def usage(self, last: Chunk, chat: bool = True) -> dict:
@@ -766,7 +764,6 @@ class RequestPipeline:
         if first.route is not None:
             route += "; " + first.route.header(plan.input.route_detail)
         return route
-
 
     async def prompts_for(self, plan: Plan, served: ServedModel) -> list[int]:
         """The request's prompt ids on `served` (tokenized once per model)."""

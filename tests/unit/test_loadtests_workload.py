@@ -87,6 +87,7 @@ def test_a_responses_budget_must_leave_room_for_an_answer() -> None:
 
 def test_the_rate_unit_says_what_a_job_is() -> None:
     from loadtests.run import rate_unit
+
     def unit(*types: str) -> str:
         return rate_unit(parse_workload({"shape": {"kind": "constant", "rate": 1},
                                          "workloads": [{"type": t} for t in types]}))  # fmt: skip
