@@ -168,6 +168,8 @@ def test_a_client_that_leaves_aborts_the_upstream_request(stack, upstream) -> No
     }
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
+        # Served by the server, not its fallback (a health check that timed out on a busy machine).
+        assert _route(r.headers)["model"] == EXTERNAL, r.headers.get("x-tandem-route")
         lines = r.iter_lines()
         got = 0
         for line in lines:
@@ -175,7 +177,12 @@ def test_a_client_that_leaves_aborts_the_upstream_request(stack, upstream) -> No
                 got += 1
             if got >= 3:
                 break
-        assert upstream.running() >= 1  # generating 3000 tokens: still running on the server
+        # Generating 3000 tokens (~15 s here): running on the server. NOTE(why a wait): one CI run
+        # read 0 from vLLM's gauge right after the third chunk, while its log said "Running: 1 reqs".
+        seen = time.monotonic()
+        while upstream.running() < 1:
+            assert time.monotonic() - seen < 10, "the server never reported the request running"
+            time.sleep(0.1)
     left = time.monotonic()
     # The client is gone: the ingress closes the upstream stream and vLLM aborts the request.
     while upstream.running() > 0:
