@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -430,10 +431,9 @@ class CompletionNotifier:
             except Exception as e:  # a store that does not answer: the next round tries again
                 name = getattr(fn, "__name__", fn)
                 logger.warning("webhook outbox: %s failed (%s: %s)", name, type(e).__name__, e)
-            try:
+            # Sleep for the period, or less if `aclose` sets the stop: the timeout is the usual end.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period_s)
-            except TimeoutError:
-                pass
 
     async def poll(self) -> int:
         """Claim the outbox entries no one delivers (unclaimed for `grace_s`, or a lease that lapsed),
